@@ -1,0 +1,251 @@
+//! The naive oracle for `spectral-step`: plain loops in `f64`, written from SPEC.md without
+//! looking at the crate's code, and an exact SVD (one-sided Jacobi) for small matrices.
+//!
+//! Used only by tests: of the CPU path now, of the PTX kernels (through the simulator) later.
+//! Nothing here is fast; everything here is obvious.
+
+// Index loops are the point of a naive oracle: they read like the formulas.
+#![allow(clippy::needless_range_loop)]
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// `n` independent `N(0, 1)` samples from `seed`.
+pub fn gaussian(n: usize, seed: u64) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+}
+
+/// Euclidean norm of a slice (Frobenius norm of a matrix).
+pub fn norm(values: &[f64]) -> f64 {
+    values.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// Singular values of the row-major `rows x cols` matrix `a`, largest first, by one-sided
+/// Jacobi (Hestenes): rotate pairs of columns until all are orthogonal; the singular values
+/// are then the column norms. Exact to about `1e-13` relative; meant for matrices up to a few
+/// hundred on a side.
+pub fn singular_values(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    assert_eq!(
+        a.len(),
+        rows * cols,
+        "matrix length does not match its shape"
+    );
+    // Work on the orientation with fewer columns; A and A^T share singular values.
+    let (columns, length) = if cols <= rows {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    let mut vectors: Vec<Vec<f64>> = (0..columns)
+        .map(|c| {
+            (0..length)
+                .map(|r| {
+                    if cols <= rows {
+                        a[r * cols + c]
+                    } else {
+                        a[c * cols + r]
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    for _sweep in 0..60 {
+        let mut rotated = false;
+        for p in 0..columns {
+            for q in p + 1..columns {
+                let alpha: f64 = vectors[p].iter().map(|x| x * x).sum();
+                let beta: f64 = vectors[q].iter().map(|x| x * x).sum();
+                let gamma: f64 = vectors[p].iter().zip(&vectors[q]).map(|(x, y)| x * y).sum();
+                if gamma == 0.0 || gamma.abs() <= 1e-15 * (alpha * beta).sqrt() {
+                    continue;
+                }
+                rotated = true;
+                let zeta = (beta - alpha) / (2.0 * gamma);
+                let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
+                let c = 1.0 / (1.0 + t * t).sqrt();
+                let s = c * t;
+                for k in 0..length {
+                    let (x, y) = (vectors[p][k], vectors[q][k]);
+                    vectors[p][k] = c * x - s * y;
+                    vectors[q][k] = s * x + c * y;
+                }
+            }
+        }
+        if !rotated {
+            break;
+        }
+    }
+    let mut values: Vec<f64> = vectors.iter().map(|v| norm(v)).collect();
+    values.sort_by(|x, y| y.total_cmp(x));
+    values
+}
+
+/// The exact spectral norm `||A||_*` (largest singular value).
+pub fn spectral_norm(a: &[f64], rows: usize, cols: usize) -> f64 {
+    singular_values(a, rows, cols)[0]
+}
+
+/// Stable rank `||A||_F^2 / ||A||_*^2`.
+pub fn stable_rank(a: &[f64], rows: usize, cols: usize) -> f64 {
+    let sigma = spectral_norm(a, rows, cols);
+    norm(a).powi(2) / (sigma * sigma)
+}
+
+/// A random `n x n` orthogonal matrix (row-major): Gram-Schmidt, done twice, on the columns
+/// of a Gaussian matrix.
+pub fn random_orthogonal(n: usize, seed: u64) -> Vec<f64> {
+    let draw = gaussian(n * n, seed);
+    let mut columns: Vec<Vec<f64>> = (0..n)
+        .map(|c| (0..n).map(|r| draw[r * n + c]).collect())
+        .collect();
+    for c in 0..n {
+        for _ in 0..2 {
+            for previous in 0..c {
+                let projection: f64 = columns[c]
+                    .iter()
+                    .zip(&columns[previous])
+                    .map(|(x, y)| x * y)
+                    .sum();
+                for r in 0..n {
+                    columns[c][r] -= projection * columns[previous][r];
+                }
+            }
+        }
+        let length = norm(&columns[c]);
+        columns[c].iter_mut().for_each(|x| *x /= length);
+    }
+    let mut q = vec![0.0; n * n];
+    for r in 0..n {
+        for c in 0..n {
+            q[r * n + c] = columns[c][r];
+        }
+    }
+    q
+}
+
+/// `Q1 diag(singular) Q2^T` with random orthogonal `Q1` (`rows x rows`) and `Q2`
+/// (`cols x cols`): a row-major matrix whose singular values are exactly `singular`
+/// (`min(rows, cols)` of them, padded with zeros if fewer are given).
+pub fn matrix_with_spectrum(rows: usize, cols: usize, singular: &[f64], seed: u64) -> Vec<f64> {
+    let left = random_orthogonal(rows, seed);
+    let right = random_orthogonal(cols, seed.wrapping_add(0x9e37_79b9));
+    let mut a = vec![0.0; rows * cols];
+    for (k, &s) in singular.iter().enumerate().take(rows.min(cols)) {
+        for r in 0..rows {
+            for c in 0..cols {
+                a[r * cols + c] += left[r * rows + k] * s * right[c * cols + k];
+            }
+        }
+    }
+    a
+}
+
+/// One power iteration on `U^T U` (SPEC 4): `w = U^T (U v)`, `v <- w / ||w||`, returns
+/// `sqrt(||w||)`. Leaves `v` alone and returns 0 if `w == 0`.
+pub fn power_iteration_step(u: &[f64], rows: usize, cols: usize, v: &mut [f64]) -> f64 {
+    let uv: Vec<f64> = (0..rows)
+        .map(|r| (0..cols).map(|c| u[r * cols + c] * v[c]).sum())
+        .collect();
+    let w: Vec<f64> = (0..cols)
+        .map(|c| (0..rows).map(|r| u[r * cols + c] * uv[r]).sum())
+        .collect();
+    let length = norm(&w);
+    if length > 0.0 {
+        for (vc, wc) in v.iter_mut().zip(&w) {
+            *vc = wc / length;
+        }
+    }
+    length.sqrt()
+}
+
+/// Hyper-parameters of one reference step (SPEC 5).
+#[derive(Clone, Copy, Debug)]
+pub struct StepParams {
+    /// `eta`.
+    pub learning_rate: f64,
+    /// `beta`.
+    pub momentum: f64,
+    /// EMA momentum `M <- beta M + (1 - beta) G` instead of heavy-ball `M <- beta M + G`.
+    pub ema: bool,
+    /// `U = beta M_new + c G` instead of `U = M_new` (`c` the gradient's coefficient above).
+    pub nesterov: bool,
+    /// `lambda`.
+    pub weight_decay: f64,
+    /// The target factor `s` of this matrix.
+    pub scale_factor: f64,
+    /// Power iterations this step (from the given `v`).
+    pub iterations: u32,
+}
+
+/// What the reference step did to a matrix.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Outcome {
+    /// Updated, normalised by this sigma.
+    Updated(f64),
+    /// `U == 0`: momentum stored, weights untouched.
+    Zero,
+    /// `U` not finite: nothing touched.
+    NonFinite,
+}
+
+/// One step of SPEC 5 for one matrix, in `f64`, straight from the formulas:
+///
+/// ```text
+/// M_new = beta M + c G               (c = 1, or 1 - beta for EMA)
+/// U     = M_new, or beta M_new + c G (Nesterov)
+/// sigma = sqrt(||U^T U v||) after `iterations` power iterations from v
+///         (the exact ||U||_2 when U is a row or column vector)
+/// W     = (1 - eta lambda) W - eta s / sigma U
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn step(
+    weights: &mut [f64],
+    momentum: &mut [f64],
+    vector: &mut [f64],
+    grads: &[f64],
+    rows: usize,
+    cols: usize,
+    params: &StepParams,
+) -> Outcome {
+    let c = if params.ema {
+        1.0 - params.momentum
+    } else {
+        1.0
+    };
+    let new_momentum: Vec<f64> = momentum
+        .iter()
+        .zip(grads)
+        .map(|(m, g)| params.momentum * m + c * g)
+        .collect();
+    let direction: Vec<f64> = if params.nesterov {
+        new_momentum
+            .iter()
+            .zip(grads)
+            .map(|(m, g)| params.momentum * m + c * g)
+            .collect()
+    } else {
+        new_momentum.clone()
+    };
+    if direction.iter().any(|x| !x.is_finite()) {
+        return Outcome::NonFinite;
+    }
+    momentum.copy_from_slice(&new_momentum);
+    if direction.iter().all(|&x| x == 0.0) {
+        return Outcome::Zero;
+    }
+    let mut sigma = 0.0;
+    for _ in 0..params.iterations {
+        sigma = power_iteration_step(&direction, rows, cols, vector);
+    }
+    if rows == 1 || cols == 1 {
+        sigma = norm(&direction);
+    }
+    let decay = 1.0 - params.learning_rate * params.weight_decay;
+    let coefficient = params.learning_rate * params.scale_factor / sigma;
+    for (w, u) in weights.iter_mut().zip(&direction) {
+        *w = decay * *w - coefficient * u;
+    }
+    Outcome::Updated(sigma)
+}

@@ -1,0 +1,101 @@
+//! The optimizer's settings (SPEC 5) with documented defaults.
+
+use crate::error::{Error, Result};
+use crate::scaling::Scale;
+
+/// How the momentum buffer accumulates gradients (SPEC 5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MomentumKind {
+    /// `M <- beta * M + G` (PyTorch SGD's momentum). The default.
+    #[default]
+    HeavyBall,
+    /// `M <- beta * M + (1 - beta) * G`, an exponential moving average (Muon's form).
+    Ema,
+}
+
+/// Settings of [`SpectralSgd`](crate::SpectralSgd). Build with struct-update syntax over
+/// [`Default`]:
+///
+/// ```
+/// use spectral_step::{MomentumKind, Scale, SpectralSgdConfig};
+/// let config = SpectralSgdConfig {
+///     learning_rate: 0.05,
+///     nesterov: true,
+///     momentum_kind: MomentumKind::Ema,
+///     scale: Scale::RmsMatch(0.2),
+///     ..SpectralSgdConfig::default()
+/// };
+/// config.validate()?;
+/// # Ok::<(), spectral_step::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpectralSgdConfig {
+    /// `eta`: the width-independent learning rate. Each update has spectral norm
+    /// `eta * s` (SPEC 3a). Default `0.02`.
+    pub learning_rate: f32,
+    /// `beta`, in `[0, 1)`. Default `0.95`.
+    pub momentum: f32,
+    /// Heavy-ball or EMA accumulation. Default heavy-ball.
+    pub momentum_kind: MomentumKind,
+    /// Use the Nesterov direction `U = beta * M_new + c * G` instead of `U = M_new`
+    /// (`c` = 1 for heavy-ball, `1 - beta` for EMA). Default `false`.
+    pub nesterov: bool,
+    /// `lambda`: decoupled weight decay, `W <- (1 - eta * lambda) W` each step. Default `0`.
+    pub weight_decay: f32,
+    /// The target factor `s` of each matrix (SPEC 3a table). Default [`Scale::Spectral`].
+    pub scale: Scale,
+    /// Power iterations per step once a matrix's power vector is warm. Default 1.
+    pub warm_iterations: u32,
+    /// Power iterations on a cold start (first step, after a reset). Default 8.
+    pub cold_iterations: u32,
+    /// Seed of the cold-start power vectors. Default 0.
+    pub seed: u64,
+}
+
+impl Default for SpectralSgdConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 0.02,
+            momentum: 0.95,
+            momentum_kind: MomentumKind::HeavyBall,
+            nesterov: false,
+            weight_decay: 0.0,
+            scale: Scale::Spectral,
+            warm_iterations: 1,
+            cold_iterations: 8,
+            seed: 0,
+        }
+    }
+}
+
+impl SpectralSgdConfig {
+    /// Checks every field against its documented range.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |message: String| Err(Error::InvalidConfig(message));
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return invalid(format!(
+                "learning_rate must be finite and >= 0, got {}",
+                self.learning_rate
+            ));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return invalid(format!("momentum must be in [0, 1), got {}", self.momentum));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return invalid(format!(
+                "weight_decay must be finite and >= 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if self.learning_rate * self.weight_decay > 1.0 {
+            return invalid(format!(
+                "learning_rate * weight_decay must be at most 1 (it shrinks W by 1 - eta*lambda), got {}",
+                self.learning_rate * self.weight_decay
+            ));
+        }
+        if self.warm_iterations == 0 || self.cold_iterations == 0 {
+            return invalid("warm_iterations and cold_iterations must be at least 1".into());
+        }
+        self.scale.validate()
+    }
+}

@@ -1,0 +1,91 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `spectral_step`. Every fallible public function returns
+/// this; nothing panics on user input.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A batch must hold at least one matrix.
+    #[error("a batch must hold at least one matrix")]
+    EmptyBatch,
+
+    /// A matrix with a zero dimension has no spectral norm and no update.
+    #[error("matrix {index} has shape {fan_out}x{fan_in}: both dimensions must be at least 1")]
+    ZeroDimension {
+        /// Position of the matrix in the batch.
+        index: usize,
+        /// Rows (outputs) of the matrix.
+        fan_out: usize,
+        /// Columns (inputs) of the matrix.
+        fan_in: usize,
+    },
+
+    /// The batch is too large to address: an element count or offset overflows.
+    #[error("batch layout overflows {what} at matrix {index}")]
+    LayoutOverflow {
+        /// Position of the matrix whose size overflowed.
+        index: usize,
+        /// Which quantity overflowed.
+        what: &'static str,
+    },
+
+    /// `step` received a different number of matrices than the optimizer was built for.
+    #[error("expected {expected} {what} matrices (one per matrix of the batch), got {got}")]
+    MatrixCountMismatch {
+        /// Which buffers: "weight", "gradient", ...
+        what: &'static str,
+        /// The batch size the optimizer was built for.
+        expected: usize,
+        /// What was passed.
+        got: usize,
+    },
+
+    /// A weight or gradient buffer has the wrong number of elements for its matrix.
+    #[error(
+        "{what} matrix {index} has {got} elements, but its shape {fan_out}x{fan_in} needs {expected}"
+    )]
+    LengthMismatch {
+        /// Which buffer: "weight", "gradient", ...
+        what: &'static str,
+        /// Position of the matrix in the batch.
+        index: usize,
+        /// Rows of the matrix.
+        fan_out: usize,
+        /// Columns of the matrix.
+        fan_in: usize,
+        /// `fan_out * fan_in`.
+        expected: usize,
+        /// Length of the buffer that was passed.
+        got: usize,
+    },
+
+    /// A configuration value is out of its documented range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// An argument (other than a shape or buffer length) is out of range.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// Reading or writing a state file failed.
+    #[error("state file {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+
+    /// A state file is truncated, corrupted or not a spectral-step state file.
+    #[error("corrupt or unreadable optimizer state: {0}")]
+    StateFormat(String),
+
+    /// A state file was written for a different set of matrix shapes.
+    #[error("optimizer state is for a different batch: {0}")]
+    StateShapeMismatch(String),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,174 @@
+//! [`SpectralSgd`]: the optimizer users hold.
+
+use std::borrow::{Borrow, BorrowMut};
+use std::path::Path;
+
+use crate::backend::{Backend, HostState};
+use crate::config::SpectralSgdConfig;
+use crate::cpu::Cpu;
+use crate::element::Element;
+use crate::error::Result;
+use crate::layout::{BatchLayout, MatrixShape};
+
+/// Momentum SGD whose every update has spectral norm `learning_rate * s` (SPEC 3a, 5).
+///
+/// Per matrix and step: `M <- beta M + G` (or the EMA / Nesterov variants),
+/// `sigma` = power-iteration estimate of `||U||_*`, `W <- (1 - eta lambda) W - (eta s / sigma) U`.
+///
+/// Built once from the shapes of all weight matrices; each [`step`](Self::step) takes the
+/// weights and gradients in that order. The backend `B` decides where the state lives;
+/// [`Cpu`] is the default.
+///
+/// ```
+/// use spectral_step::{MatrixShape, SpectralSgd, SpectralSgdConfig};
+///
+/// let shapes = [MatrixShape::new(64, 32), MatrixShape::new(10, 64)];
+/// let mut optimizer = SpectralSgd::new(&shapes, SpectralSgdConfig::default())?;
+/// let mut weights: Vec<Vec<f32>> = shapes.iter().map(|s| vec![0.0; s.len()]).collect();
+/// // A batch-1 gradient is an outer product: (output error) x (input activation).
+/// let grads: Vec<Vec<f32>> = shapes
+///     .iter()
+///     .map(|s| (0..s.len()).map(|i| ((i / s.fan_in) % 5) as f32 * ((i % s.fan_in) as f32 - 7.5)).collect())
+///     .collect();
+///
+/// let report = optimizer.step(&mut weights, &grads)?;
+/// assert!(report.all_updated());
+/// // The update has spectral norm learning_rate * sqrt(fan_out / fan_in).
+/// let update_norm = spectral_step::diagnostics::spectral_norm(&weights[0], shapes[0])?;
+/// assert!((update_norm / (0.02 * 2f32.sqrt()) - 1.0).abs() < 1e-4);
+/// # Ok::<(), spectral_step::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct SpectralSgd<B: Backend = Cpu> {
+    config: SpectralSgdConfig,
+    layout: BatchLayout,
+    backend: B,
+    steps: u64,
+}
+
+impl SpectralSgd<Cpu> {
+    /// An optimizer for matrices of these shapes, on the CPU. Errors on an invalid config,
+    /// an empty batch, a zero dimension, or a batch too large to address.
+    pub fn new(shapes: &[MatrixShape], config: SpectralSgdConfig) -> Result<Self> {
+        Self::with_backend(shapes, config)
+    }
+
+    /// The momentum buffer of matrix `index`.
+    pub fn momentum(&self, index: usize) -> &[f32] {
+        self.backend.momentum(&self.layout, index)
+    }
+
+    /// The current power vector of matrix `index` (unit length, `fan_in` long).
+    pub fn power_vector(&self, index: usize) -> &[f32] {
+        self.backend.power_vector(&self.layout, index)
+    }
+
+    /// Whether matrix `index`'s power vector is warm (next step uses `warm_iterations`).
+    pub fn is_warm(&self, index: usize) -> bool {
+        self.backend.is_warm(index)
+    }
+}
+
+impl<B: Backend> SpectralSgd<B> {
+    /// An optimizer on backend `B`.
+    pub fn with_backend(shapes: &[MatrixShape], config: SpectralSgdConfig) -> Result<Self> {
+        config.validate()?;
+        let layout = BatchLayout::new(shapes, B::BLOCK_POLICY)?;
+        let backend = B::create(&layout, &config)?;
+        Ok(Self {
+            config,
+            layout,
+            backend,
+            steps: 0,
+        })
+    }
+
+    /// One step over the whole batch: `weights[j]` and `grads[j]` are matrix `j`, row-major
+    /// `(fan_out, fan_in)`. All lengths are checked before anything is written. A matrix
+    /// whose update direction is not finite is skipped and reported, not an error.
+    pub fn step<T, W, G>(&mut self, weights: &mut [W], grads: &[G]) -> Result<B::Report>
+    where
+        T: Element,
+        W: BorrowMut<B::Storage<T>> + Send,
+        G: Borrow<B::Storage<T>> + Sync,
+    {
+        let report =
+            self.backend
+                .step(&self.layout, &self.config, self.steps + 1, weights, grads)?;
+        self.steps += 1;
+        Ok(report)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SpectralSgdConfig {
+        &self.config
+    }
+
+    /// Changes the learning rate (for schedules). Errors if it is not finite and `>= 0`.
+    pub fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
+        let config = SpectralSgdConfig {
+            learning_rate,
+            ..self.config
+        };
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// The batch layout (shapes, offsets, blocks).
+    pub fn layout(&self) -> &BatchLayout {
+        &self.layout
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Re-seeds the power vectors from the config's seed: the next step is a cold start.
+    pub fn reset_power_vectors(&mut self) -> Result<()> {
+        self.backend
+            .reset_power_vectors(&self.layout, self.config.seed)
+    }
+
+    /// The whole state as a safetensors byte buffer (see [`save_state`](Self::save_state)).
+    pub fn state_to_bytes(&self) -> Result<Vec<u8>> {
+        crate::state::encode(
+            &self.layout,
+            &self.config,
+            self.steps,
+            &self.backend.export_state()?,
+        )
+    }
+
+    /// Restores a state written by [`state_to_bytes`](Self::state_to_bytes) or
+    /// [`save_state`](Self::save_state): configuration, step count, momentum and power
+    /// vectors. The shapes must match this optimizer's. On error nothing is changed.
+    pub fn load_state_from_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        let (config, steps, state): (SpectralSgdConfig, u64, HostState) =
+            crate::state::decode(bytes, &self.layout)?;
+        self.backend.import_state(state)?;
+        self.config = config;
+        self.steps = steps;
+        Ok(())
+    }
+
+    /// Saves the state (momentum, power vectors, step count, configuration, shapes) as a
+    /// safetensors file. The file is written beside `path` and renamed into place, so a crash
+    /// never leaves a half-written state under `path`.
+    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
+        crate::state::write_atomically(path.as_ref(), &self.state_to_bytes()?)
+    }
+
+    /// Loads a state saved by [`save_state`](Self::save_state). A file for other shapes is
+    /// [`Error::StateShapeMismatch`](crate::Error::StateShapeMismatch); a truncated, corrupted
+    /// or foreign file is [`Error::StateFormat`](crate::Error::StateFormat).
+    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| crate::Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.load_state_from_bytes(&bytes)
+    }
+}

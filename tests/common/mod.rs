@@ -1,0 +1,72 @@
+//! Helpers shared by the integration tests: element conversions, tolerances, and a bridge
+//! from the crate's config to the f64 oracle in `spectral-step-reference`.
+#![allow(dead_code)]
+
+use spectral_step::half::{bf16, f16};
+use spectral_step::{Element, MatrixShape, MomentumKind, SpectralSgdConfig};
+use spectral_step_reference as reference;
+
+/// Relative precision of one element type (distance from 1 to the next value).
+pub fn epsilon<T: Element>() -> f64 {
+    match T::DTYPE {
+        spectral_step::Dtype::F32 => f64::from(f32::EPSILON),
+        spectral_step::Dtype::F16 => f64::from(f16::EPSILON.to_f32()),
+        spectral_step::Dtype::Bf16 => f64::from(bf16::EPSILON.to_f32()),
+    }
+}
+
+/// Smallest positive value of the type (the absolute rounding floor near zero).
+pub fn smallest_step<T: Element>() -> f64 {
+    match T::DTYPE {
+        spectral_step::Dtype::F16 => 6.0e-8,
+        _ => 1.0e-38,
+    }
+}
+
+pub fn to_f64<T: Element>(values: &[T]) -> Vec<f64> {
+    values.iter().map(|&x| f64::from(x.to_f32())).collect()
+}
+
+pub fn from_f64<T: Element>(values: &[f64]) -> Vec<T> {
+    values.iter().map(|&x| T::from_f32_rne(x as f32)).collect()
+}
+
+/// Gaussian values scaled by `scale`, rounded to `T`.
+pub fn random_matrix<T: Element>(shape: MatrixShape, scale: f64, seed: u64) -> Vec<T> {
+    let values: Vec<f64> = reference::gaussian(shape.len(), seed)
+        .iter()
+        .map(|x| x * scale)
+        .collect();
+    from_f64(&values)
+}
+
+pub fn reference_params(
+    config: &SpectralSgdConfig,
+    shape: MatrixShape,
+    iterations: u32,
+) -> reference::StepParams {
+    reference::StepParams {
+        learning_rate: f64::from(config.learning_rate),
+        momentum: f64::from(config.momentum),
+        ema: config.momentum_kind == MomentumKind::Ema,
+        nesterov: config.nesterov,
+        weight_decay: f64::from(config.weight_decay),
+        scale_factor: f64::from(config.scale.factor(shape)),
+        iterations,
+    }
+}
+
+/// Asserts `|actual - expected| <= tolerance`, naming what was compared.
+#[track_caller]
+pub fn assert_close(what: &str, actual: f64, expected: f64, tolerance: f64) {
+    assert!(
+        (actual - expected).abs() <= tolerance,
+        "{what}: got {actual:e}, expected {expected:e} (difference {:e} > tolerance {tolerance:e})",
+        (actual - expected).abs()
+    );
+}
+
+/// Bit patterns of a slice, for exact comparisons.
+pub fn bits<T: Element>(values: &[T]) -> Vec<u8> {
+    bytemuck::cast_slice(values).to_vec()
+}

@@ -1,0 +1,120 @@
+//! Results are bitwise identical for any number of threads (SPEC 4: partials are summed in a
+//! fixed order).
+
+mod common;
+
+use common::*;
+use spectral_step::cpu::BatchPowerIteration;
+use spectral_step::half::bf16;
+use spectral_step::{
+    BatchLayout, BlockPolicy, Element, MatrixShape, SpectralSgd, SpectralSgdConfig, StepReport,
+};
+
+fn shapes() -> Vec<MatrixShape> {
+    vec![
+        MatrixShape::new(1031, 300),
+        MatrixShape::new(600, 500),
+        MatrixShape::new(7, 1),
+        MatrixShape::new(129, 33),
+    ]
+}
+
+type Run<T> = (Vec<Vec<T>>, Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<StepReport>);
+
+fn run<T: Element>(threads: usize, config: SpectralSgdConfig) -> Run<T> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let shapes = shapes();
+        let mut optimizer = SpectralSgd::new(&shapes, config).unwrap();
+        let mut weights: Vec<Vec<T>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(j, &s)| random_matrix(s, 0.1, j as u64))
+            .collect();
+        let mut reports = Vec::new();
+        for step in 1..=3u64 {
+            let grads: Vec<Vec<T>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(j, &s)| random_matrix(s, 1.0, 100 * step + j as u64))
+                .collect();
+            reports.push(optimizer.step(&mut weights, &grads).unwrap());
+        }
+        let momentum = (0..shapes.len())
+            .map(|j| optimizer.momentum(j).to_vec())
+            .collect();
+        let vectors = (0..shapes.len())
+            .map(|j| optimizer.power_vector(j).to_vec())
+            .collect();
+        (weights, momentum, vectors, reports)
+    })
+}
+
+fn assert_identical<T: Element>(a: &Run<T>, b: &Run<T>) {
+    assert_eq!(a.3, b.3, "reports differ");
+    for j in 0..a.0.len() {
+        assert_eq!(bits(&a.0[j]), bits(&b.0[j]), "weights {j}");
+        assert_eq!(bits(&a.1[j]), bits(&b.1[j]), "momentum {j}");
+        assert_eq!(bits(&a.2[j]), bits(&b.2[j]), "power vector {j}");
+    }
+}
+
+#[test]
+fn step_is_identical_for_1_2_and_5_threads() {
+    let layout = BatchLayout::new(&shapes(), BlockPolicy::CPU).unwrap();
+    assert!(
+        layout.blocks().len() >= 4,
+        "need several blocks to exercise the reduction"
+    );
+    for config in [
+        SpectralSgdConfig::default(),
+        SpectralSgdConfig {
+            nesterov: true,
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+    ] {
+        let single = run::<f32>(1, config);
+        assert_identical(&single, &run::<f32>(2, config));
+        assert_identical(&single, &run::<f32>(5, config));
+    }
+    assert_identical(
+        &run::<bf16>(1, SpectralSgdConfig::default()),
+        &run::<bf16>(3, SpectralSgdConfig::default()),
+    );
+}
+
+#[test]
+fn power_iteration_is_identical_for_any_thread_count() {
+    let shapes = shapes();
+    let matrices: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, 1.0, 7 + j as u64))
+        .collect();
+    let results: Vec<_> = [1, 2, 7]
+        .iter()
+        .map(|&threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
+                let mut power =
+                    BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap());
+                let mut vectors = power.cold_vectors(1);
+                let mut estimates = Vec::new();
+                for _ in 0..4 {
+                    estimates = power.fused(&views, &mut vectors).unwrap();
+                }
+                (estimates, bits(&vectors))
+            })
+        })
+        .collect();
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[0], results[2]);
+}

@@ -1,0 +1,291 @@
+//! Batched power iteration (SPEC 4) against exact singular values from the Jacobi SVD.
+
+mod common;
+
+use common::*;
+use spectral_step::cpu::{BatchPowerIteration, Estimate};
+use spectral_step::half::bf16;
+use spectral_step::{BatchLayout, BlockPolicy, Error, MatrixShape};
+use spectral_step_reference as reference;
+
+fn power_for(shapes: &[MatrixShape]) -> BatchPowerIteration {
+    BatchPowerIteration::new(BatchLayout::new(shapes, BlockPolicy::CPU).unwrap())
+}
+
+fn f32s(values: &[f64]) -> Vec<f32> {
+    values.iter().map(|&x| x as f32).collect()
+}
+
+#[test]
+fn converges_to_a_known_spectrum_from_cold_start() {
+    let shapes = [
+        MatrixShape::new(17, 9),
+        MatrixShape::new(9, 17),
+        MatrixShape::new(64, 64),
+        MatrixShape::new(31, 7),
+    ];
+    let spectrum = [5.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05];
+    let matrices: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, s)| {
+            f32s(&reference::matrix_with_spectrum(
+                s.fan_out, s.fan_in, &spectrum, j as u64,
+            ))
+        })
+        .collect();
+    // The oracle itself reproduces the spectrum it was built with.
+    for (matrix, shape) in matrices.iter().zip(&shapes) {
+        let exact = reference::singular_values(&to_f64(matrix), shape.fan_out, shape.fan_in);
+        assert_close("oracle top singular value", exact[0], 5.0, 1e-5);
+        assert_close("oracle second singular value", exact[1], 2.0, 1e-5);
+    }
+    let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
+    let mut power = power_for(&shapes);
+    let mut vectors = power.cold_vectors(1);
+    let mut previous = vec![0.0f32; shapes.len()];
+    for iteration in 0..30 {
+        let estimates = power.fused(&views, &mut vectors).unwrap();
+        for (j, estimate) in estimates.iter().enumerate() {
+            let sigma = estimate.sigma();
+            // Never above the true norm, and non-decreasing (Rayleigh quotients of U^T U).
+            assert!(
+                sigma <= 5.0 * (1.0 + 1e-5),
+                "matrix {j} iteration {iteration}: {sigma} > 5"
+            );
+            assert!(
+                sigma >= previous[j] * (1.0 - 1e-5),
+                "matrix {j} iteration {iteration}: decreased"
+            );
+            previous[j] = sigma;
+        }
+    }
+    for (j, &sigma) in previous.iter().enumerate() {
+        assert_close(
+            &format!("matrix {j} converged sigma"),
+            f64::from(sigma),
+            5.0,
+            5e-5 * 5.0,
+        );
+    }
+}
+
+#[test]
+fn gaussian_matrices_converge_to_exact_norm() {
+    let shapes = [
+        MatrixShape::new(50, 30),
+        MatrixShape::new(30, 50),
+        MatrixShape::new(41, 41),
+    ];
+    let matrices: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, 1.0, 40 + j as u64))
+        .collect();
+    let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
+    let mut power = power_for(&shapes);
+    let mut vectors = power.cold_vectors(2);
+    let mut estimates = Vec::new();
+    for _ in 0..2000 {
+        estimates = power.fused(&views, &mut vectors).unwrap();
+    }
+    for (j, shape) in shapes.iter().enumerate() {
+        let exact = reference::spectral_norm(&to_f64(&matrices[j]), shape.fan_out, shape.fan_in);
+        assert_close(
+            &format!("gaussian matrix {j}"),
+            f64::from(estimates[j].sigma()),
+            exact,
+            1e-4 * exact,
+        );
+    }
+}
+
+#[test]
+fn one_iteration_matches_the_oracle() {
+    let shapes = [
+        MatrixShape::new(33, 20),
+        MatrixShape::new(5, 300),
+        MatrixShape::new(1031, 300),
+    ];
+    let matrices: Vec<Vec<bf16>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, 1.0, 60 + j as u64))
+        .collect();
+    let views: Vec<&[bf16]> = matrices.iter().map(Vec::as_slice).collect();
+    let mut power = power_for(&shapes);
+    let mut vectors = power.cold_vectors(3);
+    let layout = power.layout().clone();
+    let before = vectors.clone();
+    let estimates = power.fused(&views, &mut vectors).unwrap();
+    for (j, entry) in layout.matrices().iter().enumerate() {
+        let mut v = to_f64(&before[entry.vector_range()]);
+        let sigma = reference::power_iteration_step(
+            &to_f64(&matrices[j]),
+            entry.shape.fan_out,
+            entry.shape.fan_in,
+            &mut v,
+        );
+        assert_close(
+            &format!("matrix {j} sigma"),
+            f64::from(estimates[j].sigma()),
+            sigma,
+            1e-5 * sigma,
+        );
+        for (k, (&got, &want)) in vectors[entry.vector_range()].iter().zip(&v).enumerate() {
+            assert_close(&format!("matrix {j} v[{k}]"), f64::from(got), want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn fused_and_two_pass_agree_bit_for_bit() {
+    // Same row dots, same partial order: the two forms differ only in memory traffic.
+    let shapes = [
+        MatrixShape::new(700, 513),
+        MatrixShape::new(3, 3),
+        MatrixShape::new(1, 40),
+    ];
+    let matrices: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, 1.0, 70 + j as u64))
+        .collect();
+    let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
+    let mut power = power_for(&shapes);
+    let mut fused_vectors = power.cold_vectors(4);
+    let mut two_pass_vectors = fused_vectors.clone();
+    for _ in 0..3 {
+        let fused = power.fused(&views, &mut fused_vectors).unwrap();
+        let two_pass = power.two_pass(&views, &mut two_pass_vectors).unwrap();
+        assert_eq!(fused, two_pass);
+        assert_eq!(bits(&fused_vectors), bits(&two_pass_vectors));
+    }
+}
+
+#[test]
+fn warm_start_tracks_a_slowly_changing_matrix() {
+    let shape = MatrixShape::new(48, 32);
+    let spectrum: Vec<f64> = (0..32).map(|k| 4.0 * 0.8f64.powi(k)).collect();
+    let base = reference::matrix_with_spectrum(48, 32, &spectrum, 9);
+    let drift = reference::gaussian(shape.len(), 10);
+    let mut power = power_for(&[shape]);
+    let mut vector = power.cold_vectors(5);
+    for step in 0..60 {
+        let matrix: Vec<f64> = base
+            .iter()
+            .zip(&drift)
+            .map(|(a, d)| a + 0.002 * f64::from(step) * d)
+            .collect();
+        let data = f32s(&matrix);
+        let iterations = if step == 0 { 8 } else { 1 };
+        let mut estimate = Estimate::Zero;
+        for _ in 0..iterations {
+            estimate = power.fused(&[&data[..]], &mut vector).unwrap()[0];
+        }
+        let exact = reference::spectral_norm(&matrix, 48, 32);
+        assert!(
+            f64::from(estimate.sigma()) <= exact * (1.0 + 1e-5),
+            "step {step}: estimate above the norm"
+        );
+        assert_close(
+            &format!("step {step}"),
+            f64::from(estimate.sigma()),
+            exact,
+            2e-3 * exact,
+        );
+    }
+}
+
+#[test]
+fn vectors_are_exact_in_one_iteration() {
+    let shapes = [
+        MatrixShape::new(1, 1),
+        MatrixShape::new(1, 37),
+        MatrixShape::new(37, 1),
+        MatrixShape::new(1, 1000),
+    ];
+    let matrices: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, 3.0, 80 + j as u64))
+        .collect();
+    let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
+    let mut power = power_for(&shapes);
+    let mut vectors = power.cold_vectors(6);
+    let estimates = power.fused(&views, &mut vectors).unwrap();
+    for (j, matrix) in matrices.iter().enumerate() {
+        let exact = reference::norm(&to_f64(matrix));
+        assert_close(
+            &format!("vector {j}"),
+            f64::from(estimates[j].sigma()),
+            exact,
+            1e-6 * exact,
+        );
+    }
+}
+
+#[test]
+fn zero_and_non_finite_matrices() {
+    let shapes = [
+        MatrixShape::new(4, 6),
+        MatrixShape::new(4, 6),
+        MatrixShape::new(4, 6),
+        MatrixShape::new(4, 6),
+    ];
+    let zero = [0.0f32; 24];
+    let mut with_nan = random_matrix::<f32>(shapes[0], 1.0, 90);
+    with_nan[7] = f32::NAN;
+    let mut with_inf = random_matrix::<f32>(shapes[0], 1.0, 91);
+    with_inf[23] = f32::NEG_INFINITY;
+    let huge = [1e30f32; 24];
+    let mut power = power_for(&shapes);
+    let mut vectors = power.cold_vectors(7);
+    let before = vectors.clone();
+    let estimates = power
+        .fused(
+            &[&zero[..], &with_nan[..], &with_inf[..], &huge[..]],
+            &mut vectors,
+        )
+        .unwrap();
+    assert_eq!(
+        estimates,
+        vec![
+            Estimate::Zero,
+            Estimate::NonFinite,
+            Estimate::NonFinite,
+            Estimate::NonFinite
+        ]
+    );
+    assert_eq!(
+        bits(&vectors),
+        bits(&before),
+        "power vectors must be untouched"
+    );
+}
+
+#[test]
+fn wrong_lengths_are_errors() {
+    let shapes = [MatrixShape::new(4, 6)];
+    let mut power = power_for(&shapes);
+    let mut vectors = power.cold_vectors(0);
+    let short = [1.0f32; 23];
+    assert!(matches!(
+        power.fused(&[&short[..]], &mut vectors),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        power.fused::<f32>(&[], &mut vectors),
+        Err(Error::MatrixCountMismatch { .. })
+    ));
+    let matrix = [1.0f32; 24];
+    let mut wrong_vectors = vec![0.0f32; 5];
+    assert!(matches!(
+        power.fused(&[&matrix[..]], &mut wrong_vectors),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        power.two_pass(&[&matrix[..]], &mut wrong_vectors),
+        Err(Error::InvalidArgument(_))
+    ));
+}
