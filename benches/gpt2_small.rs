@@ -1,1 +1,241 @@
-fn main() {}
+//! GPT-2-small matrix set (12 layers x {2304x768, 768x768, 3072x768, 768x3072}, 85M
+//! parameters): one warm power iteration (fused and two-matvec) and the full warm step, in
+//! `f32` and `bf16`, each beside a memory-copy baseline of the same byte count.
+//!
+//! Run: `cargo bench --bench gpt2_small` (add `-- --rounds 15` for more rounds).
+//!
+//! Variants are measured in interleaved rounds (copy, fused, two-pass, step, copy, ...) and
+//! each is summarised by its median, so a slow patch on a shared machine hits all variants
+//! alike; the ratios are the result, the absolute times are only context.
+//!
+//! Bytes are counted under SPEC 5's traffic model (`N` parameters, `b` bytes per weight or
+//! gradient element, momentum in f32):
+//! * power iteration: reads `U` once, `N b` bytes;
+//! * step (heavy-ball): pass A reads `G`, `M` and writes `M`; pass B reads `M`, `W` and
+//!   writes `W`: `N (3b + 12)` bytes. This crate's CPU step stores `M` in pass B instead (see
+//!   `src/cpu/mod.rs`), which moves `N (4b + 16)` bytes; both figures are printed.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use spectral_step::cpu::BatchPowerIteration;
+use spectral_step::half::bf16;
+use spectral_step::{
+    BatchLayout, BlockPolicy, Element, MatrixShape, SpectralSgd, SpectralSgdConfig,
+};
+
+fn gpt2_small() -> Vec<MatrixShape> {
+    let per_layer = [(2304, 768), (768, 768), (3072, 768), (768, 3072)];
+    (0..12)
+        .flat_map(|_| per_layer.map(|(fan_out, fan_in)| MatrixShape::new(fan_out, fan_in)))
+        .collect()
+}
+
+/// Deterministic, cheap, non-trivial values (a hash of the index), in [-1, 1).
+fn fill<T: Element>(values: &mut [T], salt: u64) {
+    values.par_iter_mut().enumerate().for_each(|(i, v)| {
+        let h = (i as u64 ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        *v = T::from_f32_rne(((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0);
+    });
+}
+
+fn copy_parallel(dst: &mut [u8], src: &[u8]) {
+    dst.par_chunks_mut(1 << 20)
+        .zip(src.par_chunks(1 << 20))
+        .for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+struct Variant<'a> {
+    name: &'static str,
+    /// Bytes under the traffic model, for the GB/s column.
+    model_bytes: f64,
+    run: Box<dyn FnMut() + 'a>,
+    times: Vec<Duration>,
+}
+
+fn median(times: &mut [Duration]) -> f64 {
+    times.sort();
+    times[times.len() / 2].as_secs_f64()
+}
+
+/// Runs the variants in interleaved rounds and prints median time, GB/s, and the ratio of
+/// each variant's bandwidth to the first (baseline) variants'.
+fn compare(title: &str, rounds: usize, variants: &mut [Variant], baselines: usize) {
+    for variant in variants.iter_mut() {
+        (variant.run)(); // warm-up: page faults, caches, thread pool
+    }
+    for _ in 0..rounds {
+        for variant in variants.iter_mut() {
+            let start = Instant::now();
+            (variant.run)();
+            variant.times.push(start.elapsed());
+        }
+    }
+    println!("\n{title}  ({rounds} interleaved rounds, medians)");
+    println!(
+        "  {:<34} {:>10} {:>10} {:>12}",
+        "variant", "ms", "GB/s", "vs copy"
+    );
+    let mut rows = Vec::new();
+    for variant in variants.iter_mut() {
+        let seconds = median(&mut variant.times);
+        rows.push((variant.name, seconds, variant.model_bytes / seconds / 1e9));
+    }
+    let copy_bandwidth = rows[..baselines].iter().map(|r| r.2).fold(0.0, f64::max);
+    for (name, seconds, bandwidth) in &rows {
+        println!(
+            "  {name:<34} {:>10.2} {bandwidth:>10.2} {:>11.1}%",
+            seconds * 1e3,
+            100.0 * bandwidth / copy_bandwidth
+        );
+    }
+}
+
+fn bench_dtype<T: Element>(rounds: usize) {
+    let shapes = gpt2_small();
+    let layout = BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap();
+    let n = layout.total_elements();
+    let b = T::DTYPE.size_bytes();
+    let dtype = T::DTYPE.name();
+    println!(
+        "\n=== {dtype}: {} matrices, {n} parameters, {} threads ===",
+        shapes.len(),
+        rayon::current_num_threads()
+    );
+
+    let mut weights: Vec<Vec<T>> = shapes.iter().map(|s| vec![T::default(); s.len()]).collect();
+    let mut grads: Vec<Vec<T>> = shapes.iter().map(|s| vec![T::default(); s.len()]).collect();
+    for (j, (w, g)) in weights.iter_mut().zip(grads.iter_mut()).enumerate() {
+        fill(w, 2 * j as u64);
+        fill(g, 2 * j as u64 + 1);
+        w.iter_mut()
+            .for_each(|x| *x = T::from_f32_rne(x.to_f32() * 0.02));
+    }
+
+    // Power iteration: one warm iteration over the whole set.
+    {
+        let power_bytes = (n * b) as f64;
+        let mut src = vec![1u8; n * b / 2];
+        let (mut dst, mut dst_parallel) = (vec![0u8; n * b / 2], vec![0u8; n * b / 2]);
+        let views: Vec<&[T]> = grads.iter().map(Vec::as_slice).collect();
+        let mut fused = BatchPowerIteration::new(layout.clone());
+        let mut fused_vectors = fused.cold_vectors(0);
+        let mut two_pass = BatchPowerIteration::new(layout.clone());
+        let mut two_pass_vectors = two_pass.cold_vectors(0);
+        src.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+        let (src, dst, dst_parallel) = (&src, &mut dst, &mut dst_parallel);
+        let mut variants = vec![
+            Variant {
+                name: "copy, 1 thread (baseline)",
+                model_bytes: power_bytes,
+                run: Box::new(|| dst.copy_from_slice(black_box(src))),
+                times: Vec::new(),
+            },
+            Variant {
+                name: "copy, rayon (baseline)",
+                model_bytes: power_bytes,
+                run: Box::new(|| copy_parallel(dst_parallel, black_box(src))),
+                times: Vec::new(),
+            },
+            Variant {
+                name: "power iteration, fused (SPEC 4)",
+                model_bytes: power_bytes,
+                run: Box::new(|| {
+                    black_box(fused.fused(&views, &mut fused_vectors).unwrap());
+                }),
+                times: Vec::new(),
+            },
+            Variant {
+                name: "power iteration, two-matvec",
+                model_bytes: power_bytes,
+                run: Box::new(|| {
+                    black_box(two_pass.two_pass(&views, &mut two_pass_vectors).unwrap());
+                }),
+                times: Vec::new(),
+            },
+        ];
+        compare(
+            &format!(
+                "{dtype} power iteration: {:.0} MB read per iteration",
+                power_bytes / 1e6
+            ),
+            rounds,
+            &mut variants,
+            2,
+        );
+        let fused_time = median(&mut variants[2].times);
+        let two_pass_time = median(&mut variants[3].times);
+        println!(
+            "  fused speed-up over two-matvec: {:.2}x",
+            two_pass_time / fused_time
+        );
+    }
+
+    // Full warm step (heavy-ball, the defaults).
+    {
+        let model_bytes = (n * (3 * b + 12)) as f64;
+        let actual_bytes = (n * (4 * b + 16)) as f64;
+        let mut optimizer = SpectralSgd::new(&shapes, SpectralSgdConfig::default()).unwrap();
+        optimizer.step(&mut weights, &grads).unwrap(); // the cold start is not what is measured
+        let half = (model_bytes / 2.0) as usize;
+        let mut src = vec![1u8; half];
+        let (mut dst, mut dst_parallel) = (vec![0u8; half], vec![0u8; half]);
+        src.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+        let (src, dst, dst_parallel) = (&src, &mut dst, &mut dst_parallel);
+        let (weights, grads, optimizer) = (&mut weights, &grads, &mut optimizer);
+        let mut variants = vec![
+            Variant {
+                name: "copy, 1 thread (baseline)",
+                model_bytes,
+                run: Box::new(|| dst.copy_from_slice(black_box(src))),
+                times: Vec::new(),
+            },
+            Variant {
+                name: "copy, rayon (baseline)",
+                model_bytes,
+                run: Box::new(|| copy_parallel(dst_parallel, black_box(src))),
+                times: Vec::new(),
+            },
+        ];
+        variants.push(Variant {
+            name: "step, warm (SPEC 5)",
+            model_bytes,
+            run: Box::new(|| {
+                black_box(optimizer.step(weights, grads).unwrap());
+            }),
+            times: Vec::new(),
+        });
+        compare(
+            &format!(
+                "{dtype} step: {:.0} MB under SPEC 5's model, {:.0} MB actually moved",
+                model_bytes / 1e6,
+                actual_bytes / 1e6
+            ),
+            rounds,
+            &mut variants,
+            2,
+        );
+        let step_time = median(&mut variants[2].times);
+        println!(
+            "  step bandwidth counting the bytes it actually moves: {:.2} GB/s",
+            actual_bytes / step_time / 1e9
+        );
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut rounds = 9;
+    while let Some(arg) = args.next() {
+        if arg == "--rounds" {
+            rounds = args
+                .next()
+                .and_then(|r| r.parse().ok())
+                .expect("--rounds needs a number");
+        }
+        // Other arguments (cargo bench passes `--bench`) are ignored.
+    }
+    bench_dtype::<f32>(rounds);
+    bench_dtype::<bf16>(rounds);
+}

@@ -58,6 +58,13 @@ pub trait Element:
     fn to_f32(self) -> f32;
     /// Narrowing from `f32`, round to nearest, ties to even.
     fn from_f32_rne(value: f32) -> Self;
+    /// The slice itself when the element type is `f32` (so hot loops read it in place),
+    /// `None` otherwise.
+    #[inline(always)]
+    fn as_f32_slice(values: &[Self]) -> Option<&[f32]> {
+        let _ = values;
+        None
+    }
 }
 
 impl Element for f32 {
@@ -69,6 +76,10 @@ impl Element for f32 {
     #[inline(always)]
     fn from_f32_rne(value: f32) -> Self {
         value
+    }
+    #[inline(always)]
+    fn as_f32_slice(values: &[Self]) -> Option<&[f32]> {
+        Some(values)
     }
 }
 

@@ -21,6 +21,7 @@ mod rows;
 mod step;
 
 pub use power::{BatchPowerIteration, Estimate};
+pub use rows::KernelPath;
 
 use crate::backend::{Backend, HostState};
 use crate::config::SpectralSgdConfig;
@@ -37,6 +38,7 @@ pub struct Cpu {
     momentum: Vec<f32>,
     power_vectors: Vec<f32>,
     warm: Vec<bool>,
+    path: KernelPath,
     scratch: Scratch,
 }
 
@@ -67,6 +69,17 @@ impl Cpu {
         self.warm[index]
     }
 
+    /// The compiled form of the loops in use.
+    pub fn kernel_path(&self) -> KernelPath {
+        self.path
+    }
+
+    /// Chooses the compiled form of the loops; errors if this CPU cannot run it.
+    pub fn set_kernel_path(&mut self, path: KernelPath) -> Result<()> {
+        self.path = power::checked_path(path)?;
+        Ok(())
+    }
+
     fn seed_vectors(&mut self, layout: &BatchLayout, seed: u64) {
         for (index, entry) in layout.matrices().iter().enumerate() {
             crate::random::fill_unit_vector(
@@ -90,6 +103,7 @@ impl Backend for Cpu {
             momentum: vec![0.0; layout.total_elements()],
             power_vectors: vec![0.0; layout.total_vector_len()],
             warm: vec![false; matrices],
+            path: KernelPath::detect(),
             scratch: Scratch {
                 partials: vec![0.0; layout.total_partial_len()],
                 sums: vec![BlockSums::default(); layout.blocks().len()],

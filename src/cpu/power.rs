@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::rows::{CHUNK, PlainRows, Rows, add_scaled_row, row_sums};
+use super::rows::{CHUNK, KernelPath, PlainRows, Rows, add_scaled_row, row_sums};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{BatchLayout, RowBlock};
@@ -24,7 +24,6 @@ const MAX_TILE_ROWS: usize = 64;
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct BlockSums {
     sum_sq: f32,
-    probe: f32,
 }
 
 /// The result of one power iteration for one matrix.
@@ -72,6 +71,7 @@ pub(crate) fn split_lengths<T>(
 /// One fused pass over every block of the active matrices: fills each block's partial `w` and
 /// its sums. `rows[j]` is matrix `j`'s `U`; `vectors` holds every `v` (layout vector offsets).
 pub(crate) fn fused_pass<R: Rows>(
+    path: KernelPath,
     layout: &BatchLayout,
     rows: &[R],
     active: &[bool],
@@ -90,19 +90,65 @@ pub(crate) fn fused_pass<R: Rows>(
         .zip(sums.par_iter_mut())
         .filter(|((block, _), _)| active[block.matrix])
         .for_each(|((block, partial), block_sums)| {
-            let entry = layout.matrix(block.matrix);
-            *block_sums = fused_block(
+            let (rows, v) = (
                 &rows[block.matrix],
-                block,
-                &vectors[entry.vector_range()],
+                &vectors[layout.matrix(block.matrix).vector_range()],
+            );
+            *block_sums = on_path(
+                path,
                 partial,
+                |partial| fused_block::<R, false>(rows, block, v, partial),
+                |partial| fused_block::<R, true>(rows, block, v, partial),
             );
         });
 }
 
+/// Runs `portable(buffers)` or, on [`KernelPath::Avx2Fma`], `fused(buffers)` compiled with
+/// AVX2 and FMA enabled (the kernels are `#[inline(always)]`, so they are inlined into, and
+/// compiled for, the caller's target features). The mutable buffers travel as an argument so
+/// that both closures can name them.
+#[inline(always)]
+pub(crate) fn on_path<A, T>(
+    path: KernelPath,
+    buffers: A,
+    portable: impl FnOnce(A) -> T,
+    fused: impl FnOnce(A) -> T,
+) -> T {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2Fma if path.is_supported() => {
+            #[target_feature(enable = "avx2,fma")]
+            fn with_avx2_fma<A, T>(buffers: A, body: impl FnOnce(A) -> T) -> T {
+                body(buffers)
+            }
+            // SAFETY: the match guard has just confirmed that this CPU has AVX2 and FMA, which
+            // is all that calling a function compiled for those features requires.
+            unsafe { with_avx2_fma(buffers, fused) }
+        }
+        _ => portable(buffers),
+    }
+}
+
+/// `path` if this CPU supports it, else an error naming it.
+pub(crate) fn checked_path(path: KernelPath) -> Result<KernelPath> {
+    if path.is_supported() {
+        Ok(path)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "this CPU cannot run kernel path {path:?}"
+        )))
+    }
+}
+
 /// The fused pass over one block (SPEC 4): per cache tile, `t_i = <u_i, v>`, then
 /// `partial += Σ t_i u_i` re-reading the tile from cache.
-fn fused_block<R: Rows>(rows: &R, block: &RowBlock, v: &[f32], partial: &mut [f32]) -> BlockSums {
+#[inline(always)]
+fn fused_block<R: Rows, const FMA: bool>(
+    rows: &R,
+    block: &RowBlock,
+    v: &[f32],
+    partial: &mut [f32],
+) -> BlockSums {
     partial.fill(0.0);
     let tile_rows = (CACHE_TILE_ELEMENTS / v.len()).clamp(1, MAX_TILE_ROWS);
     let mut row_dots = [0.0f32; MAX_TILE_ROWS];
@@ -112,13 +158,12 @@ fn fused_block<R: Rows>(rows: &R, block: &RowBlock, v: &[f32], partial: &mut [f3
     while tile_start < block.row_end {
         let tile_end = (tile_start + tile_rows).min(block.row_end);
         for (dot, row) in row_dots.iter_mut().zip(tile_start..tile_end) {
-            let row_sums = row_sums(rows, row, v, &mut buffer);
+            let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer);
             *dot = row_sums.dot;
             sums.sum_sq += row_sums.sum_sq;
-            sums.probe += row_sums.probe;
         }
         for (&dot, row) in row_dots.iter().zip(tile_start..tile_end) {
-            add_scaled_row(rows, row, dot, partial, &mut buffer);
+            add_scaled_row::<R, FMA>(rows, row, dot, partial, &mut buffer);
         }
         tile_start = tile_end;
     }
@@ -165,10 +210,8 @@ fn finish_matrix(
     partials: &mut [f32],
     vector: &mut [f32],
 ) -> Estimate {
-    let (sum_sq, probe) = sums.iter().fold((0.0f32, 0.0f32), |(sq, pr), s| {
-        (sq + s.sum_sq, pr + s.probe)
-    });
-    if !probe.is_finite() {
+    let sum_sq = sums.iter().fold(0.0f32, |total, s| total + s.sum_sq);
+    if !sum_sq.is_finite() {
         return Estimate::NonFinite;
     }
     let (w, rest) = partials.split_at_mut(vector.len());
@@ -231,12 +274,14 @@ pub struct BatchPowerIteration {
     sums: Vec<BlockSums>,
     row_products: Vec<f32>,
     active: Vec<bool>,
+    path: KernelPath,
 }
 
 impl BatchPowerIteration {
-    /// Scratch space for `layout`.
+    /// Scratch space for `layout`, running the fastest [`KernelPath`] this CPU supports.
     pub fn new(layout: BatchLayout) -> Self {
         Self {
+            path: KernelPath::detect(),
             partials: vec![0.0; layout.total_partial_len()],
             sums: vec![BlockSums::default(); layout.blocks().len()],
             row_products: Vec::new(),
@@ -248,6 +293,17 @@ impl BatchPowerIteration {
     /// The batch this was built for.
     pub fn layout(&self) -> &BatchLayout {
         &self.layout
+    }
+
+    /// The compiled form of the loops in use.
+    pub fn kernel_path(&self) -> KernelPath {
+        self.path
+    }
+
+    /// Chooses the compiled form of the loops; errors if this CPU cannot run it.
+    pub fn set_kernel_path(&mut self, path: KernelPath) -> Result<()> {
+        self.path = checked_path(path)?;
+        Ok(())
     }
 
     /// Seeded random unit vectors for every matrix (the cold start), concatenated in layout
@@ -292,6 +348,7 @@ impl BatchPowerIteration {
             })
             .collect();
         fused_pass(
+            self.path,
             &self.layout,
             &rows,
             &self.active,
@@ -333,6 +390,7 @@ impl BatchPowerIteration {
             })
             .collect();
         let vectors_read: &[f32] = vectors;
+        let path = self.path;
         // Pass 1: p = U v (and the per-block sums), over the whole batch.
         let block_products = split_lengths(
             &mut self.row_products,
@@ -343,15 +401,16 @@ impl BatchPowerIteration {
             .zip(block_products)
             .zip(self.sums.par_iter_mut())
             .for_each(|((block, products), block_sums)| {
-                let v = &vectors_read[layout.matrix(block.matrix).vector_range()];
-                let mut buffer = [0.0f32; CHUNK];
-                *block_sums = BlockSums::default();
-                for (product, row) in products.iter_mut().zip(block.row_start..block.row_end) {
-                    let sums = row_sums(&rows[block.matrix], row, v, &mut buffer);
-                    *product = sums.dot;
-                    block_sums.sum_sq += sums.sum_sq;
-                    block_sums.probe += sums.probe;
-                }
+                let (rows, v) = (
+                    &rows[block.matrix],
+                    &vectors_read[layout.matrix(block.matrix).vector_range()],
+                );
+                *block_sums = on_path(
+                    path,
+                    products,
+                    |products| row_products::<_, false>(rows, block, v, products),
+                    |products| row_products::<_, true>(rows, block, v, products),
+                );
             });
         // Pass 2: w = U^T p, as per-block partials.
         let block_products = split_lengths(
@@ -367,11 +426,13 @@ impl BatchPowerIteration {
             .zip(block_products)
             .zip(block_partials)
             .for_each(|((block, products), partial)| {
-                let mut buffer = [0.0f32; CHUNK];
-                partial.fill(0.0);
-                for (&product, row) in products.iter().zip(block.row_start..block.row_end) {
-                    add_scaled_row(&rows[block.matrix], row, product, partial, &mut buffer);
-                }
+                let rows = &rows[block.matrix];
+                on_path(
+                    path,
+                    partial,
+                    |partial| transposed_product::<_, false>(rows, block, products, partial),
+                    |partial| transposed_product::<_, true>(rows, block, products, partial),
+                );
             });
         let mut estimates = vec![Estimate::Zero; layout.len()];
         finish(
@@ -383,5 +444,38 @@ impl BatchPowerIteration {
             &mut estimates,
         );
         Ok(estimates)
+    }
+}
+
+/// Two-matvec pass 1 over a block: `products[i] = <u_i, v>`.
+#[inline(always)]
+fn row_products<R: Rows, const FMA: bool>(
+    rows: &R,
+    block: &RowBlock,
+    v: &[f32],
+    products: &mut [f32],
+) -> BlockSums {
+    let mut buffer = [0.0f32; CHUNK];
+    let mut sums = BlockSums::default();
+    for (product, row) in products.iter_mut().zip(block.row_start..block.row_end) {
+        let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer);
+        *product = row_sums.dot;
+        sums.sum_sq += row_sums.sum_sq;
+    }
+    sums
+}
+
+/// Two-matvec pass 2 over a block: `partial = Σ_i products[i] u_i`.
+#[inline(always)]
+fn transposed_product<R: Rows, const FMA: bool>(
+    rows: &R,
+    block: &RowBlock,
+    products: &[f32],
+    partial: &mut [f32],
+) {
+    let mut buffer = [0.0f32; CHUNK];
+    partial.fill(0.0);
+    for (&product, row) in products.iter().zip(block.row_start..block.row_end) {
+        add_scaled_row::<R, FMA>(rows, row, product, partial, &mut buffer);
     }
 }

@@ -6,6 +6,48 @@
 //! [`LANES`] independent accumulators. Element `k` of a row always lands in lane `k % LANES`
 //! and lanes are combined in a fixed tree, so every sum is bitwise reproducible whatever the
 //! thread count.
+//!
+//! Every loop is generic over `FMA`: `true` fuses `a * b + c` into one rounding (compiled
+//! inside `#[target_feature(enable = "avx2,fma")]` wrappers, see [`KernelPath`]); `false` is
+//! the portable form. The two paths differ in the last bits, each is deterministic.
+
+/// Which compiled form of the hot loops runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelPath {
+    /// Plain Rust, vectorised for the baseline target (SSE2 on x86-64), `a * b + c` in two
+    /// roundings. Runs everywhere.
+    Portable,
+    /// x86-64 with AVX2 and FMA: 256-bit vectors and fused multiply-adds.
+    Avx2Fma,
+}
+
+impl KernelPath {
+    /// The fastest path this CPU supports.
+    pub fn detect() -> Self {
+        if Self::Avx2Fma.is_supported() {
+            Self::Avx2Fma
+        } else {
+            Self::Portable
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2Fma => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Self::Avx2Fma => false,
+        }
+    }
+}
+
+/// `a * b + c`, in one rounding when `FMA`.
+#[inline(always)]
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
 
 use crate::element::Element;
 
@@ -20,16 +62,31 @@ pub(crate) const CHUNK: usize = 256;
 pub(crate) struct RowSums {
     /// `t = <u, v>`.
     pub dot: f32,
-    /// `||u||^2`, for the Frobenius norm (zero test, exact norm of vectors).
+    /// `||u||^2`: the zero test, the exact norm of vectors, and the non-finite test (a NaN or
+    /// infinite `u` makes it non-finite; so does an overflowing `u^2`, and then `w = U^T U v`
+    /// would overflow too).
     pub sum_sq: f32,
-    /// `Σ u * 0`: NaN exactly when some `u` is NaN or infinite, zero otherwise.
-    pub probe: f32,
 }
 
 /// Row access to a matrix `U` of `fan_in` columns, widened to `f32`.
 pub(crate) trait Rows: Sync {
     /// Writes `U[row, col_start .. col_start + out.len()]` into `out`.
-    fn load(&self, row: usize, col_start: usize, out: &mut [f32]);
+    fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]);
+
+    /// `U[row, col_start .. col_start + len]` as `f32`: computed into `buffer`, or, where `U`
+    /// is stored as `f32` already, a view of it (no copy).
+    #[inline(always)]
+    fn chunk<'a, const FMA: bool>(
+        &'a self,
+        row: usize,
+        col_start: usize,
+        len: usize,
+        buffer: &'a mut [f32; CHUNK],
+    ) -> &'a [f32] {
+        let out = &mut buffer[..len];
+        self.load::<FMA>(row, col_start, out);
+        out
+    }
 }
 
 /// A stored matrix: `U` is the matrix itself.
@@ -40,11 +97,30 @@ pub(crate) struct PlainRows<'a, T> {
 
 impl<T: Element> Rows for PlainRows<'_, T> {
     #[inline(always)]
-    fn load(&self, row: usize, col_start: usize, out: &mut [f32]) {
+    fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]) {
         let start = row * self.fan_in + col_start;
         let source = &self.data[start..start + out.len()];
         for (dst, &value) in out.iter_mut().zip(source) {
             *dst = value.to_f32();
+        }
+    }
+
+    #[inline(always)]
+    fn chunk<'a, const FMA: bool>(
+        &'a self,
+        row: usize,
+        col_start: usize,
+        len: usize,
+        buffer: &'a mut [f32; CHUNK],
+    ) -> &'a [f32] {
+        let start = row * self.fan_in + col_start;
+        match T::as_f32_slice(&self.data[start..start + len]) {
+            Some(stored) => stored,
+            None => {
+                let out = &mut buffer[..len];
+                self.load::<FMA>(row, col_start, out);
+                out
+            }
         }
     }
 }
@@ -64,10 +140,15 @@ pub(crate) struct MomentumRule {
 impl MomentumRule {
     /// `(M_new, U)` for one element.
     #[inline(always)]
-    pub fn apply<const NESTEROV: bool>(self, momentum: f32, grad: f32) -> (f32, f32) {
-        let new_momentum = self.beta * momentum + self.grad_coef * grad;
+    pub fn apply<const NESTEROV: bool, const FMA: bool>(
+        self,
+        momentum: f32,
+        grad: f32,
+    ) -> (f32, f32) {
+        let scaled_grad = self.grad_coef * grad;
+        let new_momentum = madd::<FMA>(self.beta, momentum, scaled_grad);
         let direction = if NESTEROV {
-            self.beta * new_momentum + self.grad_coef * grad
+            madd::<FMA>(self.beta, new_momentum, scaled_grad)
         } else {
             new_momentum
         };
@@ -85,23 +166,23 @@ pub(crate) struct DirectionRows<'a, T> {
 
 impl<T: Element> DirectionRows<'_, T> {
     #[inline(always)]
-    fn load_with<const NESTEROV: bool>(&self, start: usize, out: &mut [f32]) {
+    fn load_with<const NESTEROV: bool, const FMA: bool>(&self, start: usize, out: &mut [f32]) {
         let grads = &self.grads[start..start + out.len()];
         let momentum = &self.momentum[start..start + out.len()];
         for ((dst, &grad), &old) in out.iter_mut().zip(grads).zip(momentum) {
-            *dst = self.rule.apply::<NESTEROV>(old, grad.to_f32()).1;
+            *dst = self.rule.apply::<NESTEROV, FMA>(old, grad.to_f32()).1;
         }
     }
 }
 
 impl<T: Element> Rows for DirectionRows<'_, T> {
     #[inline(always)]
-    fn load(&self, row: usize, col_start: usize, out: &mut [f32]) {
+    fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]) {
         let start = row * self.fan_in + col_start;
         if self.rule.nesterov {
-            self.load_with::<true>(start, out);
+            self.load_with::<true, FMA>(start, out);
         } else {
-            self.load_with::<false>(start, out);
+            self.load_with::<false, FMA>(start, out);
         }
     }
 }
@@ -113,9 +194,23 @@ fn reduce_lanes(lanes: [f32; LANES]) -> f32 {
         + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
 }
 
-/// `(<u, v>, ||u||^2, Σ u*0)` for row `row` of `rows`; `v.len()` is `fan_in`.
-#[inline]
-pub(crate) fn row_sums<R: Rows>(
+/// `dot += u * v`, `sum_sq += u * u`, lane by lane.
+#[inline(always)]
+fn accumulate_lanes<const FMA: bool>(
+    dot: &mut [f32; LANES],
+    sum_sq: &mut [f32; LANES],
+    u: &[f32; LANES],
+    v: &[f32; LANES],
+) {
+    for lane in 0..LANES {
+        dot[lane] = madd::<FMA>(u[lane], v[lane], dot[lane]);
+        sum_sq[lane] = madd::<FMA>(u[lane], u[lane], sum_sq[lane]);
+    }
+}
+
+/// `(<u, v>, ||u||^2)` for row `row` of `rows`; `v.len()` is `fan_in`.
+#[inline(always)]
+pub(crate) fn row_sums<R: Rows, const FMA: bool>(
     rows: &R,
     row: usize,
     v: &[f32],
@@ -123,42 +218,33 @@ pub(crate) fn row_sums<R: Rows>(
 ) -> RowSums {
     let mut dot = [0.0f32; LANES];
     let mut sum_sq = [0.0f32; LANES];
-    let mut probe = [0.0f32; LANES];
     for (chunk_index, v_chunk) in v.chunks(CHUNK).enumerate() {
-        let u_chunk = &mut buffer[..v_chunk.len()];
-        rows.load(row, chunk_index * CHUNK, u_chunk);
-        let mut u_lanes = u_chunk.chunks_exact(LANES);
-        let mut v_lanes = v_chunk.chunks_exact(LANES);
-        for (u8, v8) in (&mut u_lanes).zip(&mut v_lanes) {
-            for lane in 0..LANES {
-                dot[lane] += u8[lane] * v8[lane];
-                sum_sq[lane] += u8[lane] * u8[lane];
-                probe[lane] += u8[lane] * 0.0;
-            }
+        let u_chunk = rows.chunk::<FMA>(row, chunk_index * CHUNK, v_chunk.len(), buffer);
+        let (u_lanes, u_tail) = u_chunk.as_chunks::<LANES>();
+        let (v_lanes, v_tail) = v_chunk.as_chunks::<LANES>();
+        for (u8, v8) in u_lanes.iter().zip(v_lanes) {
+            accumulate_lanes::<FMA>(&mut dot, &mut sum_sq, u8, v8);
         }
-        // A row's tail (< LANES elements) only occurs in its last chunk, and CHUNK is a
-        // multiple of LANES, so element k still lands in lane k % LANES.
-        for (lane, (&u, &vk)) in u_lanes
-            .remainder()
-            .iter()
-            .zip(v_lanes.remainder())
-            .enumerate()
-        {
-            dot[lane] += u * vk;
-            sum_sq[lane] += u * u;
-            probe[lane] += u * 0.0;
+        if !u_tail.is_empty() {
+            // A row's tail (< LANES elements) only occurs in its last chunk, and CHUNK is a
+            // multiple of LANES, so element k still lands in lane k % LANES. Zero padding adds
+            // 0 * 0 to the other lanes, which leaves them unchanged, and keeps every lane
+            // index static so that the accumulators stay in vector registers.
+            let (mut u_pad, mut v_pad) = ([0.0f32; LANES], [0.0f32; LANES]);
+            u_pad[..u_tail.len()].copy_from_slice(u_tail);
+            v_pad[..v_tail.len()].copy_from_slice(v_tail);
+            accumulate_lanes::<FMA>(&mut dot, &mut sum_sq, &u_pad, &v_pad);
         }
     }
     RowSums {
         dot: reduce_lanes(dot),
         sum_sq: reduce_lanes(sum_sq),
-        probe: reduce_lanes(probe),
     }
 }
 
 /// `partial += t * u` for row `row` of `rows` (SPEC 4 second half of the fused pass).
-#[inline]
-pub(crate) fn add_scaled_row<R: Rows>(
+#[inline(always)]
+pub(crate) fn add_scaled_row<R: Rows, const FMA: bool>(
     rows: &R,
     row: usize,
     t: f32,
@@ -166,10 +252,9 @@ pub(crate) fn add_scaled_row<R: Rows>(
     buffer: &mut [f32; CHUNK],
 ) {
     for (chunk_index, partial_chunk) in partial.chunks_mut(CHUNK).enumerate() {
-        let u_chunk = &mut buffer[..partial_chunk.len()];
-        rows.load(row, chunk_index * CHUNK, u_chunk);
-        for (acc, &u) in partial_chunk.iter_mut().zip(u_chunk.iter()) {
-            *acc += t * u;
+        let u_chunk = rows.chunk::<FMA>(row, chunk_index * CHUNK, partial_chunk.len(), buffer);
+        for (acc, &u) in partial_chunk.iter_mut().zip(u_chunk) {
+            *acc = madd::<FMA>(t, u, *acc);
         }
     }
 }

@@ -6,8 +6,8 @@ use std::borrow::{Borrow, BorrowMut};
 use rayon::prelude::*;
 
 use super::Cpu;
-use super::power::{Estimate, finish, fused_pass, split_lengths};
-use super::rows::{DirectionRows, MomentumRule};
+use super::power::{Estimate, finish, fused_pass, on_path, split_lengths};
+use super::rows::{DirectionRows, KernelPath, MomentumRule, madd};
 use crate::config::{MomentumKind, SpectralSgdConfig};
 use crate::element::Element;
 use crate::error::Result;
@@ -109,7 +109,15 @@ where
         updates.push(update);
         report.matrices.push(matrix_report);
     }
-    update_pass(layout, rule, &updates, weights, &grads, &mut cpu.momentum);
+    update_pass(
+        cpu.path,
+        layout,
+        rule,
+        &updates,
+        weights,
+        &grads,
+        &mut cpu.momentum,
+    );
     Ok(report)
 }
 
@@ -147,6 +155,7 @@ fn estimate_sigmas<T: Element>(
     }
     loop {
         fused_pass(
+            cpu.path,
             layout,
             &rows,
             &scratch.active,
@@ -193,6 +202,7 @@ fn estimate_sigmas<T: Element>(
 
 /// Pass B of SPEC 5 over the whole batch: `M <- M_new`, `W <- (1 - eta*lambda) W - (eta s / sigma) U`.
 fn update_pass<T, W>(
+    path: KernelPath,
     layout: &BatchLayout,
     rule: MomentumRule,
     updates: &[Update],
@@ -215,40 +225,76 @@ fn update_pass<T, W>(
                 .par_chunks_mut(UPDATE_CHUNK)
                 .zip(grads.par_chunks(UPDATE_CHUNK))
                 .zip(momentum.par_chunks_mut(UPDATE_CHUNK));
-            match (update, rule.nesterov) {
-                (Update::Skip, _) => {}
-                (Update::MomentumOnly, _) => {
-                    chunks.for_each(|((_, g), m)| store_momentum(rule, g, m))
-                }
-                (Update::Full { decay, coefficient }, false) => chunks.for_each(|((w, g), m)| {
-                    update_chunk::<T, false>(rule, decay, coefficient, w, g, m)
+            match update {
+                Update::Skip => {}
+                Update::MomentumOnly => chunks.for_each(|((_, g), m)| {
+                    on_path(
+                        path,
+                        m,
+                        |m| store_momentum::<T, false>(rule, g, m),
+                        |m| store_momentum::<T, true>(rule, g, m),
+                    )
                 }),
-                (Update::Full { decay, coefficient }, true) => chunks.for_each(|((w, g), m)| {
-                    update_chunk::<T, true>(rule, decay, coefficient, w, g, m)
+                Update::Full { decay, coefficient } => chunks.for_each(|((w, g), m)| {
+                    let step = Step {
+                        rule,
+                        decay,
+                        coefficient,
+                    };
+                    match rule.nesterov {
+                        false => on_path(
+                            path,
+                            (w, m),
+                            |(w, m)| update_chunk::<T, false, false>(step, w, g, m),
+                            |(w, m)| update_chunk::<T, false, true>(step, w, g, m),
+                        ),
+                        true => on_path(
+                            path,
+                            (w, m),
+                            |(w, m)| update_chunk::<T, true, false>(step, w, g, m),
+                            |(w, m)| update_chunk::<T, true, true>(step, w, g, m),
+                        ),
+                    }
                 }),
             }
         });
 }
 
-fn store_momentum<T: Element>(rule: MomentumRule, grads: &[T], momentum: &mut [f32]) {
+#[inline(always)]
+fn store_momentum<T: Element, const FMA: bool>(
+    rule: MomentumRule,
+    grads: &[T],
+    momentum: &mut [f32],
+) {
     for (m, &g) in momentum.iter_mut().zip(grads) {
-        *m = rule.apply::<false>(*m, g.to_f32()).0;
+        *m = rule.apply::<false, FMA>(*m, g.to_f32()).0;
     }
 }
 
-/// The element-wise body of pass B (SPEC 5).
-#[inline]
-fn update_chunk<T: Element, const NESTEROV: bool>(
+/// The coefficients of pass B for one matrix.
+#[derive(Clone, Copy)]
+struct Step {
     rule: MomentumRule,
     decay: f32,
     coefficient: f32,
+}
+
+/// The element-wise body of pass B (SPEC 5): `M <- M_new`,
+/// `W <- decay * W - coefficient * U`.
+#[inline(always)]
+fn update_chunk<T: Element, const NESTEROV: bool, const FMA: bool>(
+    step: Step,
     weights: &mut [T],
     grads: &[T],
     momentum: &mut [f32],
 ) {
     for ((w, &g), m) in weights.iter_mut().zip(grads).zip(momentum.iter_mut()) {
-        let (new_momentum, direction) = rule.apply::<NESTEROV>(*m, g.to_f32());
+        let (new_momentum, direction) = step.rule.apply::<NESTEROV, FMA>(*m, g.to_f32());
         *m = new_momentum;
-        *w = T::from_f32_rne(decay * w.to_f32() - coefficient * direction);
+        *w = T::from_f32_rne(madd::<FMA>(
+            step.decay,
+            w.to_f32(),
+            -step.coefficient * direction,
+        ));
     }
 }
