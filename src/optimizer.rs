@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::backend::{Backend, HostState};
 use crate::config::SpectralSgdConfig;
-use crate::cpu::Cpu;
+use crate::cpu::{Cpu, KernelPath};
 use crate::element::Element;
 use crate::error::Result;
 use crate::layout::{BatchLayout, MatrixShape};
@@ -66,6 +66,17 @@ impl SpectralSgd<Cpu> {
     /// Whether matrix `index`'s power vector is warm (next step uses `warm_iterations`).
     pub fn is_warm(&self, index: usize) -> bool {
         self.backend.is_warm(index)
+    }
+
+    /// The compiled form of the CPU loops in use (the fastest this CPU supports, by default).
+    pub fn kernel_path(&self) -> KernelPath {
+        self.backend.kernel_path()
+    }
+
+    /// Chooses the compiled form of the CPU loops; errors if this CPU cannot run it. The paths
+    /// differ in the last bits (fused multiply-adds round once), each is deterministic.
+    pub fn set_kernel_path(&mut self, path: KernelPath) -> Result<()> {
+        self.backend.set_kernel_path(path)
     }
 }
 

@@ -22,6 +22,14 @@ fn shapes() -> Vec<MatrixShape> {
 type Run<T> = (Vec<Vec<T>>, Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<StepReport>);
 
 fn run<T: Element>(threads: usize, config: SpectralSgdConfig) -> Run<T> {
+    run_on::<T>(spectral_step::cpu::KernelPath::detect(), threads, config)
+}
+
+fn run_on<T: Element>(
+    path: spectral_step::cpu::KernelPath,
+    threads: usize,
+    config: SpectralSgdConfig,
+) -> Run<T> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -29,6 +37,7 @@ fn run<T: Element>(threads: usize, config: SpectralSgdConfig) -> Run<T> {
     pool.install(|| {
         let shapes = shapes();
         let mut optimizer = SpectralSgd::new(&shapes, config).unwrap();
+        optimizer.set_kernel_path(path).unwrap();
         let mut weights: Vec<Vec<T>> = shapes
             .iter()
             .enumerate()
@@ -117,4 +126,22 @@ fn power_iteration_is_identical_for_any_thread_count() {
         .collect();
     assert_eq!(results[0], results[1]);
     assert_eq!(results[0], results[2]);
+}
+
+#[test]
+fn each_kernel_path_is_identical_across_thread_counts() {
+    for path in kernel_paths() {
+        let config = SpectralSgdConfig {
+            nesterov: true,
+            ..SpectralSgdConfig::default()
+        };
+        assert_identical(
+            &run_on::<f32>(path, 1, config),
+            &run_on::<f32>(path, 4, config),
+        );
+        assert_identical(
+            &run_on::<bf16>(path, 1, config),
+            &run_on::<bf16>(path, 3, config),
+        );
+    }
 }

@@ -38,7 +38,20 @@ fn check_against_reference<T: Element>(
     steps: u32,
     seed: u64,
 ) {
+    for path in kernel_paths() {
+        check_path_against_reference::<T>(path, shapes, config, steps, seed);
+    }
+}
+
+fn check_path_against_reference<T: Element>(
+    path: spectral_step::cpu::KernelPath,
+    shapes: &[MatrixShape],
+    config: SpectralSgdConfig,
+    steps: u32,
+    seed: u64,
+) {
     let mut optimizer = SpectralSgd::new(shapes, config).unwrap();
+    optimizer.set_kernel_path(path).unwrap();
     let mut weights: Vec<Vec<T>> = shapes
         .iter()
         .enumerate()
@@ -98,7 +111,7 @@ fn check_against_reference<T: Element>(
                 &params,
             );
             let context = format!(
-                "{:?} step {} matrix {j} ({}x{})",
+                "{path:?} {:?} step {} matrix {j} ({}x{})",
                 T::DTYPE,
                 step + 1,
                 shape.fan_out,

@@ -9,7 +9,9 @@
 
 use rayon::prelude::*;
 
-use super::rows::{CHUNK, KernelPath, PlainRows, Rows, add_scaled_row, row_sums};
+use super::rows::{
+    CHUNK, KernelPath, PlainRows, Rows, add_scaled_row, add_scaled_slice, row_sums, slice_sums,
+};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{BatchLayout, RowBlock};
@@ -89,43 +91,52 @@ pub(crate) fn fused_pass<R: Rows>(
         .zip(block_partials)
         .zip(sums.par_iter_mut())
         .filter(|((block, _), _)| active[block.matrix])
-        .for_each(|((block, partial), block_sums)| {
-            let (rows, v) = (
-                &rows[block.matrix],
-                &vectors[layout.matrix(block.matrix).vector_range()],
-            );
-            *block_sums = on_path(
-                path,
-                partial,
-                |partial| fused_block::<R, false>(rows, block, v, partial),
-                |partial| fused_block::<R, true>(rows, block, v, partial),
-            );
-        });
+        .for_each_init(
+            || vec![0.0f32; CACHE_TILE_ELEMENTS],
+            |tile, ((block, partial), block_sums)| {
+                let (rows, v) = (
+                    &rows[block.matrix],
+                    &vectors[layout.matrix(block.matrix).vector_range()],
+                );
+                *block_sums = on_path(
+                    path,
+                    FusedBlock {
+                        rows,
+                        block,
+                        v,
+                        partial,
+                        tile,
+                    },
+                );
+            },
+        );
 }
 
-/// Runs `portable(buffers)` or, on [`KernelPath::Avx2Fma`], `fused(buffers)` compiled with
-/// AVX2 and FMA enabled (the kernels are `#[inline(always)]`, so they are inlined into, and
-/// compiled for, the caller's target features). The mutable buffers travel as an argument so
-/// that both closures can name them.
+/// A hot loop with its arguments, runnable in either compiled form: `FMA = false` is the
+/// portable code, `FMA = true` the AVX2+FMA code. `run` must be `#[inline(always)]`, so that
+/// the `FMA = true` form is inlined into, and compiled for, [`on_path`]'s feature-enabled
+/// function rather than falling back to library calls for `mul_add`.
+pub(crate) trait Kernel {
+    type Output;
+    fn run<const FMA: bool>(self) -> Self::Output;
+}
+
+/// Runs `kernel` in the compiled form `path` names (the portable one when this CPU lacks the
+/// features).
 #[inline(always)]
-pub(crate) fn on_path<A, T>(
-    path: KernelPath,
-    buffers: A,
-    portable: impl FnOnce(A) -> T,
-    fused: impl FnOnce(A) -> T,
-) -> T {
+pub(crate) fn on_path<K: Kernel>(path: KernelPath, kernel: K) -> K::Output {
     match path {
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2Fma if path.is_supported() => {
             #[target_feature(enable = "avx2,fma")]
-            fn with_avx2_fma<A, T>(buffers: A, body: impl FnOnce(A) -> T) -> T {
-                body(buffers)
+            fn with_avx2_fma<K: Kernel>(kernel: K) -> K::Output {
+                kernel.run::<true>()
             }
             // SAFETY: the match guard has just confirmed that this CPU has AVX2 and FMA, which
             // is all that calling a function compiled for those features requires.
-            unsafe { with_avx2_fma(buffers, fused) }
+            unsafe { with_avx2_fma(kernel) }
         }
-        _ => portable(buffers),
+        _ => kernel.run::<false>(),
     }
 }
 
@@ -141,29 +152,74 @@ pub(crate) fn checked_path(path: KernelPath) -> Result<KernelPath> {
 }
 
 /// The fused pass over one block (SPEC 4): per cache tile, `t_i = <u_i, v>`, then
-/// `partial += Σ t_i u_i` re-reading the tile from cache.
+/// `partial += Σ t_i u_i` re-reading the tile from cache. Where forming `U` costs more than
+/// reading it back (the step's `U = f(G, M)`, see [`Rows::keep_tile`]), the first sweep keeps
+/// the tile's `U` in `tile` and the second sweep reads it; the arithmetic, and so the result,
+/// is the same either way.
+struct FusedBlock<'a, R> {
+    rows: &'a R,
+    block: &'a RowBlock,
+    v: &'a [f32],
+    partial: &'a mut [f32],
+    tile: &'a mut [f32],
+}
+
+impl<R: Rows> Kernel for FusedBlock<'_, R> {
+    type Output = BlockSums;
+    #[inline(always)]
+    fn run<const FMA: bool>(self) -> BlockSums {
+        let FusedBlock {
+            rows,
+            block,
+            v,
+            partial,
+            tile,
+        } = self;
+        fused_block::<R, FMA>(rows, block, v, partial, tile)
+    }
+}
+
 #[inline(always)]
 fn fused_block<R: Rows, const FMA: bool>(
     rows: &R,
     block: &RowBlock,
     v: &[f32],
     partial: &mut [f32],
+    tile: &mut [f32],
 ) -> BlockSums {
     partial.fill(0.0);
-    let tile_rows = (CACHE_TILE_ELEMENTS / v.len()).clamp(1, MAX_TILE_ROWS);
+    let fan_in = v.len();
+    let tile_rows = (CACHE_TILE_ELEMENTS / fan_in).clamp(1, MAX_TILE_ROWS);
+    let keep_tile = rows.keep_tile() && tile_rows * fan_in <= tile.len();
     let mut row_dots = [0.0f32; MAX_TILE_ROWS];
     let mut buffer = [0.0f32; CHUNK];
     let mut sums = BlockSums::default();
     let mut tile_start = block.row_start;
     while tile_start < block.row_end {
         let tile_end = (tile_start + tile_rows).min(block.row_end);
-        for (dot, row) in row_dots.iter_mut().zip(tile_start..tile_end) {
-            let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer);
-            *dot = row_sums.dot;
-            sums.sum_sq += row_sums.sum_sq;
-        }
-        for (&dot, row) in row_dots.iter().zip(tile_start..tile_end) {
-            add_scaled_row::<R, FMA>(rows, row, dot, partial, &mut buffer);
+        if keep_tile {
+            let rows_u = tile.chunks_exact_mut(fan_in);
+            for ((dot, row), u) in row_dots.iter_mut().zip(tile_start..tile_end).zip(rows_u) {
+                rows.load::<FMA>(row, 0, u);
+                let row_sums = slice_sums::<FMA>(u, v);
+                *dot = row_sums.dot;
+                sums.sum_sq += row_sums.sum_sq;
+            }
+            for (&dot, u) in row_dots[..tile_end - tile_start]
+                .iter()
+                .zip(tile.chunks_exact(fan_in))
+            {
+                add_scaled_slice::<FMA>(u, dot, partial);
+            }
+        } else {
+            for (dot, row) in row_dots.iter_mut().zip(tile_start..tile_end) {
+                let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer);
+                *dot = row_sums.dot;
+                sums.sum_sq += row_sums.sum_sq;
+            }
+            for (&dot, row) in row_dots.iter().zip(tile_start..tile_end) {
+                add_scaled_row::<R, FMA>(rows, row, dot, partial, &mut buffer);
+            }
         }
         tile_start = tile_end;
     }
@@ -407,9 +463,12 @@ impl BatchPowerIteration {
                 );
                 *block_sums = on_path(
                     path,
-                    products,
-                    |products| row_products::<_, false>(rows, block, v, products),
-                    |products| row_products::<_, true>(rows, block, v, products),
+                    RowProducts {
+                        rows,
+                        block,
+                        v,
+                        products,
+                    },
                 );
             });
         // Pass 2: w = U^T p, as per-block partials.
@@ -429,9 +488,12 @@ impl BatchPowerIteration {
                 let rows = &rows[block.matrix];
                 on_path(
                     path,
-                    partial,
-                    |partial| transposed_product::<_, false>(rows, block, products, partial),
-                    |partial| transposed_product::<_, true>(rows, block, products, partial),
+                    TransposedProduct {
+                        rows,
+                        block,
+                        products,
+                        partial,
+                    },
                 );
             });
         let mut estimates = vec![Estimate::Zero; layout.len()];
@@ -448,6 +510,27 @@ impl BatchPowerIteration {
 }
 
 /// Two-matvec pass 1 over a block: `products[i] = <u_i, v>`.
+struct RowProducts<'a, R> {
+    rows: &'a R,
+    block: &'a RowBlock,
+    v: &'a [f32],
+    products: &'a mut [f32],
+}
+
+impl<R: Rows> Kernel for RowProducts<'_, R> {
+    type Output = BlockSums;
+    #[inline(always)]
+    fn run<const FMA: bool>(self) -> BlockSums {
+        let RowProducts {
+            rows,
+            block,
+            v,
+            products,
+        } = self;
+        row_products::<R, FMA>(rows, block, v, products)
+    }
+}
+
 #[inline(always)]
 fn row_products<R: Rows, const FMA: bool>(
     rows: &R,
@@ -466,6 +549,27 @@ fn row_products<R: Rows, const FMA: bool>(
 }
 
 /// Two-matvec pass 2 over a block: `partial = Σ_i products[i] u_i`.
+struct TransposedProduct<'a, R> {
+    rows: &'a R,
+    block: &'a RowBlock,
+    products: &'a [f32],
+    partial: &'a mut [f32],
+}
+
+impl<R: Rows> Kernel for TransposedProduct<'_, R> {
+    type Output = ();
+    #[inline(always)]
+    fn run<const FMA: bool>(self) {
+        let TransposedProduct {
+            rows,
+            block,
+            products,
+            partial,
+        } = self;
+        transposed_product::<R, FMA>(rows, block, products, partial)
+    }
+}
+
 #[inline(always)]
 fn transposed_product<R: Rows, const FMA: bool>(
     rows: &R,
@@ -477,5 +581,77 @@ fn transposed_product<R: Rows, const FMA: bool>(
     partial.fill(0.0);
     for (&product, row) in products.iter().zip(block.row_start..block.row_end) {
         add_scaled_row::<R, FMA>(rows, row, product, partial, &mut buffer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::rows::{DirectionRows, MomentumRule};
+
+    /// Keeping the tile between the sweeps is a memory-traffic choice only: both forms must
+    /// give the same bits, on every kernel path.
+    #[test]
+    fn kept_tile_and_recomputed_tile_agree_bit_for_bit() {
+        let (fan_out, fan_in) = (70, 301);
+        let mut grads = vec![0.0f32; fan_out * fan_in];
+        let mut momentum = vec![0.0f32; fan_out * fan_in];
+        let mut v = vec![0.0f32; fan_in];
+        crate::random::fill_gaussian(1, 0, &mut grads);
+        crate::random::fill_gaussian(1, 1, &mut momentum);
+        crate::random::fill_unit_vector(1, 2, &mut v);
+        let block = RowBlock {
+            matrix: 0,
+            row_start: 3,
+            row_end: 67,
+            partial_offset: 0,
+        };
+        for nesterov in [false, true] {
+            let rows = DirectionRows {
+                grads: &grads[..],
+                momentum: &momentum,
+                fan_in,
+                rule: MomentumRule {
+                    beta: 0.9,
+                    grad_coef: 1.0,
+                    nesterov,
+                },
+            };
+            for path in [KernelPath::Portable, KernelPath::Avx2Fma]
+                .into_iter()
+                .filter(|p| p.is_supported())
+            {
+                let mut kept = vec![0.0f32; fan_in];
+                let mut tile = vec![0.0f32; CACHE_TILE_ELEMENTS];
+                let kept_sums = on_path(
+                    path,
+                    FusedBlock {
+                        rows: &rows,
+                        block: &block,
+                        v: &v,
+                        partial: &mut kept,
+                        tile: &mut tile,
+                    },
+                );
+                let mut recomputed = vec![0.0f32; fan_in];
+                let recomputed_sums = on_path(
+                    path,
+                    FusedBlock {
+                        rows: &rows,
+                        block: &block,
+                        v: &v,
+                        partial: &mut recomputed,
+                        tile: &mut [],
+                    },
+                );
+                assert_eq!(kept_sums, recomputed_sums, "{path:?}");
+                assert_eq!(
+                    kept.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    recomputed.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "{path:?} nesterov={nesterov}"
+                );
+                assert!(kept.iter().any(|&x| x != 0.0));
+            }
+        }
     }
 }

@@ -73,6 +73,12 @@ pub(crate) trait Rows: Sync {
     /// Writes `U[row, col_start .. col_start + out.len()]` into `out`.
     fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]);
 
+    /// Whether the fused pass should keep each tile's `U` as `f32` between its two sweeps
+    /// rather than form it again. Measured on the GPT-2-small bench: worth it when `U` comes
+    /// from `G` and `M` (two streams and the momentum rule), not for a stored matrix (an `f32`
+    /// one is read in place; re-widening 16-bit data beats re-reading 32-bit data).
+    fn keep_tile(&self) -> bool;
+
     /// `U[row, col_start .. col_start + len]` as `f32`: computed into `buffer`, or, where `U`
     /// is stored as `f32` already, a view of it (no copy).
     #[inline(always)]
@@ -96,6 +102,10 @@ pub(crate) struct PlainRows<'a, T> {
 }
 
 impl<T: Element> Rows for PlainRows<'_, T> {
+    fn keep_tile(&self) -> bool {
+        false
+    }
+
     #[inline(always)]
     fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]) {
         let start = row * self.fan_in + col_start;
@@ -176,6 +186,10 @@ impl<T: Element> DirectionRows<'_, T> {
 }
 
 impl<T: Element> Rows for DirectionRows<'_, T> {
+    fn keep_tile(&self) -> bool {
+        true
+    }
+
     #[inline(always)]
     fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]) {
         let start = row * self.fan_in + col_start;
@@ -202,9 +216,74 @@ fn accumulate_lanes<const FMA: bool>(
     u: &[f32; LANES],
     v: &[f32; LANES],
 ) {
-    for lane in 0..LANES {
-        dot[lane] = madd::<FMA>(u[lane], v[lane], dot[lane]);
-        sum_sq[lane] = madd::<FMA>(u[lane], u[lane], sum_sq[lane]);
+    *dot = std::array::from_fn(|lane| madd::<FMA>(u[lane], v[lane], dot[lane]));
+    *sum_sq = std::array::from_fn(|lane| madd::<FMA>(u[lane], u[lane], sum_sq[lane]));
+}
+
+/// [`accumulate_lanes`] over whole runs of lanes. LLVM does not turn the eight scalar lanes
+/// into one 256-bit register here, so the AVX2 path states it with intrinsics; each lane still
+/// computes `fma(u, v, acc)`, exactly as the scalar form.
+#[inline(always)]
+fn accumulate_rows<const FMA: bool>(
+    dot: &mut [f32; LANES],
+    sum_sq: &mut [f32; LANES],
+    u: &[[f32; LANES]],
+    v: &[[f32; LANES]],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch (the only
+        // place that instantiates it), which has checked that the CPU has both features:
+        // the one requirement of calling `accumulate_avx2_fma`.
+        unsafe { accumulate_avx2_fma(dot, sum_sq, u, v) };
+        return;
+    }
+    for (u8, v8) in u.iter().zip(v) {
+        accumulate_lanes::<FMA>(dot, sum_sq, u8, v8);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn accumulate_avx2_fma(
+    dot: &mut [f32; LANES],
+    sum_sq: &mut [f32; LANES],
+    u: &[[f32; LANES]],
+    v: &[[f32; LANES]],
+) {
+    use std::arch::x86_64::{__m256, _mm256_fmadd_ps};
+    let mut dot_lanes: __m256 = bytemuck::cast(*dot);
+    let mut sum_sq_lanes: __m256 = bytemuck::cast(*sum_sq);
+    for (u8, v8) in u.iter().zip(v) {
+        let (u8, v8): (__m256, __m256) = (bytemuck::cast(*u8), bytemuck::cast(*v8));
+        dot_lanes = _mm256_fmadd_ps(u8, v8, dot_lanes);
+        sum_sq_lanes = _mm256_fmadd_ps(u8, u8, sum_sq_lanes);
+    }
+    *dot = bytemuck::cast(dot_lanes);
+    *sum_sq = bytemuck::cast(sum_sq_lanes);
+}
+
+/// Adds one chunk (at most [`CHUNK`] elements, starting at a multiple of [`CHUNK`] in the
+/// row) to the lane sums: element `k` of the row lands in lane `k % LANES`.
+#[inline(always)]
+fn accumulate_chunk<const FMA: bool>(
+    dot: &mut [f32; LANES],
+    sum_sq: &mut [f32; LANES],
+    u_chunk: &[f32],
+    v_chunk: &[f32],
+) {
+    let (u_lanes, u_tail) = u_chunk.as_chunks::<LANES>();
+    let (v_lanes, v_tail) = v_chunk.as_chunks::<LANES>();
+    accumulate_rows::<FMA>(dot, sum_sq, u_lanes, v_lanes);
+    if !u_tail.is_empty() {
+        // A row's tail (< LANES elements) only occurs in its last chunk, and CHUNK is a
+        // multiple of LANES, so element k still lands in lane k % LANES. Zero padding adds
+        // 0 * 0 to the other lanes, which leaves them unchanged, and keeps every lane index
+        // static so that the accumulators stay in vector registers.
+        let (mut u_pad, mut v_pad) = ([0.0f32; LANES], [0.0f32; LANES]);
+        u_pad[..u_tail.len()].copy_from_slice(u_tail);
+        v_pad[..v_tail.len()].copy_from_slice(v_tail);
+        accumulate_lanes::<FMA>(dot, sum_sq, &u_pad, &v_pad);
     }
 }
 
@@ -216,29 +295,35 @@ pub(crate) fn row_sums<R: Rows, const FMA: bool>(
     v: &[f32],
     buffer: &mut [f32; CHUNK],
 ) -> RowSums {
-    let mut dot = [0.0f32; LANES];
-    let mut sum_sq = [0.0f32; LANES];
+    let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
     for (chunk_index, v_chunk) in v.chunks(CHUNK).enumerate() {
         let u_chunk = rows.chunk::<FMA>(row, chunk_index * CHUNK, v_chunk.len(), buffer);
-        let (u_lanes, u_tail) = u_chunk.as_chunks::<LANES>();
-        let (v_lanes, v_tail) = v_chunk.as_chunks::<LANES>();
-        for (u8, v8) in u_lanes.iter().zip(v_lanes) {
-            accumulate_lanes::<FMA>(&mut dot, &mut sum_sq, u8, v8);
-        }
-        if !u_tail.is_empty() {
-            // A row's tail (< LANES elements) only occurs in its last chunk, and CHUNK is a
-            // multiple of LANES, so element k still lands in lane k % LANES. Zero padding adds
-            // 0 * 0 to the other lanes, which leaves them unchanged, and keeps every lane
-            // index static so that the accumulators stay in vector registers.
-            let (mut u_pad, mut v_pad) = ([0.0f32; LANES], [0.0f32; LANES]);
-            u_pad[..u_tail.len()].copy_from_slice(u_tail);
-            v_pad[..v_tail.len()].copy_from_slice(v_tail);
-            accumulate_lanes::<FMA>(&mut dot, &mut sum_sq, &u_pad, &v_pad);
-        }
+        accumulate_chunk::<FMA>(&mut dot, &mut sum_sq, u_chunk, v_chunk);
     }
     RowSums {
         dot: reduce_lanes(dot),
         sum_sq: reduce_lanes(sum_sq),
+    }
+}
+
+/// [`row_sums`] of a row already widened to `f32`; bitwise the same result.
+#[inline(always)]
+pub(crate) fn slice_sums<const FMA: bool>(u: &[f32], v: &[f32]) -> RowSums {
+    let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
+    for (u_chunk, v_chunk) in u.chunks(CHUNK).zip(v.chunks(CHUNK)) {
+        accumulate_chunk::<FMA>(&mut dot, &mut sum_sq, u_chunk, v_chunk);
+    }
+    RowSums {
+        dot: reduce_lanes(dot),
+        sum_sq: reduce_lanes(sum_sq),
+    }
+}
+
+/// `partial += t * u` for a row already widened to `f32`.
+#[inline(always)]
+pub(crate) fn add_scaled_slice<const FMA: bool>(u: &[f32], t: f32, partial: &mut [f32]) {
+    for (acc, &value) in partial.iter_mut().zip(u) {
+        *acc = madd::<FMA>(t, value, *acc);
     }
 }
 
@@ -253,8 +338,6 @@ pub(crate) fn add_scaled_row<R: Rows, const FMA: bool>(
 ) {
     for (chunk_index, partial_chunk) in partial.chunks_mut(CHUNK).enumerate() {
         let u_chunk = rows.chunk::<FMA>(row, chunk_index * CHUNK, partial_chunk.len(), buffer);
-        for (acc, &u) in partial_chunk.iter_mut().zip(u_chunk) {
-            *acc = madd::<FMA>(t, u, *acc);
-        }
+        add_scaled_slice::<FMA>(u_chunk, t, partial_chunk);
     }
 }

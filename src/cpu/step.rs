@@ -6,7 +6,7 @@ use std::borrow::{Borrow, BorrowMut};
 use rayon::prelude::*;
 
 use super::Cpu;
-use super::power::{Estimate, finish, fused_pass, on_path, split_lengths};
+use super::power::{Estimate, Kernel, finish, fused_pass, on_path, split_lengths};
 use super::rows::{DirectionRows, KernelPath, MomentumRule, madd};
 use crate::config::{MomentumKind, SpectralSgdConfig};
 use crate::element::Element;
@@ -227,74 +227,87 @@ fn update_pass<T, W>(
                 .zip(momentum.par_chunks_mut(UPDATE_CHUNK));
             match update {
                 Update::Skip => {}
-                Update::MomentumOnly => chunks.for_each(|((_, g), m)| {
+                Update::MomentumOnly => chunks.for_each(|((_, grads), momentum)| {
                     on_path(
                         path,
-                        m,
-                        |m| store_momentum::<T, false>(rule, g, m),
-                        |m| store_momentum::<T, true>(rule, g, m),
+                        StoreMomentum {
+                            rule,
+                            grads,
+                            momentum,
+                        },
                     )
                 }),
-                Update::Full { decay, coefficient } => chunks.for_each(|((w, g), m)| {
-                    let step = Step {
-                        rule,
-                        decay,
-                        coefficient,
-                    };
-                    match rule.nesterov {
-                        false => on_path(
-                            path,
-                            (w, m),
-                            |(w, m)| update_chunk::<T, false, false>(step, w, g, m),
-                            |(w, m)| update_chunk::<T, false, true>(step, w, g, m),
-                        ),
-                        true => on_path(
-                            path,
-                            (w, m),
-                            |(w, m)| update_chunk::<T, true, false>(step, w, g, m),
-                            |(w, m)| update_chunk::<T, true, true>(step, w, g, m),
-                        ),
-                    }
-                }),
+                Update::Full { decay, coefficient } => {
+                    chunks.for_each(|((weights, grads), momentum)| {
+                        let step = Step {
+                            rule,
+                            decay,
+                            coefficient,
+                            weights,
+                            grads,
+                            momentum,
+                        };
+                        on_path(path, step)
+                    })
+                }
             }
         });
 }
 
-#[inline(always)]
-fn store_momentum<T: Element, const FMA: bool>(
+/// `M <- M_new` only (a zero update direction).
+struct StoreMomentum<'a, T> {
     rule: MomentumRule,
-    grads: &[T],
-    momentum: &mut [f32],
-) {
-    for (m, &g) in momentum.iter_mut().zip(grads) {
-        *m = rule.apply::<false, FMA>(*m, g.to_f32()).0;
+    grads: &'a [T],
+    momentum: &'a mut [f32],
+}
+
+impl<T: Element> Kernel for StoreMomentum<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<const FMA: bool>(self) {
+        for (m, &g) in self.momentum.iter_mut().zip(self.grads) {
+            *m = self.rule.apply::<false, FMA>(*m, g.to_f32()).0;
+        }
     }
 }
 
-/// The coefficients of pass B for one matrix.
-#[derive(Clone, Copy)]
-struct Step {
+/// Pass B over one chunk of one matrix.
+struct Step<'a, T> {
     rule: MomentumRule,
     decay: f32,
     coefficient: f32,
+    weights: &'a mut [T],
+    grads: &'a [T],
+    momentum: &'a mut [f32],
+}
+
+impl<T: Element> Kernel for Step<'_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn run<const FMA: bool>(self) {
+        if self.rule.nesterov {
+            update_chunk::<T, true, FMA>(self)
+        } else {
+            update_chunk::<T, false, FMA>(self)
+        }
+    }
 }
 
 /// The element-wise body of pass B (SPEC 5): `M <- M_new`,
 /// `W <- decay * W - coefficient * U`.
 #[inline(always)]
-fn update_chunk<T: Element, const NESTEROV: bool, const FMA: bool>(
-    step: Step,
-    weights: &mut [T],
-    grads: &[T],
-    momentum: &mut [f32],
-) {
+fn update_chunk<T: Element, const NESTEROV: bool, const FMA: bool>(step: Step<'_, T>) {
+    let Step {
+        rule,
+        decay,
+        coefficient,
+        weights,
+        grads,
+        momentum,
+    } = step;
     for ((w, &g), m) in weights.iter_mut().zip(grads).zip(momentum.iter_mut()) {
-        let (new_momentum, direction) = step.rule.apply::<NESTEROV, FMA>(*m, g.to_f32());
+        let (new_momentum, direction) = rule.apply::<NESTEROV, FMA>(*m, g.to_f32());
         *m = new_momentum;
-        *w = T::from_f32_rne(madd::<FMA>(
-            step.decay,
-            w.to_f32(),
-            -step.coefficient * direction,
-        ));
+        *w = T::from_f32_rne(madd::<FMA>(decay, w.to_f32(), -coefficient * direction));
     }
 }

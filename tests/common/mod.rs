@@ -70,3 +70,19 @@ pub fn assert_close(what: &str, actual: f64, expected: f64, tolerance: f64) {
 pub fn bits<T: Element>(values: &[T]) -> Vec<u8> {
     bytemuck::cast_slice(values).to_vec()
 }
+
+/// The kernel paths this CPU can run. A path it cannot run is named on stderr, so that a
+/// reduced run is visible in the test log rather than silently passing.
+pub fn kernel_paths() -> Vec<spectral_step::cpu::KernelPath> {
+    use spectral_step::cpu::KernelPath;
+    [KernelPath::Portable, KernelPath::Avx2Fma]
+        .into_iter()
+        .filter(|path| {
+            let supported = path.is_supported();
+            if !supported {
+                eprintln!("NOT RUN: kernel path {path:?} (this CPU does not support it)");
+            }
+            supported
+        })
+        .collect()
+}
