@@ -327,6 +327,78 @@ pub(crate) fn add_scaled_slice<const FMA: bool>(u: &[f32], t: f32, partial: &mut
     }
 }
 
+/// Rows added per sweep over a partial in [`add_scaled_rows`].
+pub(crate) const ROW_GROUP: usize = 4;
+
+/// `partial += t[0] u[0] + t[1] u[1] + ...`, element by element in row order: the same
+/// roundings as one [`add_scaled_slice`] per row, with `partial` loaded and stored once per
+/// group instead of once per row.
+#[inline(always)]
+pub(crate) fn add_scaled_group<const FMA: bool>(
+    u: [&[f32]; ROW_GROUP],
+    t: [f32; ROW_GROUP],
+    partial: &mut [f32],
+) {
+    let [u0, u1, u2, u3] = u;
+    for ((((acc, &x0), &x1), &x2), &x3) in partial.iter_mut().zip(u0).zip(u1).zip(u2).zip(u3) {
+        *acc = madd::<FMA>(
+            t[3],
+            x3,
+            madd::<FMA>(t[2], x2, madd::<FMA>(t[1], x1, madd::<FMA>(t[0], x0, *acc))),
+        );
+    }
+}
+
+/// `partial += Σ_i dots[i] u_{first_row + i}` over consecutive rows of `rows`, in row order.
+#[inline(always)]
+pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
+    rows: &R,
+    first_row: usize,
+    dots: &[f32],
+    partial: &mut [f32],
+    buffers: &mut [[f32; CHUNK]; ROW_GROUP],
+) {
+    let (groups, rest) = dots.as_chunks::<ROW_GROUP>();
+    for (group_index, &t) in groups.iter().enumerate() {
+        let row = first_row + group_index * ROW_GROUP;
+        for (chunk_index, partial_chunk) in partial.chunks_mut(CHUNK).enumerate() {
+            let (start, len) = (chunk_index * CHUNK, partial_chunk.len());
+            let [b0, b1, b2, b3] = &mut *buffers;
+            let u = [
+                rows.chunk::<FMA>(row, start, len, b0),
+                rows.chunk::<FMA>(row + 1, start, len, b1),
+                rows.chunk::<FMA>(row + 2, start, len, b2),
+                rows.chunk::<FMA>(row + 3, start, len, b3),
+            ];
+            add_scaled_group::<FMA>(u, t, partial_chunk);
+        }
+    }
+    let first_rest = first_row + groups.len() * ROW_GROUP;
+    for (offset, &t) in rest.iter().enumerate() {
+        add_scaled_row::<R, FMA>(rows, first_rest + offset, t, partial, &mut buffers[0]);
+    }
+}
+
+/// [`add_scaled_rows`] for rows already widened to `f32`, stored back to back in `tile`.
+#[inline(always)]
+pub(crate) fn add_scaled_tile<const FMA: bool>(
+    tile: &[f32],
+    fan_in: usize,
+    dots: &[f32],
+    partial: &mut [f32],
+) {
+    let (groups, rest) = dots.as_chunks::<ROW_GROUP>();
+    let mut rows = tile.chunks_exact(fan_in);
+    for &t in groups {
+        let mut next = || rows.next().unwrap_or_default();
+        let u = [next(), next(), next(), next()];
+        add_scaled_group::<FMA>(u, t, partial);
+    }
+    for (&t, u) in rest.iter().zip(rows) {
+        add_scaled_slice::<FMA>(u, t, partial);
+    }
+}
+
 /// `partial += t * u` for row `row` of `rows` (SPEC 4 second half of the fused pass).
 #[inline(always)]
 pub(crate) fn add_scaled_row<R: Rows, const FMA: bool>(
