@@ -65,6 +65,13 @@ pub trait Element:
         let _ = values;
         None
     }
+    /// The raw bits when the element type is `bf16` (so SIMD code can widen in registers),
+    /// `None` otherwise.
+    #[inline(always)]
+    fn as_bf16_bits(values: &[Self]) -> Option<&[u16]> {
+        let _ = values;
+        None
+    }
 }
 
 impl Element for f32 {
@@ -97,6 +104,10 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const DTYPE: Dtype = Dtype::Bf16;
+    #[inline(always)]
+    fn as_bf16_bits(values: &[Self]) -> Option<&[u16]> {
+        Some(bytemuck::cast_slice(values))
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         // A bf16 is the upper 16 bits of an f32, so widening is a shift (exact, NaN payloads kept).

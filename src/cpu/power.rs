@@ -586,6 +586,129 @@ fn transposed_product<R: Rows, const FMA: bool>(
 mod tests {
     use super::*;
     use crate::cpu::rows::{DirectionRows, MomentumRule};
+    use half::bf16;
+
+    /// A stored matrix seen only through the generic row interface (no bf16 shortcut).
+    struct Generic<'a>(PlainRows<'a, bf16>);
+
+    impl Rows for Generic<'_> {
+        fn keep_tile(&self) -> bool {
+            false
+        }
+        fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]) {
+            self.0.load::<FMA>(row, col_start, out)
+        }
+    }
+
+    /// The AVX2 path widens stored bf16 rows in registers; it must give the same bits as
+    /// widening through the buffer, in the fused and the two-matvec forms alike.
+    #[test]
+    fn bf16_in_register_widening_matches_the_buffered_path() {
+        if !KernelPath::Avx2Fma.is_supported() {
+            eprintln!("NOT RUN: bf16 in-register widening needs AVX2 and FMA");
+            return;
+        }
+        let (fan_out, fan_in) = (45, 517);
+        let mut values = vec![0.0f32; fan_out * fan_in];
+        crate::random::fill_gaussian(3, 0, &mut values);
+        let data: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut v = vec![0.0f32; fan_in];
+        crate::random::fill_unit_vector(3, 1, &mut v);
+        let block = RowBlock {
+            matrix: 0,
+            row_start: 2,
+            row_end: 43,
+            partial_offset: 0,
+        };
+        let stored = PlainRows {
+            data: &data[..],
+            fan_in,
+        };
+        let generic = Generic(PlainRows {
+            data: &data[..],
+            fan_in,
+        });
+        let path = KernelPath::Avx2Fma;
+        let run_fused = |rows: &dyn Fn(&mut [f32]) -> BlockSums| {
+            let mut partial = vec![0.0f32; fan_in];
+            let sums = rows(&mut partial);
+            (
+                sums,
+                partial.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            )
+        };
+        let fast = run_fused(&|partial| {
+            on_path(
+                path,
+                FusedBlock {
+                    rows: &stored,
+                    block: &block,
+                    v: &v,
+                    partial,
+                    tile: &mut [],
+                },
+            )
+        });
+        let slow = run_fused(&|partial| {
+            on_path(
+                path,
+                FusedBlock {
+                    rows: &generic,
+                    block: &block,
+                    v: &v,
+                    partial,
+                    tile: &mut [],
+                },
+            )
+        });
+        assert_eq!(fast, slow);
+        let mut products = vec![0.0f32; 41];
+        let fast_sums = on_path(
+            path,
+            RowProducts {
+                rows: &stored,
+                block: &block,
+                v: &v,
+                products: &mut products,
+            },
+        );
+        let mut generic_products = vec![0.0f32; 41];
+        let slow_sums = on_path(
+            path,
+            RowProducts {
+                rows: &generic,
+                block: &block,
+                v: &v,
+                products: &mut generic_products,
+            },
+        );
+        assert_eq!((fast_sums, &products), (slow_sums, &generic_products));
+        let (mut fast_w, mut slow_w) = (vec![0.0f32; fan_in], vec![0.0f32; fan_in]);
+        on_path(
+            path,
+            TransposedProduct {
+                rows: &stored,
+                block: &block,
+                products: &products,
+                partial: &mut fast_w,
+            },
+        );
+        on_path(
+            path,
+            TransposedProduct {
+                rows: &generic,
+                block: &block,
+                products: &products,
+                partial: &mut slow_w,
+            },
+        );
+        assert_eq!(fast_w, slow_w);
+        assert_eq!(
+            fast.1,
+            fast_w.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "fused and two-matvec differ"
+        );
+    }
 
     /// Keeping the tile between the sweeps is a memory-traffic choice only: both forms must
     /// give the same bits, on every kernel path.

@@ -79,6 +79,14 @@ pub(crate) trait Rows: Sync {
     /// one is read in place; re-widening 16-bit data beats re-reading 32-bit data).
     fn keep_tile(&self) -> bool;
 
+    /// Row `row` as raw bf16 bits when `U` is a stored bf16 matrix (the AVX2 path widens
+    /// those in registers), `None` otherwise.
+    #[inline(always)]
+    fn stored_bf16(&self, row: usize) -> Option<&[u16]> {
+        let _ = row;
+        None
+    }
+
     /// `U[row, col_start .. col_start + len]` as `f32`: computed into `buffer`, or, where `U`
     /// is stored as `f32` already, a view of it (no copy).
     #[inline(always)]
@@ -104,6 +112,12 @@ pub(crate) struct PlainRows<'a, T> {
 impl<T: Element> Rows for PlainRows<'_, T> {
     fn keep_tile(&self) -> bool {
         false
+    }
+
+    #[inline(always)]
+    fn stored_bf16(&self, row: usize) -> Option<&[u16]> {
+        let start = row * self.fan_in;
+        T::as_bf16_bits(&self.data[start..start + self.fan_in])
     }
 
     #[inline(always)]
@@ -287,6 +301,88 @@ fn accumulate_chunk<const FMA: bool>(
     }
 }
 
+/// Eight bf16 values widened to `f32` in a register: exact, as [`Element::to_f32`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn widen_bf16(bits: &[u16; LANES]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::{
+        __m128i, _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_slli_epi32,
+    };
+    let packed: __m128i = bytemuck::cast(*bits);
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(packed)))
+}
+
+/// [`accumulate_chunk`] over a whole stored bf16 row, widening in registers: the same lanes,
+/// the same `fma` per lane, the same zero-padded tail, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn bf16_sums_avx2_fma(dot: &mut [f32; LANES], sum_sq: &mut [f32; LANES], bits: &[u16], v: &[f32]) {
+    use std::arch::x86_64::{__m256, _mm256_fmadd_ps};
+    let (u_lanes, u_tail) = bits.as_chunks::<LANES>();
+    let (v_lanes, v_tail) = v.as_chunks::<LANES>();
+    let mut dot_lanes: __m256 = bytemuck::cast(*dot);
+    let mut sum_sq_lanes: __m256 = bytemuck::cast(*sum_sq);
+    for (u8, v8) in u_lanes.iter().zip(v_lanes) {
+        let (u8, v8): (__m256, __m256) = (widen_bf16(u8), bytemuck::cast(*v8));
+        dot_lanes = _mm256_fmadd_ps(u8, v8, dot_lanes);
+        sum_sq_lanes = _mm256_fmadd_ps(u8, u8, sum_sq_lanes);
+    }
+    *dot = bytemuck::cast(dot_lanes);
+    *sum_sq = bytemuck::cast(sum_sq_lanes);
+    if !u_tail.is_empty() {
+        let (mut u_pad, mut v_pad) = ([0.0f32; LANES], [0.0f32; LANES]);
+        for (dst, &b) in u_pad.iter_mut().zip(u_tail) {
+            *dst = f32::from_bits(u32::from(b) << 16);
+        }
+        v_pad[..v_tail.len()].copy_from_slice(v_tail);
+        accumulate_lanes::<true>(dot, sum_sq, &u_pad, &v_pad);
+    }
+}
+
+/// [`add_scaled_slice`] for a stored bf16 row, widening in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn bf16_add_row_avx2_fma(u: &[u16], t: f32, partial: &mut [f32]) {
+    use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_set1_ps};
+    let (partial_lanes, partial_tail) = partial.as_chunks_mut::<LANES>();
+    let (u_lanes, u_tail) = u.as_chunks::<LANES>();
+    let scale = _mm256_set1_ps(t);
+    for (acc, u8) in partial_lanes.iter_mut().zip(u_lanes) {
+        let lanes: __m256 = bytemuck::cast(*acc);
+        *acc = bytemuck::cast(_mm256_fmadd_ps(scale, widen_bf16(u8), lanes));
+    }
+    debug_assert_eq!(u_tail.len(), partial_tail.len());
+    for (acc, &bits) in partial_tail.iter_mut().zip(u_tail) {
+        *acc = t.mul_add(f32::from_bits(u32::from(bits) << 16), *acc);
+    }
+}
+
+/// [`add_scaled_group`] for four stored bf16 rows, widening in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn bf16_add_group_avx2_fma(u: [&[u16]; ROW_GROUP], t: [f32; ROW_GROUP], partial: &mut [f32]) {
+    use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_set1_ps};
+    let tail_start = partial.len() / LANES * LANES;
+    let (partial_lanes, partial_tail) = partial.as_chunks_mut::<LANES>();
+    let rows = u.map(|row| row.as_chunks::<LANES>());
+    let scale = t.map(|t| _mm256_set1_ps(t));
+    for (index, acc) in partial_lanes.iter_mut().enumerate() {
+        let mut lanes: __m256 = bytemuck::cast(*acc);
+        for (row, &t) in rows.iter().zip(&scale) {
+            lanes = _mm256_fmadd_ps(t, widen_bf16(&row.0[index]), lanes);
+        }
+        *acc = bytemuck::cast(lanes);
+    }
+    for (offset, acc) in partial_tail.iter_mut().enumerate() {
+        for (row, &t) in u.iter().zip(&t) {
+            *acc = t.mul_add(
+                f32::from_bits(u32::from(row[tail_start + offset]) << 16),
+                *acc,
+            );
+        }
+    }
+}
+
 /// `(<u, v>, ||u||^2)` for row `row` of `rows`; `v.len()` is `fan_in`.
 #[inline(always)]
 pub(crate) fn row_sums<R: Rows, const FMA: bool>(
@@ -296,6 +392,16 @@ pub(crate) fn row_sums<R: Rows, const FMA: bool>(
     buffer: &mut [f32; CHUNK],
 ) -> RowSums {
     let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
+    #[cfg(target_arch = "x86_64")]
+    if FMA && let Some(bits) = rows.stored_bf16(row) {
+        // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch, which has
+        // checked that the CPU has both features.
+        unsafe { bf16_sums_avx2_fma(&mut dot, &mut sum_sq, bits, v) };
+        return RowSums {
+            dot: reduce_lanes(dot),
+            sum_sq: reduce_lanes(sum_sq),
+        };
+    }
     for (chunk_index, v_chunk) in v.chunks(CHUNK).enumerate() {
         let u_chunk = rows.chunk::<FMA>(row, chunk_index * CHUNK, v_chunk.len(), buffer);
         accumulate_chunk::<FMA>(&mut dot, &mut sum_sq, u_chunk, v_chunk);
@@ -361,6 +467,18 @@ pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     let (groups, rest) = dots.as_chunks::<ROW_GROUP>();
     for (group_index, &t) in groups.iter().enumerate() {
         let row = first_row + group_index * ROW_GROUP;
+        #[cfg(target_arch = "x86_64")]
+        if FMA && let Some(u0) = rows.stored_bf16(row) {
+            let u = [
+                u0,
+                rows.stored_bf16(row + 1).unwrap_or_default(),
+                rows.stored_bf16(row + 2).unwrap_or_default(),
+                rows.stored_bf16(row + 3).unwrap_or_default(),
+            ];
+            // SAFETY: as in `row_sums`: `FMA = true` code runs only after the AVX2+FMA check.
+            unsafe { bf16_add_group_avx2_fma(u, t, partial) };
+            continue;
+        }
         for (chunk_index, partial_chunk) in partial.chunks_mut(CHUNK).enumerate() {
             let (start, len) = (chunk_index * CHUNK, partial_chunk.len());
             let [b0, b1, b2, b3] = &mut *buffers;
@@ -408,6 +526,12 @@ pub(crate) fn add_scaled_row<R: Rows, const FMA: bool>(
     partial: &mut [f32],
     buffer: &mut [f32; CHUNK],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && let Some(bits) = rows.stored_bf16(row) {
+        // SAFETY: as in `row_sums`: `FMA = true` code runs only after the AVX2+FMA check.
+        unsafe { bf16_add_row_avx2_fma(bits, t, partial) };
+        return;
+    }
     for (chunk_index, partial_chunk) in partial.chunks_mut(CHUNK).enumerate() {
         let u_chunk = rows.chunk::<FMA>(row, chunk_index * CHUNK, partial_chunk.len(), buffer);
         add_scaled_slice::<FMA>(u_chunk, t, partial_chunk);
