@@ -176,50 +176,39 @@ impl<R: Rows> Kernel for FusedBlock<'_, R> {
             partial,
             tile,
         } = self;
-        fused_block::<R, FMA>(rows, block, v, partial, tile)
-    }
-}
-
-#[inline(always)]
-fn fused_block<R: Rows, const FMA: bool>(
-    rows: &R,
-    block: &RowBlock,
-    v: &[f32],
-    partial: &mut [f32],
-    tile: &mut [f32],
-) -> BlockSums {
-    partial.fill(0.0);
-    let fan_in = v.len();
-    let tile_rows = (CACHE_TILE_ELEMENTS / fan_in).clamp(1, MAX_TILE_ROWS);
-    let keep_tile = rows.keep_tile() && tile_rows * fan_in <= tile.len();
-    let mut row_dots = [0.0f32; MAX_TILE_ROWS];
-    let mut buffer = [0.0f32; CHUNK];
-    let mut group_buffers = [[0.0f32; CHUNK]; ROW_GROUP];
-    let mut sums = BlockSums::default();
-    let mut tile_start = block.row_start;
-    while tile_start < block.row_end {
-        let tile_end = (tile_start + tile_rows).min(block.row_end);
-        if keep_tile {
-            let rows_u = tile.chunks_exact_mut(fan_in);
-            for ((dot, row), u) in row_dots.iter_mut().zip(tile_start..tile_end).zip(rows_u) {
-                rows.load::<FMA>(row, 0, u);
-                let row_sums = slice_sums::<FMA>(u, v);
-                *dot = row_sums.dot;
-                sums.sum_sq += row_sums.sum_sq;
+        partial.fill(0.0);
+        let fan_in = v.len();
+        let tile_rows = (CACHE_TILE_ELEMENTS / fan_in).clamp(1, MAX_TILE_ROWS);
+        let keep_tile = rows.keep_tile() && tile_rows * fan_in <= tile.len();
+        let mut row_dots = [0.0f32; MAX_TILE_ROWS];
+        let mut buffer = [0.0f32; CHUNK];
+        let mut group_buffers = [[0.0f32; CHUNK]; ROW_GROUP];
+        let mut sums = BlockSums::default();
+        let mut tile_start = block.row_start;
+        while tile_start < block.row_end {
+            let tile_end = (tile_start + tile_rows).min(block.row_end);
+            if keep_tile {
+                let rows_u = tile.chunks_exact_mut(fan_in);
+                for ((dot, row), u) in row_dots.iter_mut().zip(tile_start..tile_end).zip(rows_u) {
+                    rows.load::<FMA>(row, 0, u);
+                    let row_sums = slice_sums::<FMA>(u, v);
+                    *dot = row_sums.dot;
+                    sums.sum_sq += row_sums.sum_sq;
+                }
+                add_scaled_tile::<FMA>(tile, fan_in, &row_dots[..tile_end - tile_start], partial);
+            } else {
+                for (dot, row) in row_dots.iter_mut().zip(tile_start..tile_end) {
+                    let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer);
+                    *dot = row_sums.dot;
+                    sums.sum_sq += row_sums.sum_sq;
+                }
+                let dots = &row_dots[..tile_end - tile_start];
+                add_scaled_rows::<R, FMA>(rows, tile_start, dots, partial, &mut group_buffers);
             }
-            add_scaled_tile::<FMA>(tile, fan_in, &row_dots[..tile_end - tile_start], partial);
-        } else {
-            for (dot, row) in row_dots.iter_mut().zip(tile_start..tile_end) {
-                let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer);
-                *dot = row_sums.dot;
-                sums.sum_sq += row_sums.sum_sq;
-            }
-            let dots = &row_dots[..tile_end - tile_start];
-            add_scaled_rows::<R, FMA>(rows, tile_start, dots, partial, &mut group_buffers);
+            tile_start = tile_end;
         }
-        tile_start = tile_end;
+        sums
     }
-    sums
 }
 
 /// Per active matrix: sums its block partials in block order into `w`, then
@@ -517,31 +506,16 @@ impl<R: Rows> Kernel for RowProducts<'_, R> {
     type Output = BlockSums;
     #[inline(always)]
     fn run<const FMA: bool>(self) -> BlockSums {
-        let RowProducts {
-            rows,
-            block,
-            v,
-            products,
-        } = self;
-        row_products::<R, FMA>(rows, block, v, products)
+        let mut buffer = [0.0f32; CHUNK];
+        let mut sums = BlockSums::default();
+        let rows = self.block.row_start..self.block.row_end;
+        for (product, row) in self.products.iter_mut().zip(rows) {
+            let row_sums = row_sums::<R, FMA>(self.rows, row, self.v, &mut buffer);
+            *product = row_sums.dot;
+            sums.sum_sq += row_sums.sum_sq;
+        }
+        sums
     }
-}
-
-#[inline(always)]
-fn row_products<R: Rows, const FMA: bool>(
-    rows: &R,
-    block: &RowBlock,
-    v: &[f32],
-    products: &mut [f32],
-) -> BlockSums {
-    let mut buffer = [0.0f32; CHUNK];
-    let mut sums = BlockSums::default();
-    for (product, row) in products.iter_mut().zip(block.row_start..block.row_end) {
-        let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer);
-        *product = row_sums.dot;
-        sums.sum_sq += row_sums.sum_sq;
-    }
-    sums
 }
 
 /// Two-matvec pass 2 over a block: `partial = Σ_i products[i] u_i`.
@@ -556,29 +530,14 @@ impl<R: Rows> Kernel for TransposedProduct<'_, R> {
     type Output = ();
     #[inline(always)]
     fn run<const FMA: bool>(self) {
-        let TransposedProduct {
-            rows,
-            block,
-            products,
-            partial,
-        } = self;
-        transposed_product::<R, FMA>(rows, block, products, partial)
-    }
-}
-
-#[inline(always)]
-fn transposed_product<R: Rows, const FMA: bool>(
-    rows: &R,
-    block: &RowBlock,
-    products: &[f32],
-    partial: &mut [f32],
-) {
-    // Row by row: the grouped form the fused pass uses on cached rows measured slower here,
-    // where the rows stream from memory, and the baseline should be its own best.
-    let mut buffer = [0.0f32; CHUNK];
-    partial.fill(0.0);
-    for (&product, row) in products.iter().zip(block.row_start..block.row_end) {
-        add_scaled_row::<R, FMA>(rows, row, product, partial, &mut buffer);
+        // Row by row: the grouped form the fused pass uses on cached rows measured slower here,
+        // where the rows stream from memory, and the baseline should be its own best.
+        let mut buffer = [0.0f32; CHUNK];
+        self.partial.fill(0.0);
+        let rows = self.block.row_start..self.block.row_end;
+        for (&product, row) in self.products.iter().zip(rows) {
+            add_scaled_row::<R, FMA>(self.rows, row, product, self.partial, &mut buffer);
+        }
     }
 }
 

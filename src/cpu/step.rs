@@ -286,28 +286,30 @@ impl<T: Element> Kernel for Step<'_, T> {
     #[inline(always)]
     fn run<const FMA: bool>(self) {
         if self.rule.nesterov {
-            update_chunk::<T, true, FMA>(self)
+            self.update::<true, FMA>()
         } else {
-            update_chunk::<T, false, FMA>(self)
+            self.update::<false, FMA>()
         }
     }
 }
 
-/// The element-wise body of pass B (SPEC 5): `M <- M_new`,
-/// `W <- decay * W - coefficient * U`.
-#[inline(always)]
-fn update_chunk<T: Element, const NESTEROV: bool, const FMA: bool>(step: Step<'_, T>) {
-    let Step {
-        rule,
-        decay,
-        coefficient,
-        weights,
-        grads,
-        momentum,
-    } = step;
-    for ((w, &g), m) in weights.iter_mut().zip(grads).zip(momentum.iter_mut()) {
-        let (new_momentum, direction) = rule.apply::<NESTEROV, FMA>(*m, g.to_f32());
-        *m = new_momentum;
-        *w = T::from_f32_rne(madd::<FMA>(decay, w.to_f32(), -coefficient * direction));
+impl<T: Element> Step<'_, T> {
+    /// The element-wise body of pass B (SPEC 5): `M <- M_new`,
+    /// `W <- decay * W - coefficient * U`.
+    #[inline(always)]
+    fn update<const NESTEROV: bool, const FMA: bool>(self) {
+        let Step {
+            rule,
+            decay,
+            coefficient,
+            weights,
+            grads,
+            momentum,
+        } = self;
+        for ((w, &g), m) in weights.iter_mut().zip(grads).zip(momentum.iter_mut()) {
+            let (new_momentum, direction) = rule.apply::<NESTEROV, FMA>(*m, g.to_f32());
+            *m = new_momentum;
+            *w = T::from_f32_rne(madd::<FMA>(decay, w.to_f32(), -coefficient * direction));
+        }
     }
 }
