@@ -53,17 +53,20 @@ impl SpectralSgd<Cpu> {
         Self::with_backend(shapes, config)
     }
 
-    /// The momentum buffer of matrix `index`.
+    /// The momentum buffer of matrix `index`. Panics if `index` is not below the number of
+    /// matrices, like slice indexing.
     pub fn momentum(&self, index: usize) -> &[f32] {
         self.backend.momentum(&self.layout, index)
     }
 
-    /// The current power vector of matrix `index` (unit length, `fan_in` long).
+    /// The current power vector of matrix `index` (unit length, `fan_in` long). Panics if
+    /// `index` is out of range.
     pub fn power_vector(&self, index: usize) -> &[f32] {
         self.backend.power_vector(&self.layout, index)
     }
 
     /// Whether matrix `index`'s power vector is warm (next step uses `warm_iterations`).
+    /// Panics if `index` is out of range.
     pub fn is_warm(&self, index: usize) -> bool {
         self.backend.is_warm(index)
     }

@@ -516,3 +516,24 @@ fn reset_restarts_power_iteration_cold() {
     assert!(!optimizer.is_warm(0));
     assert_eq!(optimizer.power_vector(0), &initial[..]);
 }
+
+#[test]
+fn step_accepts_vectors_and_borrowed_slices_alike() {
+    let shapes = [MatrixShape::new(6, 4), MatrixShape::new(3, 6)];
+    let grads: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, 1.0, j as u64))
+        .collect();
+    let mut owned: Vec<Vec<f32>> = shapes.iter().map(|s| vec![0.5; s.len()]).collect();
+    let mut storage = owned.clone();
+    let mut borrowed: Vec<&mut [f32]> = storage.iter_mut().map(Vec::as_mut_slice).collect();
+    let grad_views: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+    let mut a = SpectralSgd::new(&shapes, SpectralSgdConfig::default()).unwrap();
+    let mut b = SpectralSgd::new(&shapes, SpectralSgdConfig::default()).unwrap();
+    a.step(&mut owned, &grads).unwrap();
+    b.step(&mut borrowed, &grad_views).unwrap();
+    drop(borrowed);
+    assert_eq!(owned, storage);
+    assert_ne!(owned[0], vec![0.5; 24]);
+}
