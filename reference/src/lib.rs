@@ -249,3 +249,125 @@ pub fn step(
     }
     Outcome::Updated(sigma)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64, tolerance: f64) -> bool {
+        (a - b).abs() <= tolerance
+    }
+
+    #[test]
+    fn singular_values_of_hand_computed_matrices() {
+        // [[3, 0], [4, 5]]: A^T A = [[25, 20], [20, 25]], eigenvalues 45 and 5.
+        let s = singular_values(&[3.0, 0.0, 4.0, 5.0], 2, 2);
+        assert!(
+            close(s[0], 45f64.sqrt(), 1e-12) && close(s[1], 5f64.sqrt(), 1e-12),
+            "{s:?}"
+        );
+        // Rank one: u v^T has the single singular value ||u|| ||v||, in both orientations.
+        let (u, v) = ([1.0, 2.0, 2.0], [3.0, 4.0]);
+        let outer: Vec<f64> = u
+            .iter()
+            .flat_map(|a| v.iter().map(move |b| a * b))
+            .collect();
+        for (rows, cols, data) in [(3, 2, outer.clone()), (2, 3, transpose(&outer, 3, 2))] {
+            let s = singular_values(&data, rows, cols);
+            assert!(
+                close(s[0], 15.0, 1e-12) && s[1].abs() < 1e-12,
+                "{rows}x{cols}: {s:?}"
+            );
+        }
+        assert_eq!(singular_values(&[0.0; 6], 2, 3), vec![0.0, 0.0]);
+        assert!(close(spectral_norm(&[-7.0], 1, 1), 7.0, 0.0));
+    }
+
+    fn transpose(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+        (0..cols)
+            .flat_map(|c| (0..rows).map(move |r| a[r * cols + c]))
+            .collect()
+    }
+
+    #[test]
+    fn random_orthogonal_is_orthogonal_and_spectra_are_exact() {
+        let n = 9;
+        let q = random_orthogonal(n, 4);
+        for i in 0..n {
+            for j in 0..n {
+                let dot: f64 = (0..n).map(|k| q[k * n + i] * q[k * n + j]).sum();
+                assert!(
+                    close(dot, f64::from(u8::from(i == j)), 1e-12),
+                    "Q^T Q [{i}][{j}] = {dot}"
+                );
+            }
+        }
+        let spectrum = [4.0, 2.5, 1.0, 0.5];
+        let a = matrix_with_spectrum(7, 4, &spectrum, 2);
+        for (got, want) in singular_values(&a, 7, 4).iter().zip(spectrum) {
+            assert!(close(*got, want, 1e-12), "{got} vs {want}");
+        }
+        assert!(close(
+            stable_rank(&a, 7, 4),
+            (16.0 + 6.25 + 1.0 + 0.25) / 16.0,
+            1e-12
+        ));
+    }
+
+    #[test]
+    fn reference_step_follows_the_formulas() {
+        // diag(2, 1): one power iteration from v = (1, 0) gives w = (4, 0), sigma = 2.
+        let params = StepParams {
+            learning_rate: 0.5,
+            momentum: 0.5,
+            ema: false,
+            nesterov: false,
+            weight_decay: 0.2,
+            scale_factor: 1.0,
+            iterations: 1,
+        };
+        let (mut w, mut m, mut v) = (vec![1.0, 1.0, 1.0, 1.0], vec![0.0; 4], vec![1.0, 0.0]);
+        let outcome = step(&mut w, &mut m, &mut v, &[2.0, 0.0, 0.0, 1.0], 2, 2, &params);
+        assert_eq!(outcome, Outcome::Updated(2.0));
+        // W = (1 - 0.1) W - (0.5 / 2) U
+        assert_eq!(w, vec![0.9 - 0.5, 0.9, 0.9, 0.9 - 0.25]);
+        assert_eq!(m, vec![2.0, 0.0, 0.0, 1.0]);
+        assert_eq!(v, vec![1.0, 0.0]);
+        // A second step, Nesterov and EMA: M = 0.5 M + 0.5 G, U = 0.5 M + 0.5 G.
+        let params = StepParams {
+            ema: true,
+            nesterov: true,
+            weight_decay: 0.0,
+            ..params
+        };
+        let before = w.clone();
+        let outcome = step(&mut w, &mut m, &mut v, &[0.0; 4], 2, 2, &params);
+        assert_eq!(m, vec![1.0, 0.0, 0.0, 0.5]);
+        // U = diag(0.5, 0.25): sigma 0.5 from v = (1, 0).
+        assert_eq!(outcome, Outcome::Updated(0.5));
+        assert_eq!(
+            w,
+            vec![before[0] - 0.5, before[1], before[2], before[3] - 0.25]
+        );
+        // Zero direction and non-finite input.
+        let (mut w0, mut m0, mut v0) = (vec![1.0; 4], vec![0.0; 4], vec![1.0, 0.0]);
+        assert_eq!(
+            step(&mut w0, &mut m0, &mut v0, &[0.0; 4], 2, 2, &params),
+            Outcome::Zero
+        );
+        assert_eq!(w0, vec![1.0; 4]);
+        assert_eq!(
+            step(
+                &mut w0,
+                &mut m0,
+                &mut v0,
+                &[f64::NAN, 0.0, 0.0, 0.0],
+                2,
+                2,
+                &params
+            ),
+            Outcome::NonFinite
+        );
+        assert_eq!((w0, m0), (vec![1.0; 4], vec![0.0; 4]));
+    }
+}
