@@ -537,3 +537,75 @@ fn step_accepts_vectors_and_borrowed_slices_alike() {
     assert_eq!(owned, storage);
     assert_ne!(owned[0], vec![0.5; 24]);
 }
+
+/// Step 1 trains the power vector on a rank-one gradient `a x^T` (so `v = x`); step 2 (no
+/// momentum) brings `b y^T`. Returns `||ΔW_2||_*` and the target `eta * s`.
+fn second_update_norm(y: &[f64]) -> (f64, f64) {
+    let shape = MatrixShape::new(24, 16);
+    let config = SpectralSgdConfig {
+        momentum: 0.0,
+        learning_rate: 0.1,
+        ..SpectralSgdConfig::default()
+    };
+    let outer = |left: &[f64], right: &[f64]| -> Vec<f32> {
+        left.iter()
+            .flat_map(|l| right.iter().map(move |r| (l * r) as f32))
+            .collect()
+    };
+    let mut x = vec![0.0; 16];
+    x[0] = 1.0;
+    let (a, b) = (reference::gaussian(24, 1), reference::gaussian(24, 2));
+    let mut optimizer = SpectralSgd::new(&[shape], config).unwrap();
+    let mut weights = vec![vec![0.0f32; shape.len()]];
+    optimizer.step(&mut weights, &[outer(&a, &x)]).unwrap();
+    assert_eq!(
+        optimizer.power_vector(0)[0].abs(),
+        1.0,
+        "v should have converged to x"
+    );
+    let before = to_f64(&weights[0]);
+    let report = optimizer.step(&mut weights, &[outer(&b, y)]).unwrap();
+    assert_eq!(report.matrices[0].status, MatrixStatus::Updated);
+    let update: Vec<f64> = to_f64(&weights[0])
+        .iter()
+        .zip(&before)
+        .map(|(w, p)| w - p)
+        .collect();
+    (
+        reference::spectral_norm(&update, 24, 16),
+        0.1 * f64::from(Scale::Spectral.factor(shape)),
+    )
+}
+
+#[test]
+fn a_warm_vector_orthogonal_to_the_new_update_is_reseeded() {
+    // y ⊥ x exactly: U v = 0, so w = 0; the vector is re-seeded and given a cold start.
+    let mut y = vec![0.0; 16];
+    y[1] = 1.0;
+    let (update_norm, target) = second_update_norm(&y);
+    assert_close(
+        "update after re-seeding",
+        update_norm,
+        target,
+        1e-4 * target,
+    );
+}
+
+#[test]
+fn a_nearly_orthogonal_warm_vector_cannot_blow_up_the_update() {
+    // y almost ⊥ x: one warm iteration sees ||U^T U v|| ~ 1e-12 sigma^2, so the power estimate
+    // alone would make the update 1e6 times its target. The Frobenius floor bounds it by
+    // sqrt(min(m, n)) = 4 (U is rank one, so ||U||_F = ||U||_*).
+    let mut y = vec![0.0; 16];
+    y[1] = 1.0;
+    y[0] = 1e-6;
+    let (update_norm, target) = second_update_norm(&y);
+    assert!(
+        update_norm >= target * (1.0 - 1e-4),
+        "{update_norm} < {target}"
+    );
+    assert!(
+        update_norm <= 4.0 * target * (1.0 + 1e-3),
+        "{update_norm} > 4 x {target}"
+    );
+}

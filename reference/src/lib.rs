@@ -160,6 +160,12 @@ pub fn power_iteration_step(u: &[f64], rows: usize, cols: usize, v: &mut [f64]) 
     length.sqrt()
 }
 
+/// `||U||_F / sqrt(min(m, n))`, a lower bound on `||U||_*` (the Frobenius norm squared is the
+/// sum of at most `min(m, n)` squared singular values). For a vector it is the exact norm.
+pub fn frobenius_floor(u: &[f64], rows: usize, cols: usize) -> f64 {
+    norm(u) / (rows.min(cols) as f64).sqrt()
+}
+
 /// Hyper-parameters of one reference step (SPEC 5).
 #[derive(Clone, Copy, Debug)]
 pub struct StepParams {
@@ -195,8 +201,9 @@ pub enum Outcome {
 /// ```text
 /// M_new = beta M + c G               (c = 1, or 1 - beta for EMA)
 /// U     = M_new, or beta M_new + c G (Nesterov)
-/// sigma = sqrt(||U^T U v||) after `iterations` power iterations from v
-///         (the exact ||U||_2 when U is a row or column vector)
+/// sigma = max(sqrt(||U^T U v||) after `iterations` power iterations from v,
+///             ||U||_F / sqrt(min(m, n)))   (both lower bounds on ||U||_*; for a row or
+///                                          column vector the second is its exact norm)
 /// W     = (1 - eta lambda) W - eta s / sigma U
 /// ```
 #[allow(clippy::too_many_arguments)]
@@ -239,9 +246,7 @@ pub fn step(
     for _ in 0..params.iterations {
         sigma = power_iteration_step(&direction, rows, cols, vector);
     }
-    if rows == 1 || cols == 1 {
-        sigma = norm(&direction);
-    }
+    sigma = sigma.max(frobenius_floor(&direction, rows, cols));
     let decay = 1.0 - params.learning_rate * params.weight_decay;
     let coefficient = params.learning_rate * params.scale_factor / sigma;
     for (w, u) in weights.iter_mut().zip(&direction) {

@@ -237,7 +237,7 @@ pub(crate) fn finish(
         .filter(|(index, _)| active[*index])
         .for_each(|(_, (((entry, partials), vector), estimate))| {
             *estimate = finish_matrix(
-                entry.shape.is_vector(),
+                entry.shape.fan_out.min(entry.shape.fan_in),
                 &sums[entry.block_range()],
                 partials,
                 vector,
@@ -245,8 +245,14 @@ pub(crate) fn finish(
         });
 }
 
+/// `sigma = max(sqrt(||w||), ||U||_F / sqrt(min(m, n)))`. Both are lower bounds on `||U||_*`,
+/// so their maximum is too. The first is SPEC 4's power-iteration estimate. The second catches
+/// a warm power vector that is badly aligned with a `U` that has changed direction: one
+/// iteration would then underestimate `sigma` and the update would overshoot its target by
+/// the same factor. With the floor, the overshoot is at most `sqrt(min(m, n))`. For a row or
+/// column vector (`min(m, n) = 1`) the floor is the exact norm (SPEC 4).
 fn finish_matrix(
-    is_vector: bool,
+    min_dim: usize,
     sums: &[BlockSums],
     partials: &mut [f32],
     vector: &mut [f32],
@@ -264,7 +270,7 @@ fn finish_matrix(
         .map(|&x| f64::from(x) * f64::from(x))
         .sum::<f64>()
         .sqrt();
-    if !w_norm.is_finite() || !sum_sq.is_finite() {
+    if !w_norm.is_finite() {
         return Estimate::NonFinite;
     }
     if sum_sq == 0.0 {
@@ -275,15 +281,11 @@ fn finish_matrix(
             .iter_mut()
             .zip(w.iter())
             .for_each(|(v, &x)| *v = (f64::from(x) / w_norm) as f32);
-    }
-    if is_vector {
-        // SPEC 4: a row or column vector's spectral norm is its Euclidean norm, exactly.
-        return Estimate::Sigma(sum_sq.sqrt());
-    }
-    if w_norm == 0.0 {
+    } else if min_dim > 1 {
         return Estimate::Degenerate;
     }
-    Estimate::Sigma(w_norm.sqrt() as f32)
+    let frobenius_floor = (f64::from(sum_sq) / min_dim as f64).sqrt();
+    Estimate::Sigma(w_norm.sqrt().max(frobenius_floor) as f32)
 }
 
 /// Batched power iteration over stored matrices, with its scratch buffers allocated once.

@@ -92,18 +92,27 @@ where
                 *warm = true;
                 let eta = f64::from(config.learning_rate);
                 let coefficient =
-                    eta * f64::from(config.scale.factor(entry.shape)) / f64::from(sigma);
-                let decay = 1.0 - eta * f64::from(config.weight_decay);
-                (
-                    Update::Full {
-                        decay: decay as f32,
-                        coefficient: coefficient as f32,
-                    },
-                    MatrixReport {
-                        sigma: Some(sigma),
-                        status: MatrixStatus::Updated,
-                    },
-                )
+                    (eta * f64::from(config.scale.factor(entry.shape)) / f64::from(sigma)) as f32;
+                let decay = (1.0 - eta * f64::from(config.weight_decay)) as f32;
+                if coefficient.is_finite() {
+                    (
+                        Update::Full { decay, coefficient },
+                        MatrixReport {
+                            sigma: Some(sigma),
+                            status: MatrixStatus::Updated,
+                        },
+                    )
+                } else {
+                    // sigma so small that eta * s / sigma overflows f32: writing W would
+                    // produce infinities, so the matrix is skipped like a non-finite one.
+                    (
+                        Update::Skip,
+                        MatrixReport {
+                            sigma: Some(sigma),
+                            status: MatrixStatus::SkippedNonFinite,
+                        },
+                    )
+                }
             }
         };
         updates.push(update);
@@ -180,6 +189,9 @@ fn estimate_sigmas<T: Element>(
             let again = match scratch.estimates[index] {
                 Estimate::Degenerate if !scratch.reseeded[index] => {
                     scratch.reseeded[index] = true;
+                    // A fresh random vector needs a cold start, now and, if this step ends
+                    // without a usable estimate, on the next step too.
+                    cpu.warm[index] = false;
                     scratch.remaining[index] = config.cold_iterations;
                     crate::random::fill_unit_vector(
                         config.seed.wrapping_add(step),
