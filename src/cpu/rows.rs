@@ -9,7 +9,12 @@
 //!
 //! Every loop is generic over `FMA`: `true` fuses `a * b + c` into one rounding (compiled
 //! inside `#[target_feature(enable = "avx2,fma")]` wrappers, see [`KernelPath`]); `false` is
-//! the portable form. The two paths differ in the last bits, each is deterministic.
+//! the portable form. The two paths differ in the last bits, each is deterministic. Where
+//! LLVM does not vectorise the AVX2 form on its own (the eight-lane sums, widening stored bf16
+//! in registers), it is written with intrinsics that compute exactly what the scalar form
+//! does, lane by lane.
+
+use crate::element::Element;
 
 /// Which compiled form of the hot loops runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,8 +54,6 @@ pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-use crate::element::Element;
-
 /// Independent accumulators per sum: wide enough for 256-bit vectors.
 pub(crate) const LANES: usize = 8;
 
@@ -62,9 +65,9 @@ pub(crate) const CHUNK: usize = 256;
 pub(crate) struct RowSums {
     /// `t = <u, v>`.
     pub dot: f32,
-    /// `||u||^2`: the zero test, the exact norm of vectors, and the non-finite test (a NaN or
-    /// infinite `u` makes it non-finite; so does an overflowing `u^2`, and then `w = U^T U v`
-    /// would overflow too).
+    /// `||u||^2`: the zero test, the Frobenius floor on `sigma` (the exact norm of vectors),
+    /// and the non-finite test (a NaN or infinite `u` makes it non-finite; so does an
+    /// overflowing `u^2`, and then `w = U^T U v` would overflow too).
     pub sum_sq: f32,
 }
 
