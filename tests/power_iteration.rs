@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use spectral_step::cpu::{BatchPowerIteration, Estimate};
 use spectral_step::half::bf16;
-use spectral_step::{BatchLayout, BlockPolicy, Error, MatrixShape};
+use spectral_step::{BatchLayout, BlockPolicy, Element, Error, MatrixShape};
 use spectral_step_reference as reference;
 
 fn power_for(shapes: &[MatrixShape]) -> BatchPowerIteration {
@@ -113,11 +113,31 @@ fn one_iteration_matches_the_oracle() {
         .map(|(j, &s)| random_matrix(s, 1.0, 60 + j as u64))
         .collect();
     let views: Vec<&[bf16]> = matrices.iter().map(Vec::as_slice).collect();
-    let mut power = power_for(&shapes);
-    let mut vectors = power.cold_vectors(3);
-    let layout = power.layout().clone();
-    let before = vectors.clone();
-    let estimates = power.fused(&views, &mut vectors).unwrap();
+    for path in kernel_paths() {
+        let mut power = power_for(&shapes);
+        power.set_kernel_path(path).unwrap();
+        let mut vectors = power.cold_vectors(3);
+        let before = vectors.clone();
+        let estimates = power.fused(&views, &mut vectors).unwrap();
+        check_one_iteration(
+            &format!("{path:?}"),
+            power.layout(),
+            &matrices,
+            &before,
+            &vectors,
+            &estimates,
+        );
+    }
+}
+
+fn check_one_iteration(
+    context: &str,
+    layout: &BatchLayout,
+    matrices: &[Vec<bf16>],
+    before: &[f32],
+    vectors: &[f32],
+    estimates: &[Estimate],
+) {
     for (j, entry) in layout.matrices().iter().enumerate() {
         let mut v = to_f64(&before[entry.vector_range()]);
         let power = reference::power_iteration_step(
@@ -133,13 +153,18 @@ fn one_iteration_matches_the_oracle() {
             entry.shape.fan_in,
         ));
         assert_close(
-            &format!("matrix {j} sigma"),
+            &format!("{context} matrix {j} sigma"),
             f64::from(estimates[j].sigma()),
             sigma,
             1e-5 * sigma,
         );
         for (k, (&got, &want)) in vectors[entry.vector_range()].iter().zip(&v).enumerate() {
-            assert_close(&format!("matrix {j} v[{k}]"), f64::from(got), want, 1e-5);
+            assert_close(
+                &format!("{context} matrix {j} v[{k}]"),
+                f64::from(got),
+                want,
+                1e-5,
+            );
         }
     }
 }
@@ -147,25 +172,38 @@ fn one_iteration_matches_the_oracle() {
 #[test]
 fn fused_and_two_pass_agree_bit_for_bit() {
     // Same row dots, same partial order: the two forms differ only in memory traffic.
+    fused_and_two_pass_agree::<f32>();
+    fused_and_two_pass_agree::<bf16>();
+}
+
+fn fused_and_two_pass_agree<T: Element>() {
     let shapes = [
         MatrixShape::new(700, 513),
         MatrixShape::new(3, 3),
         MatrixShape::new(1, 40),
     ];
-    let matrices: Vec<Vec<f32>> = shapes
+    let matrices: Vec<Vec<T>> = shapes
         .iter()
         .enumerate()
         .map(|(j, &s)| random_matrix(s, 1.0, 70 + j as u64))
         .collect();
-    let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
-    let mut power = power_for(&shapes);
-    let mut fused_vectors = power.cold_vectors(4);
-    let mut two_pass_vectors = fused_vectors.clone();
-    for _ in 0..3 {
-        let fused = power.fused(&views, &mut fused_vectors).unwrap();
-        let two_pass = power.two_pass(&views, &mut two_pass_vectors).unwrap();
-        assert_eq!(fused, two_pass);
-        assert_eq!(bits(&fused_vectors), bits(&two_pass_vectors));
+    let views: Vec<&[T]> = matrices.iter().map(Vec::as_slice).collect();
+    for path in kernel_paths() {
+        let mut power = power_for(&shapes);
+        power.set_kernel_path(path).unwrap();
+        let mut fused_vectors = power.cold_vectors(4);
+        let mut two_pass_vectors = fused_vectors.clone();
+        for _ in 0..3 {
+            let fused = power.fused(&views, &mut fused_vectors).unwrap();
+            let two_pass = power.two_pass(&views, &mut two_pass_vectors).unwrap();
+            assert_eq!(fused, two_pass, "{path:?} {:?}", T::DTYPE);
+            assert_eq!(
+                bits(&fused_vectors),
+                bits(&two_pass_vectors),
+                "{path:?} {:?}",
+                T::DTYPE
+            );
+        }
     }
 }
 
