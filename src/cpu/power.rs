@@ -92,6 +92,8 @@ pub(crate) fn fused_pass<R: Rows>(
         .zip(block_partials)
         .zip(sums.par_iter_mut())
         .filter(|((block, _), _)| active[block.matrix])
+        // Rayon runs `init` once per split, not per block: 16 tiles (1 MiB) for the 360 blocks
+        // of a warm GPT-2-small step, measured.
         .for_each_init(
             || vec![0.0f32; CACHE_TILE_ELEMENTS],
             |tile, ((block, partial), block_sums)| {
