@@ -3,7 +3,8 @@
 //! A power pass sees the update direction `U` one row at a time through [`Rows`]: a source
 //! widens a chunk of a row to `f32` into a small buffer (for the optimizer step it also applies
 //! the momentum rule, so `U` is never stored), and the math runs on that buffer with
-//! [`LANES`] independent accumulators. Element `k` of a row always lands in lane `k % LANES`
+//! [`LANES`] independent accumulators (four vectors' worth, so the fused multiply-adds of a sum
+//! do not wait on each other: with one vector, its 4-cycle latency bounded the bf16 pass). Element `k` of a row always lands in lane `k % LANES`
 //! and lanes are combined in a fixed tree, so every sum is bitwise reproducible whatever the
 //! thread count.
 //!
@@ -54,8 +55,12 @@ pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// Independent accumulators per sum: wide enough for 256-bit vectors.
-pub(crate) const LANES: usize = 8;
+/// `f32` values per 256-bit vector.
+pub(crate) const SIMD_WIDTH: usize = 8;
+
+/// Independent accumulators per sum: four 256-bit vectors, so that four fused multiply-adds
+/// are in flight per sum instead of one chain waiting on its own latency.
+pub(crate) const LANES: usize = 4 * SIMD_WIDTH;
 
 /// Row elements widened per chunk (a multiple of [`LANES`]; 1 KiB of `f32` stays in L1).
 pub(crate) const CHUNK: usize = 256;
@@ -220,9 +225,16 @@ impl<T: Element> Rows for DirectionRows<'_, T> {
 
 /// Sum of the lanes in a fixed pairwise order.
 #[inline(always)]
-fn reduce_lanes(lanes: [f32; LANES]) -> f32 {
-    ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
-        + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
+fn reduce_lanes(mut lanes: [f32; LANES]) -> f32 {
+    // Fold the upper half onto the lower half until one lane is left: a fixed tree.
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for lane in 0..width {
+            lanes[lane] += lanes[lane + width];
+        }
+    }
+    lanes[0]
 }
 
 /// `dot += u * v`, `sum_sq += u * u`, lane by lane.
@@ -269,12 +281,17 @@ fn accumulate_avx2_fma(
     v: &[[f32; LANES]],
 ) {
     use std::arch::x86_64::{__m256, _mm256_fmadd_ps};
-    let mut dot_lanes: __m256 = bytemuck::cast(*dot);
-    let mut sum_sq_lanes: __m256 = bytemuck::cast(*sum_sq);
-    for (u8, v8) in u.iter().zip(v) {
-        let (u8, v8): (__m256, __m256) = (bytemuck::cast(*u8), bytemuck::cast(*v8));
-        dot_lanes = _mm256_fmadd_ps(u8, v8, dot_lanes);
-        sum_sq_lanes = _mm256_fmadd_ps(u8, u8, sum_sq_lanes);
+    let mut dot_lanes: [__m256; 4] = bytemuck::cast(*dot);
+    let mut sum_sq_lanes: [__m256; 4] = bytemuck::cast(*sum_sq);
+    for (u_block, v_block) in u.iter().zip(v) {
+        let u_block: [__m256; 4] = bytemuck::cast(*u_block);
+        let v_block: [__m256; 4] = bytemuck::cast(*v_block);
+        for vector in 0..4 {
+            dot_lanes[vector] =
+                _mm256_fmadd_ps(u_block[vector], v_block[vector], dot_lanes[vector]);
+            sum_sq_lanes[vector] =
+                _mm256_fmadd_ps(u_block[vector], u_block[vector], sum_sq_lanes[vector]);
+        }
     }
     *dot = bytemuck::cast(dot_lanes);
     *sum_sq = bytemuck::cast(sum_sq_lanes);
@@ -307,7 +324,7 @@ fn accumulate_chunk<const FMA: bool>(
 /// Eight bf16 values widened to `f32` in a register: exact, as [`Element::to_f32`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn widen_bf16(bits: &[u16; LANES]) -> std::arch::x86_64::__m256 {
+fn widen_bf16(bits: &[u16; SIMD_WIDTH]) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::{
         __m128i, _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_slli_epi32,
     };
@@ -323,12 +340,16 @@ fn bf16_sums_avx2_fma(dot: &mut [f32; LANES], sum_sq: &mut [f32; LANES], bits: &
     use std::arch::x86_64::{__m256, _mm256_fmadd_ps};
     let (u_lanes, u_tail) = bits.as_chunks::<LANES>();
     let (v_lanes, v_tail) = v.as_chunks::<LANES>();
-    let mut dot_lanes: __m256 = bytemuck::cast(*dot);
-    let mut sum_sq_lanes: __m256 = bytemuck::cast(*sum_sq);
-    for (u8, v8) in u_lanes.iter().zip(v_lanes) {
-        let (u8, v8): (__m256, __m256) = (widen_bf16(u8), bytemuck::cast(*v8));
-        dot_lanes = _mm256_fmadd_ps(u8, v8, dot_lanes);
-        sum_sq_lanes = _mm256_fmadd_ps(u8, u8, sum_sq_lanes);
+    let mut dot_lanes: [__m256; 4] = bytemuck::cast(*dot);
+    let mut sum_sq_lanes: [__m256; 4] = bytemuck::cast(*sum_sq);
+    for (u_block, v_block) in u_lanes.iter().zip(v_lanes) {
+        let u_parts: [[u16; SIMD_WIDTH]; 4] = bytemuck::cast(*u_block);
+        let v_block: [__m256; 4] = bytemuck::cast(*v_block);
+        for vector in 0..4 {
+            let u = widen_bf16(&u_parts[vector]);
+            dot_lanes[vector] = _mm256_fmadd_ps(u, v_block[vector], dot_lanes[vector]);
+            sum_sq_lanes[vector] = _mm256_fmadd_ps(u, u, sum_sq_lanes[vector]);
+        }
     }
     *dot = bytemuck::cast(dot_lanes);
     *sum_sq = bytemuck::cast(sum_sq_lanes);
@@ -347,8 +368,8 @@ fn bf16_sums_avx2_fma(dot: &mut [f32; LANES], sum_sq: &mut [f32; LANES], bits: &
 #[target_feature(enable = "avx2,fma")]
 fn bf16_add_row_avx2_fma(u: &[u16], t: f32, partial: &mut [f32]) {
     use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_set1_ps};
-    let (partial_lanes, partial_tail) = partial.as_chunks_mut::<LANES>();
-    let (u_lanes, u_tail) = u.as_chunks::<LANES>();
+    let (partial_lanes, partial_tail) = partial.as_chunks_mut::<SIMD_WIDTH>();
+    let (u_lanes, u_tail) = u.as_chunks::<SIMD_WIDTH>();
     let scale = _mm256_set1_ps(t);
     for (acc, u8) in partial_lanes.iter_mut().zip(u_lanes) {
         let lanes: __m256 = bytemuck::cast(*acc);
@@ -365,9 +386,9 @@ fn bf16_add_row_avx2_fma(u: &[u16], t: f32, partial: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 fn bf16_add_group_avx2_fma(u: [&[u16]; ROW_GROUP], t: [f32; ROW_GROUP], partial: &mut [f32]) {
     use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_set1_ps};
-    let tail_start = partial.len() / LANES * LANES;
-    let (partial_lanes, partial_tail) = partial.as_chunks_mut::<LANES>();
-    let rows = u.map(|row| row.as_chunks::<LANES>());
+    let tail_start = partial.len() / SIMD_WIDTH * SIMD_WIDTH;
+    let (partial_lanes, partial_tail) = partial.as_chunks_mut::<SIMD_WIDTH>();
+    let rows = u.map(|row| row.as_chunks::<SIMD_WIDTH>());
     let scale = t.map(|t| _mm256_set1_ps(t));
     for (index, acc) in partial_lanes.iter_mut().enumerate() {
         let mut lanes: __m256 = bytemuck::cast(*acc);
