@@ -299,8 +299,6 @@ pub enum Compare {
 pub enum Rounding {
     /// `.rn`: to nearest, ties to even (float results).
     Rn,
-    /// `.rz`: toward zero (float results).
-    Rz,
     /// `.rni`: to nearest integer, ties to even (integer results).
     Rni,
     /// `.rzi`: toward zero (integer results).

@@ -766,9 +766,8 @@ fn decode(raw: &RawInstruction, scope: &Scope) -> Result<Op> {
             }
         }
         "cvt" => {
-            let rounding = match m.take_one_of(&["rn", "rz", "rni", "rzi"]) {
+            let rounding = match m.take_one_of(&["rn", "rni", "rzi"]) {
                 Some("rn") => Some(Rounding::Rn),
-                Some("rz") => Some(Rounding::Rz),
                 Some("rni") => Some(Rounding::Rni),
                 Some("rzi") => Some(Rounding::Rzi),
                 _ => None,
@@ -784,10 +783,8 @@ fn decode(raw: &RawInstruction, scope: &Scope) -> Result<Op> {
             let valid = match (to.is_float(), from.is_float()) {
                 (false, false) => rounding.is_none() && to != Type::Pred && from != Type::Pred,
                 (true, true) if exact_widening => rounding.is_none(),
-                (true, true) => matches!(rounding, Some(Rounding::Rn | Rounding::Rz)),
-                (true, false) => {
-                    matches!(rounding, Some(Rounding::Rn | Rounding::Rz)) && from != Type::Pred
-                }
+                (true, true) => rounding == Some(Rounding::Rn),
+                (true, false) => rounding == Some(Rounding::Rn) && from != Type::Pred,
                 (false, true) => {
                     matches!(rounding, Some(Rounding::Rni | Rounding::Rzi)) && to != Type::Pred
                 }
