@@ -37,10 +37,13 @@
 
 #![warn(missing_docs)]
 
+mod device;
 mod error;
+mod exec;
 pub mod ir;
 mod parse;
 
-pub use error::{Result, SimError};
+pub use device::{Arg, Device, DevicePtr, LaunchConfig, LaunchStats};
+pub use error::{Fault, Result, SimError};
 pub use ir::{Kernel, Module};
 pub use parse::parse;
