@@ -4,10 +4,14 @@
 //! that machines without a GPU (CI among them) run the exact kernel text against the CPU
 //! reference.
 //!
-//! Status: the **parser** is complete for the subset listed in `README.md`. It decodes a
-//! module once into [`Module`] (registers, labels, parameters and shared variables resolved),
-//! and anything it does not implement is an error naming its line. The **executor** (warps,
-//! barriers, shuffles, memory and race checks) is not written yet.
+//! [`parse`] decodes a module once into a [`Module`] (registers, labels, parameters and shared
+//! variables resolved); anything it does not implement is an error naming its line.
+//! [`Device`] holds simulated global memory and launches kernels: a grid of CTAs, warps of 32
+//! lanes with min-PC reconvergence, `bar.sync`, `bar.warp.sync` and `shfl.sync` as warp
+//! collectives, and the checks a GPU sanitizer would make (bounds and alignment of every
+//! access, uninitialised shared reads, shared-memory races between barriers, `.nc` loads of
+//! written bytes, divergent barriers, deadlocks, bad member masks). `README.md` lists exactly
+//! what is supported.
 //!
 //! ```
 //! let module = ptx_sim::parse(r#"
