@@ -735,3 +735,114 @@ fn launches_that_do_not_fit_the_kernel_are_errors() {
     assert!(error.to_string().contains("bad shape"), "{error}");
     assert!(device.read(buffer.offset(8), 16).is_err());
 }
+
+#[test]
+fn every_comparison_and_the_remaining_unary_forms() {
+    // Each thread packs its comparison results into a bit mask (bit k = comparison k).
+    let float_cmps = [
+        "eq", "ne", "lt", "le", "gt", "ge", "equ", "neu", "ltu", "leu", "gtu", "geu", "num", "nan",
+    ];
+    let int_cmps = ["eq", "ne", "lt", "le", "gt", "ge", "lo", "ls", "hi", "hs"];
+    let mut body = String::from(
+        "    ld.global.f32 %f1, [%rd4];\n    ld.global.f32 %f2, [%rd4+32];\n    mov.u32 %r10, 0;\n    mov.u32 %r11, 0;\n",
+    );
+    for (k, cmp) in float_cmps.iter().enumerate() {
+        body += &format!(
+            "    setp.{cmp}.f32 %p1, %f1, %f2;\n    selp.u32 %r12, {}, 0, %p1;\n    or.b32 %r10, %r10, %r12;\n",
+            1u32 << k
+        );
+    }
+    body += "    cvt.rzi.s32.f32 %r13, %f1;\n    cvt.rzi.s32.f32 %r14, %f2;\n";
+    for (k, cmp) in int_cmps.iter().enumerate() {
+        body += &format!(
+            "    setp.{cmp}.s32 %p1, %r13, %r14;\n    selp.u32 %r12, {}, 0, %p1;\n    or.b32 %r11, %r11, %r12;\n",
+            1u32 << k
+        );
+    }
+    body += r#"
+    neg.s32 %r15, %r13;
+    abs.s32 %r16, %r13;
+    neg.f32 %f3, %f1;
+    abs.f32 %f4, %f1;
+    rsqrt.approx.f32 %f5, %f4;
+    cvt.s64.s32 %rd6, %r13;
+    shr.u64 %rd6, %rd6, 32;
+    cvt.u32.u64 %r17, %rd6;
+    st.global.u32 [%rd3], %r10;
+    st.global.u32 [%rd3+32], %r11;
+    st.global.u32 [%rd3+64], %r15;
+    st.global.u32 [%rd3+96], %r16;
+    st.global.f32 [%rd3+128], %f3;
+    st.global.f32 [%rd3+160], %f4;
+    st.global.f32 [%rd3+192], %f5;
+    st.global.u32 [%rd3+224], %r17;
+"#;
+    let a = [1.0f32, 2.0, -3.0, f32::NAN, 5.0, -0.0, 7.0, -8.0];
+    let b = [1.0f32, -2.0, 3.0, 1.0, f32::NAN, 0.0, 9.0, -9.0];
+    let mut input = f32_bits(&a);
+    input.extend(f32_bits(&b));
+    let out = outputs(&kernel(&body), LaunchConfig::linear(1, 8), &input, 64);
+    for i in 0..8 {
+        let (x, y) = (a[i], b[i]);
+        let unordered = x.is_nan() || y.is_nan();
+        let float_truth = [
+            x == y,
+            !unordered && x != y,
+            x < y,
+            x <= y,
+            x > y,
+            x >= y,
+            unordered || x == y,
+            unordered || x != y,
+            unordered || x < y,
+            unordered || x <= y,
+            unordered || x > y,
+            unordered || x >= y,
+            !unordered,
+            unordered,
+        ];
+        let expected: u32 = float_truth
+            .iter()
+            .enumerate()
+            .map(|(k, &t)| u32::from(t) << k)
+            .sum();
+        assert_eq!(out[i], expected, "float comparisons of {x} and {y}");
+        let (p, q) = (
+            if x.is_nan() { 0 } else { x as i32 },
+            if y.is_nan() { 0 } else { y as i32 },
+        );
+        let (up, uq) = (p as u32, q as u32);
+        let int_truth = [
+            p == q,
+            p != q,
+            p < q,
+            p <= q,
+            p > q,
+            p >= q,
+            up < uq,
+            up <= uq,
+            up > uq,
+            up >= uq,
+        ];
+        let expected: u32 = int_truth
+            .iter()
+            .enumerate()
+            .map(|(k, &t)| u32::from(t) << k)
+            .sum();
+        assert_eq!(out[8 + i], expected, "integer comparisons of {p} and {q}");
+        assert_eq!(out[16 + i] as i32, p.wrapping_neg(), "neg {p}");
+        assert_eq!(out[24 + i] as i32, p.wrapping_abs(), "abs {p}");
+        assert_eq!(out[32 + i], (-x).to_bits(), "neg.f32 {x}");
+        assert_eq!(out[40 + i], x.abs().to_bits(), "abs.f32 {x}");
+        let rsqrt = 1.0 / x.abs().sqrt();
+        assert!(
+            out[48 + i] == rsqrt.to_bits() || rsqrt.is_nan(),
+            "rsqrt {x}"
+        );
+        assert_eq!(
+            out[56 + i],
+            if p < 0 { u32::MAX } else { 0 },
+            "sign extension of {p}"
+        );
+    }
+}
