@@ -235,14 +235,7 @@ impl<'a> Cta<'a> {
         }
         match &instruction.op {
             Op::BarSync { barrier, threads } => {
-                return self.bar_sync(
-                    warp,
-                    active,
-                    &participants,
-                    barrier,
-                    threads.as_ref(),
-                    instruction,
-                );
+                return self.bar_sync(warp, &participants, barrier, threads.as_ref(), instruction);
             }
             Op::BarWarpSync { mask } => {
                 return self.warp_sync(warp, &participants, mask, instruction);
@@ -263,13 +256,15 @@ impl<'a> Cta<'a> {
     fn bar_sync(
         &mut self,
         warp: usize,
-        active: &[usize],
         participants: &[usize],
         barrier: &Operand,
         threads: Option<&Operand>,
         instruction: &Instruction,
     ) -> Result<()> {
-        let first = *active.first().expect("a step has active lanes");
+        // A barrier whose guard is false for the whole warp is not reached by it at all.
+        let Some(&first) = participants.first() else {
+            return Ok(());
+        };
         let number = self.read(first, barrier, Type::U32, instruction)?;
         if number != 0 || threads.is_some() {
             return Err(self.fault(

@@ -592,6 +592,18 @@ fn divergent_barrier_and_deadlocks_are_caught() {
         Some(BODY_LINE + 2),
     );
 
+    // A barrier skipped by a whole warp (its guard false everywhere) is not "part of a warp":
+    // here warp 1 skips it and exits, so warp 0 waits with exited threads: a deadlock.
+    let body = r#"
+    setp.lt.u32 %p1, %r3, 32;
+    @%p1 bar.sync 0;
+"#;
+    let error = fault_of(&kernel(body), LaunchConfig::linear(1, 64), &[0], 1);
+    assert!(
+        matches!(&error, SimError::Deadlock { message, .. } if message.contains("have exited")),
+        "{error}"
+    );
+
     // Two warps wait at different barriers.
     let body = r#"
     setp.lt.u32 %p1, %r3, 32;
