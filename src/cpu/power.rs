@@ -95,7 +95,13 @@ pub(crate) fn fused_pass<R: Rows>(
         // Rayon runs `init` once per split, not per block: 16 tiles (1 MiB) for the 360 blocks
         // of a warm GPT-2-small step, measured.
         .for_each_init(
-            || vec![0.0f32; CACHE_TILE_ELEMENTS],
+            || {
+                if R::KEEP_TILE {
+                    vec![0.0f32; CACHE_TILE_ELEMENTS]
+                } else {
+                    Vec::new()
+                }
+            },
             |tile, ((block, partial), block_sums)| {
                 let (rows, v) = (
                     &rows[block.matrix],
@@ -156,7 +162,7 @@ pub(crate) fn checked_path(path: KernelPath) -> Result<KernelPath> {
 
 /// The fused pass over one block (SPEC 4): per cache tile, `t_i = <u_i, v>`, then
 /// `partial += Σ t_i u_i` re-reading the tile from cache. Where forming `U` costs more than
-/// reading it back (the step's `U = f(G, M)`, see [`Rows::keep_tile`]), the first sweep keeps
+/// reading it back (the step's `U = f(G, M)`, see [`Rows::KEEP_TILE`]), the first sweep keeps
 /// the tile's `U` in `tile` and the second sweep reads it; the arithmetic, and so the result,
 /// is the same either way.
 struct FusedBlock<'a, R> {
@@ -181,7 +187,7 @@ impl<R: Rows> Kernel for FusedBlock<'_, R> {
         partial.fill(0.0);
         let fan_in = v.len();
         let tile_rows = (CACHE_TILE_ELEMENTS / fan_in).clamp(1, MAX_TILE_ROWS);
-        let keep_tile = rows.keep_tile() && tile_rows * fan_in <= tile.len();
+        let keep_tile = R::KEEP_TILE && tile_rows * fan_in <= tile.len();
         let mut row_dots = [0.0f32; MAX_TILE_ROWS];
         let mut buffer = [0.0f32; CHUNK];
         let mut group_buffers = [[0.0f32; CHUNK]; ROW_GROUP];
@@ -555,9 +561,7 @@ mod tests {
     struct Generic<'a>(PlainRows<'a, bf16>);
 
     impl Rows for Generic<'_> {
-        fn keep_tile(&self) -> bool {
-            false
-        }
+        const KEEP_TILE: bool = false;
         fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]) {
             self.0.load::<FMA>(row, col_start, out)
         }

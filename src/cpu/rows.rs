@@ -85,7 +85,15 @@ pub(crate) trait Rows: Sync {
     /// rather than form it again. Measured on the GPT-2-small bench: worth it when `U` comes
     /// from `G` and `M` (two streams and the momentum rule), not for a stored matrix (an `f32`
     /// one is read in place; re-widening 16-bit data beats re-reading 32-bit data).
-    fn keep_tile(&self) -> bool;
+    const KEEP_TILE: bool;
+
+    /// `U[row, col_start .. col_start + len]` in place when `U` is a stored `f32` matrix,
+    /// `None` otherwise.
+    #[inline(always)]
+    fn stored_f32(&self, row: usize, col_start: usize, len: usize) -> Option<&[f32]> {
+        let _ = (row, col_start, len);
+        None
+    }
 
     /// Row `row` as raw bf16 bits when `U` is a stored bf16 matrix (the AVX2 path widens
     /// those in registers), `None` otherwise.
@@ -105,6 +113,9 @@ pub(crate) trait Rows: Sync {
         len: usize,
         buffer: &'a mut [f32; CHUNK],
     ) -> &'a [f32] {
+        if let Some(stored) = self.stored_f32(row, col_start, len) {
+            return stored;
+        }
         let out = &mut buffer[..len];
         self.load::<FMA>(row, col_start, out);
         out
@@ -118,8 +129,12 @@ pub(crate) struct PlainRows<'a, T> {
 }
 
 impl<T: Element> Rows for PlainRows<'_, T> {
-    fn keep_tile(&self) -> bool {
-        false
+    const KEEP_TILE: bool = false;
+
+    #[inline(always)]
+    fn stored_f32(&self, row: usize, col_start: usize, len: usize) -> Option<&[f32]> {
+        let start = row * self.fan_in + col_start;
+        T::as_f32_slice(&self.data[start..start + len])
     }
 
     #[inline(always)]
@@ -134,25 +149,6 @@ impl<T: Element> Rows for PlainRows<'_, T> {
         let source = &self.data[start..start + out.len()];
         for (dst, &value) in out.iter_mut().zip(source) {
             *dst = value.to_f32();
-        }
-    }
-
-    #[inline(always)]
-    fn chunk<'a, const FMA: bool>(
-        &'a self,
-        row: usize,
-        col_start: usize,
-        len: usize,
-        buffer: &'a mut [f32; CHUNK],
-    ) -> &'a [f32] {
-        let start = row * self.fan_in + col_start;
-        match T::as_f32_slice(&self.data[start..start + len]) {
-            Some(stored) => stored,
-            None => {
-                let out = &mut buffer[..len];
-                self.load::<FMA>(row, col_start, out);
-                out
-            }
         }
     }
 }
@@ -208,9 +204,7 @@ impl<T: Element> DirectionRows<'_, T> {
 }
 
 impl<T: Element> Rows for DirectionRows<'_, T> {
-    fn keep_tile(&self) -> bool {
-        true
-    }
+    const KEEP_TILE: bool = true;
 
     #[inline(always)]
     fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]) {
