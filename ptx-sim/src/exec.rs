@@ -225,25 +225,28 @@ impl<'a> Cta<'a> {
     }
 
     fn step(&mut self, warp: usize, active: &[usize], instruction: &'a Instruction) -> Result<()> {
-        let participants: Vec<usize> = active
-            .iter()
-            .copied()
-            .filter(|&t| self.guard_holds(t, instruction))
-            .collect();
+        // At most one warp of lanes: a stack buffer, no allocation per instruction.
+        let mut lanes = [0usize; WARP];
+        let mut count = 0;
+        for &t in active.iter().filter(|&&t| self.guard_holds(t, instruction)) {
+            lanes[count] = t;
+            count += 1;
+        }
+        let participants = &lanes[..count];
         for &t in active {
             self.pcs[t] += 1;
         }
         match &instruction.op {
             Op::BarSync { barrier, threads } => {
-                return self.bar_sync(warp, &participants, barrier, threads.as_ref(), instruction);
+                return self.bar_sync(warp, participants, barrier, threads.as_ref(), instruction);
             }
             Op::BarWarpSync { mask } => {
-                return self.warp_sync(warp, &participants, mask, instruction);
+                return self.warp_sync(warp, participants, mask, instruction);
             }
-            Op::Shfl { .. } => return self.shuffle(warp, &participants, instruction),
+            Op::Shfl { .. } => return self.shuffle(warp, participants, instruction),
             _ => {}
         }
-        for &t in &participants {
+        for &t in participants {
             self.execute(t, instruction)?;
         }
         Ok(())
