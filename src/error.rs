@@ -85,6 +85,30 @@ pub enum Error {
     /// A state file was written for a different set of matrix shapes.
     #[error("optimizer state is for a different batch: {0}")]
     StateShapeMismatch(String),
+
+    /// The CUDA driver library (`libcuda.so` / `nvcuda.dll`) could not be loaded: no NVIDIA
+    /// driver on this machine. Use the CPU backend (see `cuda::Selected`).
+    #[error("no CUDA driver: {0}")]
+    NoCudaDriver(String),
+
+    /// The driver is present but there is no usable device (none installed, or the one asked
+    /// for does not exist, or it is older than sm_80).
+    #[error("no usable CUDA device: {0}")]
+    NoDevice(String),
+
+    /// A CUDA driver call failed.
+    #[error("CUDA error in {context}: {message}")]
+    Cuda {
+        /// What the crate was doing.
+        context: &'static str,
+        /// The driver's error.
+        message: String,
+    },
+
+    /// The batch is beyond what the CUDA kernels handle (for example a `fan_in` whose
+    /// partial does not fit in the device's shared memory, or a dimension above `u32`).
+    #[error("not supported by the CUDA kernels: {0}")]
+    DeviceLimit(String),
 }
 
 /// `Result` with this crate's [`Error`].

@@ -40,6 +40,7 @@ pub mod cpu;
 pub mod diagnostics;
 mod element;
 mod error;
+pub mod kernels;
 mod layout;
 mod optimizer;
 mod random;

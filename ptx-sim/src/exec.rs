@@ -525,6 +525,7 @@ impl<'a> Cta<'a> {
                     (UnaryOp::Not, _) => !a & mask(bits),
                     (UnaryOp::Neg, true) => a ^ (1 << (bits - 1)),
                     (UnaryOp::Abs, true) => a & !(1 << (bits - 1)),
+                    (UnaryOp::SqrtRn, _) if *ty == Type::F64 => f64::from_bits(a).sqrt().to_bits(),
                     (UnaryOp::SqrtRn | UnaryOp::SqrtApprox, _) => of_f32(f32_of(a).sqrt()),
                     (UnaryOp::RsqrtApprox, _) => of_f32(1.0 / f32_of(a).sqrt()),
                     (UnaryOp::RcpRn | UnaryOp::RcpApprox, _) => of_f32(1.0 / f32_of(a)),

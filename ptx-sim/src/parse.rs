@@ -669,6 +669,7 @@ fn decode(raw: &RawInstruction, scope: &Scope) -> Result<Op> {
                     ty.is_signed() || matches!(ty, Type::F32 | Type::F64)
                 }
                 UnaryOp::Not => matches!(ty, Type::B16 | Type::B32 | Type::B64 | Type::Pred),
+                UnaryOp::SqrtRn => matches!(ty, Type::F32 | Type::F64),
                 _ => ty == Type::F32,
             };
             check_type(supported, ty, raw)?;
