@@ -13,13 +13,14 @@ use crate::element::Element;
 use crate::error::Result;
 use crate::layout::{BatchLayout, BlockPolicy};
 
-/// Optimizer state in host memory, in layout order: what a state file holds besides the
-/// configuration, shapes and step count.
+/// Optimizer state in host memory, matrix after matrix in batch order with no gaps (whatever
+/// alignment a backend uses on its side): what a state file holds besides the configuration,
+/// shapes and step count. The same state loads into any backend.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HostState {
-    /// Momentum of every matrix, concatenated (layout element offsets), `f32`.
+    /// Momentum of every matrix, concatenated, `f32`.
     pub momentum: Vec<f32>,
-    /// Power vector of every matrix, concatenated (layout vector offsets), unit length.
+    /// Power vector of every matrix, concatenated, unit length.
     pub power_vectors: Vec<f32>,
     /// Per matrix: whether its power vector is warm (one iteration per step suffices).
     pub warm: Vec<bool>,
@@ -28,6 +29,8 @@ pub struct HostState {
 mod sealed {
     pub trait Sealed {}
     impl Sealed for crate::cpu::Cpu {}
+    #[cfg(feature = "cuda")]
+    impl Sealed for crate::cuda::Cuda {}
 }
 
 /// Where the optimizer's passes run. Implemented by this crate's backends only.

@@ -37,6 +37,8 @@
 pub mod backend;
 mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod diagnostics;
 mod element;
 mod error;

@@ -86,15 +86,7 @@ impl SpectralSgd<Cpu> {
 impl<B: Backend> SpectralSgd<B> {
     /// An optimizer on backend `B`.
     pub fn with_backend(shapes: &[MatrixShape], config: SpectralSgdConfig) -> Result<Self> {
-        config.validate()?;
-        let layout = BatchLayout::new(shapes, B::BLOCK_POLICY)?;
-        let backend = B::create(&layout, &config)?;
-        Ok(Self {
-            config,
-            layout,
-            backend,
-            steps: 0,
-        })
+        Self::from_backend(shapes, config, B::create)
     }
 
     /// One step over the whole batch: `weights[j]` and `grads[j]` are matrix `j`, row-major
@@ -111,6 +103,29 @@ impl<B: Backend> SpectralSgd<B> {
                 .step(&self.layout, &self.config, self.steps + 1, weights, grads)?;
         self.steps += 1;
         Ok(report)
+    }
+
+    /// An optimizer around a backend built by the caller (for backends that need more than
+    /// the layout, such as a chosen CUDA device).
+    pub(crate) fn from_backend(
+        shapes: &[MatrixShape],
+        config: SpectralSgdConfig,
+        create: impl FnOnce(&BatchLayout, &SpectralSgdConfig) -> Result<B>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let layout = BatchLayout::new(shapes, B::BLOCK_POLICY)?;
+        let backend = create(&layout, &config)?;
+        Ok(Self {
+            config,
+            layout,
+            backend,
+            steps: 0,
+        })
+    }
+
+    /// The backend (its state and device).
+    pub(crate) fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// The configuration.

@@ -209,13 +209,13 @@ pub(crate) fn decode(
         &tensors[0],
         "momentum",
         StDtype::F32,
-        &[layout.total_elements()],
+        &[layout.shapes().map(|shape| shape.len()).sum::<usize>()],
     )?;
     let vectors = checked(
         &tensors[1],
         "power_vectors",
         StDtype::F32,
-        &[layout.total_vector_len()],
+        &[layout.shapes().map(|shape| shape.fan_in).sum::<usize>()],
     )?;
     let warm = checked(&tensors[2], "power_warm", StDtype::U8, &[matrices])?;
 

@@ -1,0 +1,263 @@
+//! The CUDA backend on a real device. Tests that need a GPU are `#[ignore = "needs a CUDA
+//! device"]`, so that `cargo test` lists them as ignored instead of passing them silently;
+//! `scripts/gpu-check.sh` builds them and runs them with `--ignored` on a GPU machine.
+//! The first test runs everywhere: without a driver or device the backend must return a
+//! clean error, never panic.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::*;
+use spectral_step::cpu::KernelPath;
+use spectral_step::cuda::{self, BackendChoice, Cuda, CudaDevice, cudarc::driver::CudaSlice};
+use spectral_step::half::{bf16, f16};
+use spectral_step::{
+    Element, Error, MatrixShape, MatrixStatus, MomentumKind, SpectralSgd, SpectralSgdConfig,
+};
+
+#[test]
+fn without_a_driver_or_device_the_backend_is_a_clean_error() {
+    let shapes = [MatrixShape::new(8, 8)];
+    let result = SpectralSgd::<Cuda>::with_backend(&shapes, SpectralSgdConfig::default());
+    let choice = cuda::choose_backend();
+    eprintln!("backend choice here: {choice}");
+    if cuda::driver_available() {
+        match (&result, &choice) {
+            (Ok(_), BackendChoice::Cuda(_)) => {}
+            (
+                Err(Error::NoDevice(_)),
+                BackendChoice::Cpu {
+                    reason: Error::NoDevice(_),
+                },
+            ) => {}
+            other => panic!("driver present: unexpected {other:?}"),
+        }
+    } else {
+        assert!(matches!(result, Err(Error::NoCudaDriver(_))), "{result:?}");
+        assert!(matches!(
+            choice,
+            BackendChoice::Cpu {
+                reason: Error::NoCudaDriver(_)
+            }
+        ));
+        assert!(matches!(CudaDevice::open(0), Err(Error::NoCudaDriver(_))));
+    }
+}
+
+fn device() -> CudaDevice {
+    CudaDevice::open(0).expect("a CUDA device (run with --ignored only on a GPU machine)")
+}
+
+fn upload<T: Element + spectral_step::cuda::cudarc::driver::DeviceRepr>(
+    device: &CudaDevice,
+    values: &[Vec<T>],
+) -> Vec<CudaSlice<T>> {
+    values
+        .iter()
+        .map(|v| device.stream().clone_htod(v).expect("upload"))
+        .collect()
+}
+
+fn download<T: Element + spectral_step::cuda::cudarc::driver::DeviceRepr>(
+    device: &CudaDevice,
+    values: &[CudaSlice<T>],
+) -> Vec<Vec<T>> {
+    values
+        .iter()
+        .map(|v| device.stream().clone_dtoh(v).expect("download"))
+        .collect()
+}
+
+fn shapes() -> Vec<MatrixShape> {
+    [
+        (1, 1),
+        (1, 13),
+        (13, 1),
+        (7, 5),
+        (31, 17),
+        (97, 3),
+        (64, 64),
+        (768, 3072),
+        (3072, 768),
+        (50, 768),
+        (768, 1),
+    ]
+    .into_iter()
+    .map(MatrixShape::from)
+    .collect()
+}
+
+/// Three steps on the device against the CPU path, with the simulator suite's tolerances.
+fn device_matches_cpu<T: Element + spectral_step::cuda::cudarc::driver::DeviceRepr>() {
+    let shapes = shapes();
+    let config = SpectralSgdConfig {
+        learning_rate: 0.05,
+        momentum_kind: MomentumKind::Ema,
+        nesterov: true,
+        weight_decay: 0.1,
+        ..SpectralSgdConfig::default()
+    };
+    let mut cpu = SpectralSgd::new(&shapes, config).unwrap();
+    let exact_momentum = KernelPath::Avx2Fma.is_supported();
+    if exact_momentum {
+        cpu.set_kernel_path(KernelPath::Avx2Fma).unwrap();
+    }
+    let device = device();
+    eprintln!("device: {}", device.info());
+    let mut gpu = SpectralSgd::<Cuda>::on_device(&shapes, config, device).unwrap();
+    let mut weights: Vec<Vec<T>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, 0.5, j as u64))
+        .collect();
+    let mut device_weights = upload(gpu.device(), &weights);
+    for step in 0..3u64 {
+        let grads: Vec<Vec<T>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(j, &s)| random_matrix(s, 1.0, 100 * step + j as u64))
+            .collect();
+        let device_grads = upload(gpu.device(), &grads);
+        let before = weights.clone();
+        let cpu_report = cpu.step(&mut weights, &grads).unwrap();
+        let pending = gpu.step(&mut device_weights, &device_grads).unwrap();
+        assert_eq!(pending.step, step + 1);
+        let report = gpu.report().unwrap();
+        let got = download(gpu.device(), &device_weights);
+        for (j, shape) in shapes.iter().enumerate() {
+            let what = format!(
+                "{} step {step} matrix {j} ({}x{})",
+                T::DTYPE.name(),
+                shape.fan_out,
+                shape.fan_in
+            );
+            assert_eq!(
+                report.matrices[j].status, cpu_report.matrices[j].status,
+                "{what}"
+            );
+            let (s, c) = (
+                report.matrices[j].sigma.unwrap(),
+                cpu_report.matrices[j].sigma.unwrap(),
+            );
+            assert_close(
+                &format!("{what} sigma"),
+                f64::from(s),
+                f64::from(c),
+                2e-5 * f64::from(c),
+            );
+            let momentum = gpu.momentum_to_host(j).unwrap();
+            for (k, (&g, &c)) in momentum.iter().zip(cpu.momentum(j)).enumerate() {
+                let tolerance = if exact_momentum {
+                    0.0
+                } else {
+                    2.0 * f64::from(f32::EPSILON) * f64::from(c.abs())
+                };
+                assert_close(
+                    &format!("{what} momentum[{k}]"),
+                    f64::from(g),
+                    f64::from(c),
+                    tolerance,
+                );
+            }
+            let largest = weights[j].iter().zip(&before[j]).fold(0.0f64, |m, (a, b)| {
+                m.max((f64::from(a.to_f32()) - f64::from(b.to_f32())).abs())
+            });
+            for (k, ((&g, &c), &b)) in got[j].iter().zip(&weights[j]).zip(&before[j]).enumerate() {
+                let (g, c, b) = (
+                    f64::from(g.to_f32()),
+                    f64::from(c.to_f32()),
+                    f64::from(b.to_f32()),
+                );
+                assert_close(
+                    &format!("{what} weight step[{k}]"),
+                    g - b,
+                    c - b,
+                    1e-4 * largest + epsilon::<T>() * c.abs() + smallest_step::<T>(),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_step_f32_matches_cpu() {
+    device_matches_cpu::<f32>();
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_step_bf16_matches_cpu() {
+    device_matches_cpu::<bf16>();
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_step_f16_matches_cpu() {
+    device_matches_cpu::<f16>();
+}
+
+/// Wrong lengths and counts are errors before anything is launched; a NaN skips one matrix.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_errors_and_skips() {
+    let shapes = [MatrixShape::new(16, 8), MatrixShape::new(4, 4)];
+    let mut gpu =
+        SpectralSgd::<Cuda>::on_device(&shapes, SpectralSgdConfig::default(), device()).unwrap();
+    let mut weights = upload(gpu.device(), &[vec![0.5f32; 128], vec![0.5f32; 16]]);
+    let short = upload(gpu.device(), &[vec![1.0f32; 128], vec![1.0f32; 15]]);
+    assert!(matches!(
+        gpu.step(&mut weights, &short),
+        Err(Error::LengthMismatch { index: 1, .. })
+    ));
+    assert!(matches!(
+        gpu.step(&mut weights[..1], &short[..1]),
+        Err(Error::MatrixCountMismatch { .. })
+    ));
+    assert!(
+        matches!(gpu.report(), Err(Error::InvalidArgument(_))),
+        "no step taken yet"
+    );
+    let mut grads = vec![vec![1.0f32; 128], vec![0.25f32; 16]];
+    grads[0][7] = f32::NAN;
+    let device_grads = upload(gpu.device(), &grads);
+    gpu.step(&mut weights, &device_grads).unwrap();
+    let report = gpu.report().unwrap();
+    assert_eq!(report.matrices[0].status, MatrixStatus::SkippedNonFinite);
+    assert_eq!(report.matrices[1].status, MatrixStatus::Updated);
+    assert_eq!(download(gpu.device(), &weights)[0], vec![0.5f32; 128]);
+}
+
+/// A state saved on the device loads into the CPU optimizer and the next steps agree.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_state_round_trips_through_the_cpu_format() {
+    let shapes = [
+        MatrixShape::new(33, 17),
+        MatrixShape::new(64, 64),
+        MatrixShape::new(9, 1),
+    ];
+    let config = SpectralSgdConfig::default();
+    let mut gpu = SpectralSgd::<Cuda>::on_device(&shapes, config, device()).unwrap();
+    let weights: Vec<Vec<f32>> = shapes.iter().map(|&s| random_matrix(s, 0.5, 1)).collect();
+    let grads: Vec<Vec<f32>> = shapes.iter().map(|&s| random_matrix(s, 1.0, 2)).collect();
+    let mut device_weights = upload(gpu.device(), &weights);
+    gpu.step(&mut device_weights, &upload(gpu.device(), &grads))
+        .unwrap();
+    let bytes = gpu.state_to_bytes().unwrap();
+    let mut cpu = SpectralSgd::new(&shapes, config).unwrap();
+    cpu.load_state_from_bytes(&bytes).unwrap();
+    for j in 0..shapes.len() {
+        assert_eq!(cpu.momentum(j), gpu.momentum_to_host(j).unwrap().as_slice());
+        assert_eq!(
+            cpu.power_vector(j),
+            gpu.power_vector_to_host(j).unwrap().as_slice()
+        );
+        assert!(cpu.is_warm(j));
+    }
+    let mut other = SpectralSgd::<Cuda>::on_device(&shapes, config, device()).unwrap();
+    other
+        .load_state_from_bytes(&cpu.state_to_bytes().unwrap())
+        .unwrap();
+    assert_eq!(other.state_to_bytes().unwrap(), bytes);
+}
