@@ -446,3 +446,65 @@ impl SpectralSgd<Cuda> {
         Ok(state.power_vectors[entry.vector_range()].to_vec())
     }
 }
+
+/// Batched power iteration on stored matrices on the device (SPEC 4; the plain power pass):
+/// `sigma` estimates of weight matrices for diagnostics, and the kernel the GPU benchmark
+/// times. Its power vectors are its own, seeded like the optimizer's.
+#[derive(Debug)]
+pub struct PowerIteration {
+    state: Cuda,
+}
+
+impl PowerIteration {
+    /// Buffers for matrices of these shapes on `device`.
+    pub fn new(shapes: &[MatrixShape], device: CudaDevice) -> Result<Self> {
+        let config = SpectralSgdConfig::default();
+        let layout = BatchLayout::new(shapes, BlockPolicy::CUDA)?;
+        Ok(Self {
+            state: Cuda::create_on(device, &layout, &config)?,
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &CudaDevice {
+        &self.state.device
+    }
+
+    /// Enqueues `iterations` power iterations on `matrices` (one per shape, row-major),
+    /// continuing from the current vectors. Does not wait.
+    pub fn iterate<T: Element>(
+        &mut self,
+        matrices: &[CudaSlice<T>],
+        iterations: u32,
+    ) -> Result<()> {
+        let layout = self.state.layout.clone();
+        layout.check_lengths("matrix", matrices.iter().map(CudaSlice::len))?;
+        if iterations == 0 {
+            return Err(Error::InvalidArgument(
+                "iterations must be at least 1".into(),
+            ));
+        }
+        let stream = self.state.device.stream().clone();
+        let mut guards = Vec::with_capacity(layout.len());
+        let mut addresses = Vec::with_capacity(layout.len());
+        for matrix in matrices {
+            let (address, guard) = matrix.device_ptr(&stream);
+            addresses.push((address, address));
+            guards.push(guard);
+        }
+        let config = SpectralSgdConfig::default();
+        self.state
+            .upload_matrix_table(&layout, &config, T::DTYPE, addresses)?;
+        let launches =
+            kernels::power_launches(&layout, T::DTYPE, self.state.table_pointers(), iterations)?;
+        self.state.device.launch_all(&launches)?;
+        drop(guards);
+        self.state.last_step = Some(0);
+        Ok(())
+    }
+
+    /// The estimates of the last [`iterate`](Self::iterate), per matrix. Waits.
+    pub fn report(&self) -> Result<StepReport> {
+        self.state.report()
+    }
+}

@@ -1,0 +1,180 @@
+//! GPU benchmark (issue 4): the fused step and the plain power pass on the GPT-2-small matrix
+//! set (48 matrices, 85M parameters), `f32` and `bf16`, against a device-to-device copy of
+//! the same bytes measured in the same run, interleaved round by round.
+//!
+//! Bandwidth counts the bytes each kernel must move at least once:
+//! - step (warm: power pass + finish + update, 3 launches): power pass reads G and M, the
+//!   update reads G, M, W and writes M, W; `f32`: 28 bytes per parameter, `bf16`: 20.
+//! - power pass (one iteration on stored W: plain pass + finish): W once; 4 or 2 bytes.
+//! - copy: reads and writes N bytes: 2N.
+//!
+//! Targets on an H200: step >= 85% and power pass >= 80% of the copy's bandwidth.
+//! Without a device it prints NOT RUN and why, and exits 0 (it is a benchmark, not a test).
+//!
+//! Run: `cargo bench --bench gpu_step -- [--rounds N]`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use spectral_step::cuda::cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DeviceRepr, sys::CUevent_flags,
+};
+use spectral_step::cuda::{Cuda, CudaDevice, PowerIteration};
+use spectral_step::half::bf16;
+use spectral_step::{Element, MatrixShape, SpectralSgd, SpectralSgdConfig};
+
+fn gpt2_small() -> Vec<MatrixShape> {
+    let per_layer = [(2304, 768), (768, 768), (3072, 768), (768, 3072)];
+    (0..12)
+        .flat_map(|_| per_layer.map(|(fan_out, fan_in)| MatrixShape::new(fan_out, fan_in)))
+        .collect()
+}
+
+fn fill<T: Element>(len: usize, salt: u64) -> Vec<T> {
+    (0..len)
+        .map(|i| {
+            let h = (i as u64 ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            T::from_f32_rne(((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+        })
+        .collect()
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// Milliseconds of `work` on the device's stream, by CUDA events.
+fn timed(
+    context: &Arc<CudaContext>,
+    stream: &CudaStream,
+    work: &mut dyn FnMut() -> Result<()>,
+) -> Result<f64> {
+    let start = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let end = context.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    start.record(stream)?;
+    work()?;
+    end.record(stream)?;
+    end.synchronize()?;
+    Ok(f64::from(start.elapsed_ms(&end)?))
+}
+
+fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<()> {
+    let shapes = gpt2_small();
+    let params: usize = shapes.iter().map(|s| s.len()).sum();
+    let size = std::mem::size_of::<T>();
+    let device = CudaDevice::open(0)?;
+    eprintln!("{} | {}", device.info(), T::DTYPE.name());
+    let config = SpectralSgdConfig::default();
+    let mut optimizer = SpectralSgd::<Cuda>::on_device(&shapes, config, CudaDevice::open(0)?)?;
+    let stream = optimizer.device().stream().clone();
+    let upload = |salt: u64| -> Result<Vec<CudaSlice<T>>> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(j, s)| Ok(stream.clone_htod(&fill::<T>(s.len(), salt + j as u64))?))
+            .collect()
+    };
+    let mut weights = upload(1)?;
+    let grads = upload(1000)?;
+    // Warm-up: the cold first step (8 iterations), then one warm step.
+    optimizer.step(&mut weights, &grads)?;
+    optimizer.step(&mut weights, &grads)?;
+    let report = optimizer.report()?;
+    assert!(
+        report.all_updated(),
+        "warm-up step skipped a matrix: {report:?}"
+    );
+
+    let mut power = PowerIteration::new(&shapes, CudaDevice::open(0)?)?;
+    power.iterate(&weights, 1)?;
+
+    let step_bytes = params * (size * 2 + 4) + params * (size * 2 + 4 * 2 + size);
+    let power_bytes = params * size;
+    let copy_of = |bytes: usize| -> Result<(CudaSlice<u8>, CudaSlice<u8>)> {
+        Ok((
+            stream.alloc_zeros::<u8>(bytes)?,
+            stream.alloc_zeros::<u8>(bytes)?,
+        ))
+    };
+    let (step_src, mut step_dst) = copy_of(step_bytes / 2)?;
+    let (power_src, mut power_dst) = copy_of(power_bytes)?;
+    let context = optimizer.device().context().clone();
+    let power_context = power.device().context().clone();
+    let power_stream = power.device().stream().clone();
+
+    let (mut step_ratio, mut power_ratio) = (Vec::new(), Vec::new());
+    let (mut step_gbs, mut power_gbs, mut copy_gbs) = (Vec::new(), Vec::new(), Vec::new());
+    let wall = Instant::now();
+    for _ in 0..rounds {
+        let copy_ms = timed(&context, &stream, &mut || {
+            stream.memcpy_dtod(&step_src, &mut step_dst)?;
+            Ok(())
+        })?;
+        let step_ms = timed(&context, &stream, &mut || {
+            optimizer.step(&mut weights, &grads)?;
+            Ok(())
+        })?;
+        let copy_small_ms = timed(&power_context, &power_stream, &mut || {
+            power_stream.memcpy_dtod(&power_src, &mut power_dst)?;
+            Ok(())
+        })?;
+        let power_ms = timed(&power_context, &power_stream, &mut || {
+            power.iterate(&weights, 1)?;
+            Ok(())
+        })?;
+        let gbs = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e6);
+        let copy = gbs(step_bytes, copy_ms);
+        let copy_small = gbs(2 * power_bytes, copy_small_ms);
+        step_gbs.push(gbs(step_bytes, step_ms));
+        power_gbs.push(gbs(power_bytes, power_ms));
+        copy_gbs.push(copy);
+        step_ratio.push(gbs(step_bytes, step_ms) / copy);
+        power_ratio.push(gbs(power_bytes, power_ms) / copy_small);
+    }
+    let report = optimizer.report()?;
+    assert!(report.all_updated(), "a timed step skipped a matrix");
+    println!(
+        "{:>5} | step {:7.1} GB/s = {:5.1}% of copy ({:7.1} GB/s) | power pass {:7.1} GB/s = {:5.1}% of copy | {} rounds in {:.1} s",
+        T::DTYPE.name(),
+        median(&mut step_gbs),
+        100.0 * median(&mut step_ratio),
+        median(&mut copy_gbs),
+        median(&mut power_gbs),
+        100.0 * median(&mut power_ratio),
+        rounds,
+        wall.elapsed().as_secs_f64()
+    );
+    println!(
+        "      | step ratio min {:.1}% max {:.1}% | power ratio min {:.1}% max {:.1}% (targets: step >= 85%, power >= 80%)",
+        100.0 * step_ratio.first().copied().unwrap_or(0.0),
+        100.0 * step_ratio.last().copied().unwrap_or(0.0),
+        100.0 * power_ratio.first().copied().unwrap_or(0.0),
+        100.0 * power_ratio.last().copied().unwrap_or(0.0),
+    );
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rounds = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(21);
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    println!(
+        "GPT-2-small set, warm step and one power iteration vs device-to-device copy (median of {rounds} interleaved rounds)"
+    );
+    for result in [run::<f32>(rounds), run::<bf16>(rounds)] {
+        if let Err(error) = result {
+            println!("NOT RUN: {error}");
+            return;
+        }
+    }
+}
