@@ -16,10 +16,12 @@
 //! the write of `M` in pass B hits cache lines that pass B has just read, so it needs no extra
 //! read-for-ownership.
 
+mod lanczos;
 mod power;
 mod rows;
 mod step;
 
+pub use lanczos::LanczosEstimate;
 pub use power::{BatchPowerIteration, Estimate};
 pub use rows::KernelPath;
 

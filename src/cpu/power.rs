@@ -419,6 +419,54 @@ impl BatchPowerIteration {
         Ok(estimates)
     }
 
+    /// `w = U^T (U v)` for every matrix marked `active`, into `products` (layout vector
+    /// offsets), without normalising: the fused pass and the block-order sum of its partials.
+    /// Returns each matrix's `sum of U^2` (0 for inactive ones).
+    pub(crate) fn gram_product<T: Element>(
+        &mut self,
+        matrices: &[&[T]],
+        vectors: &[f32],
+        products: &mut [f32],
+        active: &[bool],
+    ) -> Result<Vec<f32>> {
+        self.check(matrices, vectors)?;
+        let rows: Vec<_> = self
+            .layout
+            .matrices()
+            .iter()
+            .zip(matrices)
+            .map(|(entry, data)| PlainRows {
+                data,
+                fan_in: entry.shape.fan_in,
+            })
+            .collect();
+        fused_pass(
+            self.path,
+            &self.layout,
+            &rows,
+            active,
+            vectors,
+            &mut self.partials,
+            &mut self.sums,
+        );
+        let mut sums = vec![0.0f32; self.layout.len()];
+        for (index, entry) in self.layout.matrices().iter().enumerate() {
+            if !active[index] {
+                continue;
+            }
+            let product = &mut products[entry.vector_range()];
+            product.fill(0.0);
+            for block in &self.layout.blocks()[entry.block_range()] {
+                let partial = &self.partials[block.partial_offset..][..entry.shape.fan_in];
+                product.iter_mut().zip(partial).for_each(|(w, &p)| *w += p);
+            }
+            sums[index] = self.sums[entry.block_range()]
+                .iter()
+                .fold(0.0f32, |total, s| total + s.sum_sq);
+        }
+        Ok(sums)
+    }
+
     /// The same iteration as two full passes: `p = U v` for every matrix, then
     /// `w = U^T p`. Kept as the baseline the fused pass is measured against.
     pub fn two_pass<T: Element>(
