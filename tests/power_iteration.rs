@@ -421,7 +421,7 @@ fn lanczos_meets_its_tolerance_against_the_exact_svd() {
 #[test]
 fn lanczos_reports_zero_and_non_finite_matrices() {
     let shapes = [MatrixShape::new(8, 6), MatrixShape::new(5, 5)];
-    let zero = vec![0.0f32; 48];
+    let zero = [0.0f32; 48];
     let mut nan: Vec<f32> = reference::gaussian(25, 1)
         .iter()
         .map(|&x| x as f32)

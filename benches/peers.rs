@@ -1,0 +1,229 @@
+//! This crate's side of the peer benchmark (issue 6; `bench/peers/run.sh` drives it and the
+//! PyTorch / SciPy side, `bench/peers/peers.py`, on the same inputs in the same run).
+//!
+//! ```text
+//! cargo bench --bench peers -- --data DIR --out DIR [--rounds N]
+//! ```
+//!
+//! 1. Spectral norm to 1e-3 relative error, cold start, of every matrix listed in
+//!    `DIR/manifest.txt` (`name rows cols file`, raw little-endian f32 written by peers.py):
+//!    Lanczos on `U^T U` over the fused pass (`BatchPowerIteration::lanczos`).
+//! 2. One warm power iteration over the GPT-2-small matrix set (fused, one read).
+//! 3. The full spectral step on the GPT-2-small set, f32 and bf16 weights/gradients.
+//!
+//! The GPT-2 inputs come from a hash of the element index that numpy reproduces bit for bit
+//! (`value(i) = ((h >> 40) / 2^24) * 2 - 1`, `h = (i ^ (salt + j)) * 0x9E3779B97F4A7C15`),
+//! so no 680 MB of files change hands. For the agreement checks this binary writes its start
+//! vectors and its results (`OUT/*.bin`) for peers.py to compare against. Timings: median,
+//! min and max over `--rounds` (wall clock), written to `OUT/crate.json`.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use spectral_step::cpu::{BatchPowerIteration, Estimate};
+use spectral_step::half::bf16;
+use spectral_step::{
+    BatchLayout, BlockPolicy, Element, MatrixShape, SpectralSgd, SpectralSgdConfig,
+};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn gpt2_small() -> Vec<MatrixShape> {
+    let per_layer = [(2304, 768), (768, 768), (3072, 768), (768, 3072)];
+    (0..12)
+        .flat_map(|_| per_layer.map(|(fan_out, fan_in)| MatrixShape::new(fan_out, fan_in)))
+        .collect()
+}
+
+/// The shared hash inputs (see the module docs); matrix `j` uses `salt + j`.
+fn hashed<T: Element>(shapes: &[MatrixShape], salt: u64) -> Vec<Vec<T>> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(j, shape)| {
+            (0..shape.len())
+                .into_par_iter()
+                .map(|i| {
+                    let h = (i as u64 ^ (salt + j as u64)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    T::from_f32_rne(((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// (median, min, max) milliseconds of `rounds` runs of `work`.
+fn time(rounds: usize, mut work: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let start = Instant::now();
+        work()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[0], times[times.len() - 1]))
+}
+
+fn write_f32(path: &Path, values: &[f32]) -> Result<()> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    fs::write(path, bytes)?;
+    Ok(())
+}
+
+fn read_f32(path: &Path) -> Result<Vec<f32>> {
+    let bytes = fs::read(path)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+fn json_timing(
+    json: &mut String,
+    task: &str,
+    case: &str,
+    (median, min, max): (f64, f64, f64),
+    extra: &str,
+) {
+    writeln!(json, r#"{{"side": "crate", "task": "{task}", "case": "{case}", "median_ms": {median:.4}, "min_ms": {min:.4}, "max_ms": {max:.4}{extra}}}"#).ok();
+}
+
+fn spectral_norms(data: &Path, rounds: usize, json: &mut String) -> Result<()> {
+    let manifest = fs::read_to_string(data.join("manifest.txt"))?;
+    for line in manifest.lines().filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [name, rows, cols, file] = fields[..] else {
+            return Err(format!("bad manifest line {line:?}").into());
+        };
+        let shape = MatrixShape::new(rows.parse()?, cols.parse()?);
+        let matrix = read_f32(&data.join(file))?;
+        let mut power = BatchPowerIteration::new(BatchLayout::new(&[shape], BlockPolicy::CPU)?);
+        let mut last = None;
+        let timing = time(rounds, || {
+            last = Some(power.lanczos(&[&matrix[..]], 1, 1e-3, 500)?[0]);
+            Ok(())
+        })?;
+        let result = last.ok_or("no rounds")?;
+        let Estimate::Sigma(sigma) = result.estimate else {
+            return Err(format!("{name}: {result:?}").into());
+        };
+        eprintln!(
+            "spectral norm {name}: sigma {sigma} in {} passes, {:.2} ms",
+            result.iterations, timing.0
+        );
+        json_timing(
+            json,
+            "spectral_norm",
+            name,
+            timing,
+            &format!(r#", "sigma": {sigma}, "passes": {}"#, result.iterations),
+        );
+    }
+    Ok(())
+}
+
+fn warm_power_iteration(out: &Path, rounds: usize, json: &mut String) -> Result<()> {
+    let shapes = gpt2_small();
+    let weights = hashed::<f32>(&shapes, 1);
+    let views: Vec<&[f32]> = weights.iter().map(Vec::as_slice).collect();
+    let mut power = BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU)?);
+    let mut vectors = power.cold_vectors(7);
+    write_f32(&out.join("power_start.bin"), &vectors)?;
+    power.fused(&views, &mut vectors)?;
+    write_f32(&out.join("power_after.bin"), &vectors)?;
+    let timing = time(rounds, || {
+        power.fused(&views, &mut vectors)?;
+        Ok(())
+    })?;
+    eprintln!("warm power iteration (GPT-2 set, f32): {:.2} ms", timing.0);
+    json_timing(json, "power_iteration", "gpt2-small f32", timing, "");
+    Ok(())
+}
+
+fn step<T: Element>(out: &Path, rounds: usize, json: &mut String) -> Result<()> {
+    let shapes = gpt2_small();
+    let config = SpectralSgdConfig::default();
+    let mut optimizer = SpectralSgd::new(&shapes, config)?;
+    let start: Vec<f32> = (0..shapes.len())
+        .flat_map(|j| optimizer.power_vector(j).to_vec())
+        .collect();
+    write_f32(&out.join("step_vectors.bin"), &start)?;
+    let mut weights = hashed::<T>(&shapes, 1);
+    let grads = hashed::<T>(&shapes, 1000);
+    let report = optimizer.step(&mut weights, &grads)?;
+    if !report.all_updated() {
+        return Err(format!("the cold step skipped a matrix: {report:?}").into());
+    }
+    // One layer's updated weights, for peers.py's agreement check.
+    let layer: Vec<f32> = weights[..4]
+        .iter()
+        .flat_map(|w| w.iter().map(|x| x.to_f32()))
+        .collect();
+    write_f32(
+        &out.join(format!("step_{}_weights.bin", T::DTYPE.name())),
+        &layer,
+    )?;
+    let timing = time(rounds, || {
+        optimizer.step(&mut weights, &grads)?;
+        Ok(())
+    })?;
+    eprintln!(
+        "warm step (GPT-2 set, {}): {:.2} ms",
+        T::DTYPE.name(),
+        timing.0
+    );
+    json_timing(
+        json,
+        "step",
+        &format!("gpt2-small {}", T::DTYPE.name()),
+        timing,
+        "",
+    );
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bench" && args.len() == 2) || args.iter().any(|a| a == "--list")
+    {
+        // `cargo bench` with no arguments: this binary needs the runner's inputs.
+        println!("peers: run bench/peers/run.sh (it generates the inputs and runs the peers)");
+        return;
+    }
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let (Some(data), Some(out)) = (value("--data"), value("--out")) else {
+        println!("peers: run bench/peers/run.sh (needs --data DIR --out DIR)");
+        return;
+    };
+    let rounds: usize = value("--rounds").and_then(|r| r.parse().ok()).unwrap_or(7);
+    let (data, out) = (PathBuf::from(data), PathBuf::from(out));
+    let run = || -> Result<String> {
+        fs::create_dir_all(&out)?;
+        let mut json = String::new();
+        spectral_norms(&data, rounds, &mut json)?;
+        warm_power_iteration(&out, rounds, &mut json)?;
+        step::<f32>(&out, rounds, &mut json)?;
+        step::<bf16>(&out, rounds, &mut json)?;
+        Ok(json)
+    };
+    match run() {
+        Ok(json) => {
+            if let Err(e) = fs::write(out.join("crate.json"), json) {
+                eprintln!("peers: cannot write results: {e}");
+                std::process::exit(1);
+            }
+        }
+        Err(e) => {
+            eprintln!("peers: {e}");
+            std::process::exit(1);
+        }
+    }
+}
