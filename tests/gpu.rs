@@ -68,23 +68,12 @@ fn download<T: Element + spectral_step::cuda::cudarc::driver::DeviceRepr>(
         .collect()
 }
 
+/// The simulator suite's ragged shapes plus GPT-2-sized ones (several CTAs per matrix under
+/// the CUDA block policy) and a large bias.
 fn shapes() -> Vec<MatrixShape> {
-    [
-        (1, 1),
-        (1, 13),
-        (13, 1),
-        (7, 5),
-        (31, 17),
-        (97, 3),
-        (64, 64),
-        (768, 3072),
-        (3072, 768),
-        (50, 768),
-        (768, 1),
-    ]
-    .into_iter()
-    .map(MatrixShape::from)
-    .collect()
+    let mut shapes = ragged_shapes();
+    shapes.extend([(768, 3072), (3072, 768), (50, 768), (768, 1)].map(MatrixShape::from));
+    shapes
 }
 
 /// Three steps on the device against the CPU path, with the simulator suite's tolerances.

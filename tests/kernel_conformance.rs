@@ -33,26 +33,6 @@ const SMALL_BLOCKS: BlockPolicy = BlockPolicy {
     align_elements: 4,
 };
 
-/// Ragged shapes: 1x1, row and column vectors, odd sizes, sizes not multiples of 4 or 32,
-/// quad-aligned rows (fan_in % 4 == 0) and matrices spanning several blocks.
-fn shapes() -> Vec<MatrixShape> {
-    [
-        (1, 1),
-        (1, 13),
-        (13, 1),
-        (7, 5),
-        (31, 17),
-        (2, 97),
-        (97, 3),
-        (40, 36),
-        (33, 260),
-        (70, 64),
-    ]
-    .into_iter()
-    .map(MatrixShape::from)
-    .collect()
-}
-
 fn configs() -> Vec<SpectralSgdConfig> {
     let base = SpectralSgdConfig {
         learning_rate: 0.05,
@@ -172,7 +152,7 @@ fn compare_state<T: Element>(
 /// Three steps (one cold, two warm) of every step-kernel variant against the CPU path, and
 /// the cold step's sigma against the f64 reference.
 fn step_conformance<T: Element>() {
-    let shapes = shapes();
+    let shapes = ragged_shapes();
     for (c, config) in configs().into_iter().enumerate() {
         let mut cpu = cpu_optimizer(&shapes, config);
         let mut sim = SimOptimizer::new(&shapes, SMALL_BLOCKS, config, &start_vectors(&cpu));
@@ -297,7 +277,7 @@ fn misaligned_buffers_take_the_scalar_path() {
 /// all as on the CPU path.
 #[test]
 fn non_finite_and_zero_gradients() {
-    let shapes = shapes();
+    let shapes = ragged_shapes();
     let config = SpectralSgdConfig {
         cold_iterations: 2,
         weight_decay: 0.1,
@@ -400,7 +380,7 @@ fn zero_direction_leaves_weights_untouched() {
 /// bit-identical whatever order the CTAs run in.
 #[test]
 fn identical_bits_under_shuffled_cta_order() {
-    let shapes = shapes();
+    let shapes = ragged_shapes();
     let config = configs()[1];
     let cpu = cpu_optimizer(&shapes, config);
     let grads: Vec<Vec<f16>> = shapes
@@ -447,7 +427,7 @@ fn identical_bits_under_shuffled_cta_order() {
 #[test]
 fn plain_power_kernels_match_the_cpu_power_iteration() {
     use spectral_step::cpu::BatchPowerIteration;
-    let shapes = shapes();
+    let shapes = ragged_shapes();
     let iterations = 4;
     let cpu_layout = BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap();
     let mut power = BatchPowerIteration::new(cpu_layout.clone());

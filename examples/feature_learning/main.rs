@@ -25,7 +25,6 @@
 mod experiment;
 mod plots;
 
-use std::fmt::Write as _;
 use std::fs;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -100,6 +99,20 @@ fn parse_args() -> Result<Options, String> {
     })
 }
 
+/// Writes `header` and one line per row.
+fn write_csv(
+    path: PathBuf,
+    header: &str,
+    rows: impl Iterator<Item = String>,
+) -> std::io::Result<()> {
+    let mut text = format!("{header}\n");
+    for row in rows {
+        text.push_str(&row);
+        text.push('\n');
+    }
+    fs::write(path, text)
+}
+
 fn write_csvs(
     dir: &std::path::Path,
     sweep: &[RunResult],
@@ -107,66 +120,54 @@ fn write_csvs(
     lr: &[RunResult],
     low: &[LowRankResult],
 ) -> std::io::Result<()> {
-    let mut text = String::from(
-        "parametrisation,width,seed,learning_rate,feature_change,weight_change,final_loss,last_update_ratio\n",
-    );
-    for r in sweep {
-        writeln!(
-            text,
-            "{},{},{},{},{},{},{},{}",
-            r.parametrisation.name(),
-            r.width,
-            r.seed,
-            r.learning_rate,
-            r.feature_change,
-            r.weight_change,
-            r.final_loss,
-            r.last_update_ratio
-        )
-        .ok();
-    }
-    fs::write(dir.join("width_sweep.csv"), text)?;
-    let mut text = String::from("parametrisation,quantity,slope_mean,slope_std,slopes_per_seed\n");
-    for s in slopes {
-        let per_seed: Vec<String> = s.per_seed.iter().map(|v| format!("{v:.4}")).collect();
-        writeln!(
-            text,
-            "{},{},{:.4},{:.4},{}",
-            s.parametrisation.name(),
-            s.quantity,
-            s.mean,
-            s.std,
-            per_seed.join(";")
-        )
-        .ok();
-    }
-    fs::write(dir.join("slopes.csv"), text)?;
-    let mut text = String::from("parametrisation,width,learning_rate,final_loss\n");
-    for r in lr {
-        writeln!(
-            text,
-            "{},{},{},{}",
-            r.parametrisation.name(),
-            r.width,
-            r.learning_rate,
-            r.final_loss
-        )
-        .ok();
-    }
-    fs::write(dir.join("lr_sweep.csv"), text)?;
-    let mut text = String::from("activation,batch,stable_rank,alignment\n");
-    for r in low {
-        writeln!(
-            text,
-            "{},{},{},{}",
-            r.activation.name(),
-            r.batch,
-            r.stable_rank,
-            r.alignment
-        )
-        .ok();
-    }
-    fs::write(dir.join("low_rank.csv"), text)
+    write_csv(
+        dir.join("width_sweep.csv"),
+        "parametrisation,width,seed,learning_rate,feature_change,weight_change,final_loss,last_update_ratio",
+        sweep.iter().map(|r| {
+            format!(
+                "{},{},{},{},{},{},{},{}",
+                r.parametrisation.name(),
+                r.width,
+                r.seed,
+                r.learning_rate,
+                r.feature_change,
+                r.weight_change,
+                r.final_loss,
+                r.last_update_ratio
+            )
+        }),
+    )?;
+    write_csv(
+        dir.join("slopes.csv"),
+        "parametrisation,quantity,slope_mean,slope_std,slopes_per_seed",
+        slopes.iter().map(|s| {
+            let per_seed: Vec<String> = s.per_seed.iter().map(|v| format!("{v:.4}")).collect();
+            let name = s.parametrisation.name();
+            format!(
+                "{name},{},{:.4},{:.4},{}",
+                s.quantity,
+                s.mean,
+                s.std,
+                per_seed.join(";")
+            )
+        }),
+    )?;
+    write_csv(
+        dir.join("lr_sweep.csv"),
+        "parametrisation,width,learning_rate,final_loss",
+        lr.iter().map(|r| {
+            let name = r.parametrisation.name();
+            format!("{name},{},{},{}", r.width, r.learning_rate, r.final_loss)
+        }),
+    )?;
+    write_csv(
+        dir.join("low_rank.csv"),
+        "activation,batch,stable_rank,alignment",
+        low.iter().map(|r| {
+            let name = r.activation.name();
+            format!("{name},{},{},{}", r.batch, r.stable_rank, r.alignment)
+        }),
+    )
 }
 
 /// Mean over seeds, per (parametrisation, width).

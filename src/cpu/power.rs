@@ -380,13 +380,14 @@ impl BatchPowerIteration {
         Ok(())
     }
 
-    /// One fused iteration for every matrix (SPEC 4): `vectors` is updated in place and the
-    /// estimates are returned in batch order.
-    pub fn fused<T: Element>(
+    /// The fused pass over stored matrices: fills the partials and block sums of the active
+    /// ones.
+    fn pass_over<T: Element>(
         &mut self,
         matrices: &[&[T]],
-        vectors: &mut [f32],
-    ) -> Result<Vec<Estimate>> {
+        vectors: &[f32],
+        active: &[bool],
+    ) -> Result<()> {
         self.check(matrices, vectors)?;
         let rows: Vec<_> = self
             .layout
@@ -402,11 +403,26 @@ impl BatchPowerIteration {
             self.path,
             &self.layout,
             &rows,
-            &self.active,
+            active,
             vectors,
             &mut self.partials,
             &mut self.sums,
         );
+        Ok(())
+    }
+
+    /// One fused iteration for every matrix (SPEC 4): `vectors` is updated in place and the
+    /// estimates are returned in batch order.
+    pub fn fused<T: Element>(
+        &mut self,
+        matrices: &[&[T]],
+        vectors: &mut [f32],
+    ) -> Result<Vec<Estimate>> {
+        // The all-true mask lives in `self`; it is lent out for the pass, which borrows `self`.
+        let active = std::mem::take(&mut self.active);
+        let pass = self.pass_over(matrices, vectors, &active);
+        self.active = active;
+        pass?;
         let mut estimates = vec![Estimate::Zero; self.layout.len()];
         finish(
             &self.layout,
@@ -429,26 +445,7 @@ impl BatchPowerIteration {
         products: &mut [f32],
         active: &[bool],
     ) -> Result<Vec<f32>> {
-        self.check(matrices, vectors)?;
-        let rows: Vec<_> = self
-            .layout
-            .matrices()
-            .iter()
-            .zip(matrices)
-            .map(|(entry, data)| PlainRows {
-                data,
-                fan_in: entry.shape.fan_in,
-            })
-            .collect();
-        fused_pass(
-            self.path,
-            &self.layout,
-            &rows,
-            active,
-            vectors,
-            &mut self.partials,
-            &mut self.sums,
-        );
+        self.pass_over(matrices, vectors, active)?;
         let mut sums = vec![0.0f32; self.layout.len()];
         for (index, entry) in self.layout.matrices().iter().enumerate() {
             if !active[index] {

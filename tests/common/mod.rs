@@ -86,3 +86,24 @@ pub fn kernel_paths() -> Vec<spectral_step::cpu::KernelPath> {
         })
         .collect()
 }
+
+/// Ragged shapes for kernel tests: 1x1, row and column vectors, odd sizes, sizes not
+/// multiples of 4 or 32, quad-aligned rows (`fan_in % 4 == 0`), and matrices that span
+/// several blocks of a small block policy.
+pub fn ragged_shapes() -> Vec<MatrixShape> {
+    [
+        (1, 1),
+        (1, 13),
+        (13, 1),
+        (7, 5),
+        (31, 17),
+        (2, 97),
+        (97, 3),
+        (40, 36),
+        (33, 260),
+        (70, 64),
+    ]
+    .into_iter()
+    .map(MatrixShape::from)
+    .collect()
+}
