@@ -549,3 +549,39 @@ fn layouts_the_kernels_cannot_run_are_errors() {
     bad_status[4] = 9;
     assert!(kernels::decode_results(&bad_status).is_err());
 }
+
+/// `U v == 0` with `U != 0` (a start vector orthogonal to every row): the finish kernel
+/// re-seeds `v` with a `±1/sqrt(n)` vector, marks it cold, and the matrix takes a
+/// zero-direction step (W untouched), as README describes for the device path.
+#[test]
+fn orthogonal_start_vector_is_reseeded_on_the_device() {
+    let shapes = vec![MatrixShape::new(6, 8), MatrixShape::new(5, 4)];
+    let config = SpectralSgdConfig {
+        cold_iterations: 2,
+        ..SpectralSgdConfig::default()
+    };
+    let mut first = vec![0.0f32; 8];
+    first[0] = 1.0;
+    let starts = vec![first, vec![0.5f32; 4]];
+    let mut sim = SimOptimizer::new(&shapes, SMALL_BLOCKS, config, &starts);
+    let mut weights: Vec<Vec<f32>> = shapes.iter().map(|&s| random_matrix(s, 0.5, 8)).collect();
+    let mut grads: Vec<Vec<f32>> = shapes.iter().map(|&s| random_matrix(s, 1.0, 9)).collect();
+    // Column 0 of matrix 0 is zero, so U e_0 = 0 while U != 0.
+    grads[0].iter_mut().step_by(8).for_each(|g| *g = 0.0);
+    let before = weights.clone();
+    let (report, _) = sim.step(&mut weights, &grads, 0);
+    assert_eq!(report[0].status, MatrixStatus::ZeroDirection);
+    assert_eq!(bits(&weights[0]), bits(&before[0]), "weights untouched");
+    assert_eq!(report[1].status, MatrixStatus::Updated);
+    assert_eq!(sim.warm_flags(), vec![0, 1]);
+    let v = sim.power_vector(0);
+    let expected = 1.0 / 8f32.sqrt();
+    assert!(v.iter().all(|x| (x.abs() - expected).abs() < 1e-6), "{v:?}");
+    assert!(
+        v.iter().any(|&x| x > 0.0) && v.iter().any(|&x| x < 0.0),
+        "mixed signs: {v:?}"
+    );
+    // The next step iterates from the new vector and updates the matrix.
+    let (report, _) = sim.step(&mut weights, &grads, 0);
+    assert_eq!(report[0].status, MatrixStatus::Updated);
+}
