@@ -508,3 +508,38 @@ impl PowerIteration {
         self.state.report()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device keeps state with alignment gaps; state files hold it without. Packing and
+    /// unpacking must move every element to its place and back.
+    #[test]
+    fn state_packs_and_unpacks_around_alignment_gaps() {
+        let shapes = [
+            MatrixShape::new(3, 5),
+            MatrixShape::new(1, 1),
+            MatrixShape::new(7, 2),
+        ];
+        let layout = BatchLayout::new(&shapes, BlockPolicy::CUDA).unwrap();
+        let packed_len: usize = shapes.iter().map(|s| s.len()).sum();
+        assert!(
+            layout.total_elements() > packed_len,
+            "the CUDA layout has gaps here"
+        );
+        let packed: Vec<f32> = (0..packed_len).map(|i| i as f32 + 1.0).collect();
+        let padded = unpack(&packed, layout.total_elements(), element_runs(&layout));
+        for (entry, start) in layout.matrices().iter().zip([0, 15, 16]) {
+            let expected: Vec<f32> = (start..start + entry.shape.len())
+                .map(|i| i as f32 + 1.0)
+                .collect();
+            assert_eq!(&padded[entry.element_range()], expected.as_slice());
+            assert_eq!(entry.element_offset % 4, 0);
+        }
+        assert_eq!(pack(&padded, element_runs(&layout)), packed);
+        let vectors: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let padded = unpack(&vectors, layout.total_vector_len(), vector_runs(&layout));
+        assert_eq!(pack(&padded, vector_runs(&layout)), vectors);
+    }
+}
