@@ -95,7 +95,7 @@ impl FromStr for Scale {
 }
 
 /// Spectral initialisation (SPEC 3a): `W = sigma0 * s * W' / ||W'||_*` with `W'` Gaussian,
-/// drawn from `seed`. `||W'||_*` is found by power iteration run to convergence, so
+/// drawn from `seed`. `||W'||_*` is found by Lanczos iteration to convergence, so
 /// `||W||_* = sigma0 * s` up to that tolerance (and the rounding of `T`).
 ///
 /// ```
