@@ -3,7 +3,7 @@
 //!
 //! Everything here is plain data, shared by the CUDA backend ([`crate::cuda`]) and by the
 //! simulator tests, which run the same kernel text in `ptx-sim` on machines without a GPU.
-//! The batch itself is described once, by [`BatchLayout`] with [`BlockPolicy::CUDA`]: one CTA
+//! The batch itself is described once, by [`BatchLayout`] with [`BlockPolicy::CUDA`](crate::BlockPolicy::CUDA): one CTA
 //! per [`RowBlock`](crate::RowBlock) in the power pass and the update, one CTA per matrix in
 //! the finish.
 //!
@@ -27,7 +27,7 @@
 use crate::config::{MomentumKind, SpectralSgdConfig};
 use crate::element::Dtype;
 use crate::error::{Error, Result};
-use crate::layout::{BatchLayout, BlockPolicy};
+use crate::layout::BatchLayout;
 use crate::report::{MatrixReport, MatrixStatus};
 use crate::scaling::Scale;
 
@@ -83,8 +83,6 @@ pub fn ptxas_report() -> &'static str {
 
 /// Threads per CTA of every kernel (8 warps).
 pub const THREADS_PER_BLOCK: u32 = 256;
-/// Rows per group in the power pass (one barrier pair per group).
-pub const POWER_GROUP_ROWS: u32 = 8;
 /// Fixed part of the power pass's dynamic shared memory (dots, `t_i`, warp sums).
 pub const POWER_SHARED_FIXED_BYTES: u32 = 1280;
 /// Bytes per matrix descriptor.
@@ -135,7 +133,7 @@ pub fn update_kernel(dtype: Dtype) -> &'static str {
     }
 }
 
-/// Checks that `layout` fits the kernels: [`BlockPolicy::CUDA`]'s alignment, dimensions and
+/// Checks that `layout` fits the kernels: [`BlockPolicy::CUDA`](crate::BlockPolicy::CUDA)'s alignment, dimensions and
 /// counts in 32 bits, and a partial that fits in `max_shared_bytes` of shared memory per CTA.
 pub fn check_layout(layout: &BatchLayout, max_shared_bytes: u32) -> Result<()> {
     if !layout.policy().align_elements.is_multiple_of(4) {
@@ -478,9 +476,6 @@ pub fn decode_results(results: &[u8]) -> Result<Vec<MatrixReport>> {
         })
         .collect()
 }
-
-/// The policy the kernels are launched with (re-exported here for the simulator tests).
-pub const BLOCK_POLICY: BlockPolicy = BlockPolicy::CUDA;
 
 /// How many power iterations a step launches: `warm_iterations`, or the larger of the two
 /// counts when the host knows that some power vector is cold (first step, after a reset or a

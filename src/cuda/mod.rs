@@ -98,6 +98,8 @@ pub struct Cuda {
     /// The optimizer's layout (with [`BlockPolicy::CUDA`]'s alignment gaps), for converting
     /// state to and from the gap-free [`HostState`].
     layout: BatchLayout,
+    state_pointers: StatePointers,
+    table_pointers: TablePointers,
 }
 
 fn device_addresses<T>(slice: &CudaSlice<T>, stream: &cudarc::driver::CudaStream) -> u64 {
@@ -149,7 +151,11 @@ impl Cuda {
             any_cold: true,
             last_step: None,
             layout: layout.clone(),
+            state_pointers: StatePointers::default(),
+            table_pointers: TablePointers::default(),
         };
+        cuda.state_pointers = cuda.compute_state_pointers();
+        cuda.table_pointers = cuda.compute_table_pointers();
         cuda.reset_power_vectors(layout, config.seed)?;
         Ok(cuda)
     }
@@ -159,7 +165,9 @@ impl Cuda {
         &self.device
     }
 
-    fn state_pointers(&self) -> StatePointers {
+    /// The state buffers' addresses. Computed once at creation: the buffers never move, and
+    /// asking cudarc each step would record stream events for buffers only this stream uses.
+    fn compute_state_pointers(&self) -> StatePointers {
         let stream = self.device.stream();
         StatePointers {
             momentum: device_addresses(&self.momentum, stream),
@@ -168,7 +176,8 @@ impl Cuda {
         }
     }
 
-    fn table_pointers(&self) -> TablePointers {
+    /// The tables' addresses (once, at creation, like [`Self::compute_state_pointers`]).
+    fn compute_table_pointers(&self) -> TablePointers {
         let stream = self.device.stream();
         TablePointers {
             matrices: device_addresses(&self.matrices, stream),
@@ -200,7 +209,7 @@ impl Cuda {
             layout,
             config.scale,
             dtype,
-            self.state_pointers(),
+            self.state_pointers,
             &weights,
             &grads,
         )?;
@@ -336,7 +345,7 @@ impl Backend for Cuda {
             layout,
             config,
             T::DTYPE,
-            self.table_pointers(),
+            self.table_pointers,
             iterations,
             step,
         )?;
@@ -434,16 +443,24 @@ impl SpectralSgd<Cuda> {
     /// The momentum of matrix `index`, copied to the host (waits for the device). Panics if
     /// `index` is out of range, like slice indexing.
     pub fn momentum_to_host(&self, index: usize) -> Result<Vec<f32>> {
-        let state = self.backend().padded_state()?;
-        let entry = self.layout().matrix(index);
-        Ok(state.momentum[entry.element_range()].to_vec())
+        let backend = self.backend();
+        let range = self.layout().matrix(index).element_range();
+        backend
+            .device
+            .stream()
+            .clone_dtoh(&backend.momentum.slice(range))
+            .map_err(cuda_error("reading the momentum"))
     }
 
     /// The power vector of matrix `index`, copied to the host (waits for the device).
     pub fn power_vector_to_host(&self, index: usize) -> Result<Vec<f32>> {
-        let state = self.backend().padded_state()?;
-        let entry = self.layout().matrix(index);
-        Ok(state.power_vectors[entry.vector_range()].to_vec())
+        let backend = self.backend();
+        let range = self.layout().matrix(index).vector_range();
+        backend
+            .device
+            .stream()
+            .clone_dtoh(&backend.power_vectors.slice(range))
+            .map_err(cuda_error("reading the power vectors"))
     }
 }
 
@@ -496,7 +513,7 @@ impl PowerIteration {
         self.state
             .upload_matrix_table(&layout, &config, T::DTYPE, addresses)?;
         let launches =
-            kernels::power_launches(&layout, T::DTYPE, self.state.table_pointers(), iterations)?;
+            kernels::power_launches(&layout, T::DTYPE, self.state.table_pointers, iterations)?;
         self.state.device.launch_all(&launches)?;
         drop(guards);
         self.state.last_step = Some(0);
