@@ -8,12 +8,14 @@
 //! each is summarised by its median, so a slow patch on a shared machine hits all variants
 //! alike; the ratios are the result, the absolute times are only context.
 //!
-//! Bytes are counted under SPEC 5's traffic model (`N` parameters, `b` bytes per weight or
+//! Bytes are counted under math §5's traffic model (`N` parameters, `b` bytes per weight or
 //! gradient element, momentum in f32):
 //! * power iteration: reads `U` once, `N b` bytes;
 //! * step (heavy-ball): pass A reads `G`, `M` and writes `M`; pass B reads `M`, `W` and
 //!   writes `W`: `N (3b + 12)` bytes. This crate's CPU step stores `M` in pass B instead (see
 //!   `src/cpu/mod.rs`), which moves `N (4b + 16)` bytes; both figures are printed.
+
+mod common;
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -21,24 +23,9 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use spectral_step::cpu::BatchPowerIteration;
 use spectral_step::half::bf16;
-use spectral_step::{
-    BatchLayout, BlockPolicy, Element, MatrixShape, SpectralSgd, SpectralSgdConfig,
-};
+use spectral_step::{BatchLayout, BlockPolicy, Element, SpectralSgd, SpectralSgdConfig};
 
-fn gpt2_small() -> Vec<MatrixShape> {
-    let per_layer = [(2304, 768), (768, 768), (3072, 768), (768, 3072)];
-    (0..12)
-        .flat_map(|_| per_layer.map(|(fan_out, fan_in)| MatrixShape::new(fan_out, fan_in)))
-        .collect()
-}
-
-/// Deterministic, cheap, non-trivial values (a hash of the index), in [-1, 1).
-fn fill<T: Element>(values: &mut [T], salt: u64) {
-    values.par_iter_mut().enumerate().for_each(|(i, v)| {
-        let h = (i as u64 ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        *v = T::from_f32_rne(((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0);
-    });
-}
+use common::{gpt2_small, hashed};
 
 fn copy_parallel(dst: &mut [u8], src: &[u8]) {
     dst.par_chunks_mut(1 << 20)
@@ -105,13 +92,14 @@ fn bench_dtype<T: Element>(rounds: usize) {
         rayon::current_num_threads()
     );
 
-    let mut weights: Vec<Vec<T>> = shapes.iter().map(|s| vec![T::default(); s.len()]).collect();
-    let mut grads: Vec<Vec<T>> = shapes.iter().map(|s| vec![T::default(); s.len()]).collect();
-    for (j, (w, g)) in weights.iter_mut().zip(grads.iter_mut()).enumerate() {
-        fill(w, 2 * j as u64);
-        fill(g, 2 * j as u64 + 1);
+    let mut weights: Vec<Vec<T>> = Vec::with_capacity(shapes.len());
+    let mut grads: Vec<Vec<T>> = Vec::with_capacity(shapes.len());
+    for (j, shape) in shapes.iter().enumerate() {
+        let mut w: Vec<T> = hashed(shape.len(), 2 * j as u64);
         w.iter_mut()
             .for_each(|x| *x = T::from_f32_rne(x.to_f32() * 0.02));
+        weights.push(w);
+        grads.push(hashed(shape.len(), 2 * j as u64 + 1));
     }
 
     // Power iteration: one warm iteration over the whole set.
@@ -140,7 +128,7 @@ fn bench_dtype<T: Element>(rounds: usize) {
                 times: Vec::new(),
             },
             Variant {
-                name: "power iteration, fused (SPEC 4)",
+                name: "power iteration, fused (math §4)",
                 model_bytes: power_bytes,
                 run: Box::new(|| {
                     black_box(fused.fused(&views, &mut fused_vectors).unwrap());
@@ -212,7 +200,7 @@ fn bench_dtype<T: Element>(rounds: usize) {
             },
         ];
         variants.push(Variant {
-            name: "step, warm (SPEC 5)",
+            name: "step, warm (math §5)",
             model_bytes,
             run: Box::new(|| {
                 black_box(optimizer.step(weights, grads).unwrap());
@@ -221,7 +209,7 @@ fn bench_dtype<T: Element>(rounds: usize) {
         });
         compare(
             &format!(
-                "{dtype} step: {:.0} MB under SPEC 5's model, {:.0} MB actually moved",
+                "{dtype} step: {:.0} MB under math §5's model, {:.0} MB actually moved",
                 model_bytes / 1e6,
                 actual_bytes / 1e6
             ),

@@ -1,4 +1,4 @@
-//! GPU benchmark (issue 4): the fused step and the plain power pass on the GPT-2-small matrix
+//! GPU benchmark: the fused step and the plain power pass on the GPT-2-small matrix
 //! set (48 matrices, 85M parameters), `f32` and `bf16`, against a device-to-device copy of
 //! the same bytes measured in the same run, interleaved round by round.
 //!
@@ -11,7 +11,10 @@
 //! Targets on an H200: step >= 85% and power pass >= 80% of the copy's bandwidth.
 //! Without a device it prints NOT RUN and why, and exits 0 (it is a benchmark, not a test).
 //!
-//! Run: `cargo bench --bench gpu_step -- [--rounds N]`.
+//! Run: `cargo bench --bench gpu_step -- [--rounds N] [--json FILE]` (`--json` writes the
+//! step's median times for `bench/peers/peers.py gpu-step`).
+
+mod common;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,28 +24,9 @@ use spectral_step::cuda::cudarc::driver::{
 };
 use spectral_step::cuda::{Cuda, CudaDevice, PowerIteration};
 use spectral_step::half::bf16;
-use spectral_step::{Element, MatrixShape, SpectralSgd, SpectralSgdConfig};
+use spectral_step::{Element, SpectralSgd, SpectralSgdConfig};
 
-fn gpt2_small() -> Vec<MatrixShape> {
-    let per_layer = [(2304, 768), (768, 768), (3072, 768), (768, 3072)];
-    (0..12)
-        .flat_map(|_| per_layer.map(|(fan_out, fan_in)| MatrixShape::new(fan_out, fan_in)))
-        .collect()
-}
-
-fn fill<T: Element>(len: usize, salt: u64) -> Vec<T> {
-    (0..len)
-        .map(|i| {
-            let h = (i as u64 ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            T::from_f32_rne(((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
-        .collect()
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
+use common::{gpt2_small, hashed as fill, median, rounds_arg};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -61,7 +45,9 @@ fn timed(
     Ok(f64::from(start.elapsed_ms(&end)?))
 }
 
-fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<()> {
+/// Times the warm step and one power iteration of element type `T`; returns the step's
+/// median milliseconds.
+fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<f64> {
     let shapes = gpt2_small();
     let params: usize = shapes.iter().map(|s| s.len()).sum();
     let size = std::mem::size_of::<T>();
@@ -105,7 +91,7 @@ fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<()> {
     let power_context = power.device().context().clone();
     let power_stream = power.device().stream().clone();
 
-    let (mut step_ratio, mut power_ratio) = (Vec::new(), Vec::new());
+    let (mut step_ratio, mut power_ratio, mut step_times) = (Vec::new(), Vec::new(), Vec::new());
     let (mut step_gbs, mut power_gbs, mut copy_gbs) = (Vec::new(), Vec::new(), Vec::new());
     let wall = Instant::now();
     for _ in 0..rounds {
@@ -125,6 +111,7 @@ fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<()> {
             power.iterate(&weights, 1)?;
             Ok(())
         })?;
+        step_times.push(step_ms);
         let gbs = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e6);
         let copy = gbs(step_bytes, copy_ms);
         let copy_small = gbs(2 * power_bytes, copy_small_ms);
@@ -147,6 +134,8 @@ fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<()> {
         rounds,
         wall.elapsed().as_secs_f64()
     );
+    let step_ms = median(&mut step_times);
+    println!("      | step {step_ms:.3} ms (median)");
     println!(
         "      | step ratio min {:.1}% max {:.1}% | power ratio min {:.1}% max {:.1}% (targets: step >= 85%, power >= 80%)",
         100.0 * step_ratio.first().copied().unwrap_or(0.0),
@@ -154,27 +143,39 @@ fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<()> {
         100.0 * power_ratio.first().copied().unwrap_or(0.0),
         100.0 * power_ratio.last().copied().unwrap_or(0.0),
     );
-    Ok(())
+    Ok(step_ms)
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let rounds = args
-        .iter()
-        .position(|a| a == "--rounds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(21);
+    let rounds = rounds_arg(21);
     if args.iter().any(|a| a == "--list") {
         return;
     }
+    let json = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     println!(
         "GPT-2-small set, warm step and one power iteration vs device-to-device copy (median of {rounds} interleaved rounds)"
     );
-    for result in [run::<f32>(rounds), run::<bf16>(rounds)] {
-        if let Err(error) = result {
-            println!("NOT RUN: {error}");
-            return;
+    let mut lines = String::new();
+    for (name, result) in [("f32", run::<f32>(rounds)), ("bf16", run::<bf16>(rounds))] {
+        match result {
+            Ok(ms) => lines.push_str(&format!(
+                "{{\"side\": \"crate\", \"task\": \"gpu_step\", \"case\": \"{name}\", \"median_ms\": {ms:.4}}}\n"
+            )),
+            Err(error) => {
+                println!("NOT RUN: {error}");
+                return;
+            }
         }
+    }
+    if let Some(path) = json
+        && let Err(error) = std::fs::write(&path, lines)
+    {
+        println!("cannot write {path}: {error}");
+        std::process::exit(1);
     }
 }

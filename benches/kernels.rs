@@ -8,6 +8,8 @@
 //!
 //! Run: `cargo bench --bench kernels` (filter with e.g. `-- power/bf16`).
 
+mod common;
+
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -17,21 +19,12 @@ use spectral_step::{
     BatchLayout, BlockPolicy, Element, MatrixShape, SpectralSgd, SpectralSgdConfig,
 };
 
-const SHAPES: [(usize, usize); 4] = [(2304, 768), (768, 768), (3072, 768), (768, 3072)];
-
-fn values<T: Element>(len: usize, salt: u64) -> Vec<T> {
-    (0..len as u64)
-        .map(|i| {
-            let h = (i ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            T::from_f32_rne(((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
-        .collect()
-}
+use common::{gpt2_small_layer, hashed as values};
 
 fn power<T: Element>(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("power/{}", T::DTYPE.name()));
-    for (fan_out, fan_in) in SHAPES {
-        let shape = MatrixShape::new(fan_out, fan_in);
+    for shape in gpt2_small_layer() {
+        let MatrixShape { fan_out, fan_in } = shape;
         let matrix = values::<T>(shape.len(), 1);
         let bytes = (shape.len() * T::DTYPE.size_bytes()) as u64;
         group.throughput(Throughput::Bytes(bytes));
@@ -57,9 +50,9 @@ fn power<T: Element>(c: &mut Criterion) {
 
 fn step<T: Element>(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("step/{}", T::DTYPE.name()));
-    for (fan_out, fan_in) in SHAPES {
-        let shape = MatrixShape::new(fan_out, fan_in);
-        // SPEC 5's traffic model for a heavy-ball step: N (3b + 12) bytes.
+    for shape in gpt2_small_layer() {
+        let MatrixShape { fan_out, fan_in } = shape;
+        // math §5's traffic model for a heavy-ball step: N (3b + 12) bytes.
         let bytes = (shape.len() * (3 * T::DTYPE.size_bytes() + 12)) as u64;
         group.throughput(Throughput::Bytes(bytes));
         let mut optimizer = SpectralSgd::new(&[shape], SpectralSgdConfig::default()).unwrap();

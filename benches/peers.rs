@@ -1,4 +1,4 @@
-//! This crate's side of the peer benchmark (issue 6; `bench/peers/run.sh` drives it and the
+//! This crate's side of the peer benchmark (`bench/peers/run.sh` drives it and the
 //! PyTorch / SciPy side, `bench/peers/peers.py`, on the same inputs in the same run).
 //!
 //! ```text
@@ -17,12 +17,13 @@
 //! vectors and its results (`OUT/*.bin`) for peers.py to compare against. Timings: median,
 //! min and max over `--rounds` (wall clock), written to `OUT/crate.json`.
 
+mod common;
+
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rayon::prelude::*;
 use spectral_step::cpu::{BatchPowerIteration, Estimate};
 use spectral_step::half::bf16;
 use spectral_step::{
@@ -31,29 +32,7 @@ use spectral_step::{
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-fn gpt2_small() -> Vec<MatrixShape> {
-    let per_layer = [(2304, 768), (768, 768), (3072, 768), (768, 3072)];
-    (0..12)
-        .flat_map(|_| per_layer.map(|(fan_out, fan_in)| MatrixShape::new(fan_out, fan_in)))
-        .collect()
-}
-
-/// The shared hash inputs (see the module docs); matrix `j` uses `salt + j`.
-fn hashed<T: Element>(shapes: &[MatrixShape], salt: u64) -> Vec<Vec<T>> {
-    shapes
-        .iter()
-        .enumerate()
-        .map(|(j, shape)| {
-            (0..shape.len())
-                .into_par_iter()
-                .map(|i| {
-                    let h = (i as u64 ^ (salt + j as u64)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    T::from_f32_rne(((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-                })
-                .collect()
-        })
-        .collect()
-}
+use common::{gpt2_small, hashed_batch as hashed};
 
 /// (median, min, max) milliseconds of `rounds` runs of `work`.
 fn time(rounds: usize, mut work: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {

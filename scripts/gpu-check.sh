@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the GPU checks here and bundles them for a GPU machine that has a CUDA driver but no
-# Rust toolchain and no network (issue 4).
+# Rust toolchain and no network.
 #
 #   bash scripts/gpu-check.sh            # build the bundle into target/gpu-bundle/
 #   bash scripts/gpu-check.sh --dry-run  # build it, then run it here (no GPU: device tests
@@ -9,10 +9,13 @@
 # On the GPU machine, from the repository root (target/gpu-bundle carried along):
 #   bash target/gpu-bundle/run.sh        # under 4 minutes on an H200
 #
-# The bundle holds release builds of tests/gpu.rs (device tests, run with --include-ignored),
-# tests/kernel_conformance.rs (the simulator suite, as a cross-check of the same binary's
-# kernels) and benches/gpu_step.rs. ptxas is required, so the cubins are embedded and the
-# device does not need to JIT.
+# The bundle holds release builds of tests/gpu.rs (device tests, run with --include-ignored,
+# then a short workload of them under compute-sanitizer's memcheck, racecheck, initcheck and
+# synccheck where the machine has compute-sanitizer), tests/kernel_conformance.rs (the same
+# backend on the simulated device, as a cross-check of the same build's kernels) and
+# benches/gpu_step.rs, and bench/peers/peers.py with the shape set, which times eager
+# PyTorch's step on the GPU beside the crate's where the machine has torch. ptxas is
+# required, so the cubins are embedded and the device does not need to JIT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=target/gpu-bundle
@@ -41,6 +44,9 @@ done
 for name in gpu kernel_conformance gpu_step; do
     [[ -x "$bundle/$name" ]] || { echo "missing $name in the bundle" >&2; exit 1; }
 done
+mkdir -p "$bundle/peers" "$bundle/shapes"
+cp bench/peers/peers.py "$bundle/peers/"
+cp bench/shapes/gpt2_small.txt "$bundle/shapes/"
 
 cat > "$bundle/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -48,13 +54,43 @@ cat > "$bundle/run.sh" <<'RUN'
 set -uo pipefail
 cd "$(dirname "$0")"
 status=0
+# Every section has a timeout, and none starts after 200 s, so the bundle ends within 4 minutes.
+within_budget() {
+    if (( SECONDS > 200 )); then echo "NOT RUN: $1 (the bundle's 4-minute budget is spent)"; return 1; fi
+}
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 echo "== device tests (tests/gpu.rs, ignored ones included)"
-./gpu --include-ignored --test-threads=1 || status=1
+timeout 40 ./gpu --include-ignored --test-threads=1 || status=1
+echo "== compute-sanitizer on the sanitizer workload (tests/gpu.rs sanitizer_workload)"
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [[ -n "$sanitizer" ]]; then
+    for tool in memcheck racecheck initcheck synccheck; do
+        within_budget "compute-sanitizer $tool" || continue
+        if timeout 30 "$sanitizer" --tool "$tool" --error-exitcode 1 --print-limit 20 \
+            ./gpu --include-ignored --exact sanitizer_workload --test-threads=1 > "sanitizer-$tool.log" 2>&1; then
+            echo "compute-sanitizer $tool: clean ($(grep -c "ERROR SUMMARY: 0" "sanitizer-$tool.log") summaries of 0 errors)"
+        else
+            echo "compute-sanitizer $tool: FAILED (exit $?)"; tail -25 "sanitizer-$tool.log"; status=1
+        fi
+    done
+else
+    echo "NOT RUN: compute-sanitizer not found on this machine"
+fi
 echo "== simulator conformance (same build)"
-./kernel_conformance --test-threads=2 || status=1
+within_budget "simulator conformance" && { timeout 20 ./kernel_conformance --test-threads=8 || status=1; }
 echo "== GPU benchmark (benches/gpu_step.rs)"
-timeout 120 ./gpu_step --rounds 21 || status=1
+within_budget "GPU benchmark" && { timeout 45 ./gpu_step --rounds 21 --json gpu_step.json || status=1; }
+echo "== eager PyTorch's step on the same GPU (bench/peers/peers.py gpu-step)"
+if python3 -c "import torch, numpy" 2>/dev/null; then
+    if [[ -s gpu_step.json ]]; then
+        within_budget "PyTorch step" && { timeout 40 python3 peers/peers.py gpu-step gpu_step.json 21 || status=1; }
+    else
+        echo "NOT RUN: the crate's GPU benchmark wrote no times"
+    fi
+else
+    echo "NOT RUN: python3 with torch and numpy not found"
+fi
+echo "== bundle finished in ${SECONDS} s"
 exit $status
 RUN
 chmod +x "$bundle/run.sh"

@@ -1,16 +1,18 @@
 //! The seam between the optimizer and the hardware that runs its passes.
 //!
-//! [`SpectralSgd`](crate::SpectralSgd) owns the configuration, the batch layout and the step
-//! count; a [`Backend`] owns the optimizer state (momentum, power vectors) where the
-//! parameters live and runs SPEC 5's passes there. The CPU backend is [`Cpu`](crate::cpu::Cpu);
-//! a CUDA backend slots in beside it with its own storage type (device buffers) and its own
-//! report type (read back without a host sync inside the step).
+//! [`SpectralSgd`](crate::SpectralSgd) owns the configuration and the step count; a
+//! [`Backend`] owns the batch layout it was created for and the optimizer state (momentum,
+//! power vectors) where the parameters live, and runs math §5's passes there. The CPU
+//! backend is [`Cpu`](crate::cpu::Cpu); the device backend
+//! [`DeviceBackend`](crate::device::DeviceBackend) runs the PTX kernels on a CUDA GPU or on
+//! the simulated device, with device buffers as storage and a report read back without a
+//! host sync inside the step.
 
 use std::borrow::{Borrow, BorrowMut};
 
 use crate::config::SpectralSgdConfig;
 use crate::element::Element;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layout::{BatchLayout, BlockPolicy};
 
 /// Optimizer state in host memory, matrix after matrix in batch order with no gaps (whatever
@@ -26,30 +28,64 @@ pub struct HostState {
     pub warm: Vec<bool>,
 }
 
+impl HostState {
+    /// Checks the lengths against `layout`: momentum [`packed_elements`], power vectors
+    /// [`packed_vector_len`], one warm flag per matrix.
+    ///
+    /// [`packed_elements`]: BatchLayout::packed_elements
+    /// [`packed_vector_len`]: BatchLayout::packed_vector_len
+    pub fn check(&self, layout: &BatchLayout) -> Result<()> {
+        let mismatch = |what: &str, expected: usize, got: usize| {
+            Err(Error::StateShapeMismatch(format!(
+                "{what}: this batch needs {expected} values, the state has {got}"
+            )))
+        };
+        if self.momentum.len() != layout.packed_elements() {
+            return mismatch("momentum", layout.packed_elements(), self.momentum.len());
+        }
+        if self.power_vectors.len() != layout.packed_vector_len() {
+            return mismatch(
+                "power vectors",
+                layout.packed_vector_len(),
+                self.power_vectors.len(),
+            );
+        }
+        if self.warm.len() != layout.len() {
+            return mismatch("warm flags", layout.len(), self.warm.len());
+        }
+        Ok(())
+    }
+}
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for crate::cpu::Cpu {}
-    #[cfg(feature = "cuda")]
-    impl Sealed for crate::cuda::Cuda {}
+    impl<D: crate::device::Device> Sealed for crate::device::DeviceBackend<D> {}
 }
 
 /// Where the optimizer's passes run. Implemented by this crate's backends only.
+///
+/// A backend is created for one [`BatchLayout`] and keeps it: every step, state import and
+/// reset works on that layout, so no call can address state that was not allocated for it.
 pub trait Backend: Sized + sealed::Sealed {
-    /// How one matrix is stored: `[T]` on the CPU.
+    /// How one matrix is stored: `[T]` on the CPU, a device buffer on a device.
     type Storage<T: Element>: ?Sized;
     /// What a step returns.
     type Report;
-    /// How this backend cuts rows into blocks of parallel work.
+    /// How this backend cuts rows into blocks of parallel work by default.
     const BLOCK_POLICY: BlockPolicy;
 
-    /// Fresh state (zero momentum, cold seeded power vectors) for `layout`.
-    fn create(layout: &BatchLayout, config: &SpectralSgdConfig) -> Result<Self>;
+    /// Fresh state (zero momentum, cold seeded power vectors) for `layout`. Errors if the
+    /// backend cannot run this layout.
+    fn create(layout: BatchLayout, config: &SpectralSgdConfig) -> Result<Self>;
 
-    /// One optimizer step (SPEC 5) over the whole batch. `step` is the 1-based index of this
+    /// The layout the backend was created for.
+    fn layout(&self) -> &BatchLayout;
+
+    /// One optimizer step (math §5) over the whole batch. `step` is the 1-based index of this
     /// step. Shapes are checked before anything is written.
     fn step<T, W, G>(
         &mut self,
-        layout: &BatchLayout,
         config: &SpectralSgdConfig,
         step: u64,
         weights: &mut [W],
@@ -60,12 +96,13 @@ pub trait Backend: Sized + sealed::Sealed {
         W: BorrowMut<Self::Storage<T>> + Send,
         G: Borrow<Self::Storage<T>> + Sync;
 
-    /// Copies the state to the host.
+    /// Copies the state to the host, without alignment gaps.
     fn export_state(&self) -> Result<HostState>;
 
-    /// Replaces the state; lengths were checked against the layout by the caller.
+    /// Replaces the state. Errors, changing nothing, if its lengths do not fit the layout
+    /// ([`HostState::check`]).
     fn import_state(&mut self, state: HostState) -> Result<()>;
 
-    /// Re-seeds every power vector (cold start on the next step).
-    fn reset_power_vectors(&mut self, layout: &BatchLayout, seed: u64) -> Result<()>;
+    /// Re-seeds every power vector from `seed` (cold start on the next step).
+    fn reset_power_vectors(&mut self, seed: u64) -> Result<()>;
 }

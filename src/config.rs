@@ -1,9 +1,9 @@
-//! The optimizer's settings (SPEC 5) with documented defaults.
+//! The optimizer's settings (math §5) with documented defaults.
 
 use crate::error::{Error, Result};
 use crate::scaling::Scale;
 
-/// How the momentum buffer accumulates gradients (SPEC 5).
+/// How the momentum buffer accumulates gradients (math §5).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum MomentumKind {
     /// `M <- beta * M + G` (PyTorch SGD's momentum). The default.
@@ -31,7 +31,7 @@ pub enum MomentumKind {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SpectralSgdConfig {
     /// `eta`: the width-independent learning rate. Each update has spectral norm
-    /// `eta * s` (SPEC 3a). Default `0.02`.
+    /// `eta * s` (math §3a). Default `0.02`.
     pub learning_rate: f32,
     /// `beta`, in `[0, 1)`. Default `0.95`.
     pub momentum: f32,
@@ -42,7 +42,7 @@ pub struct SpectralSgdConfig {
     pub nesterov: bool,
     /// `lambda`: decoupled weight decay, `W <- (1 - eta * lambda) W` each step. Default `0`.
     pub weight_decay: f32,
-    /// The target factor `s` of each matrix (SPEC 3a table). Default [`Scale::Spectral`].
+    /// The target factor `s` of each matrix (math §3a table). Default [`Scale::Spectral`].
     pub scale: Scale,
     /// Power iterations per step once a matrix's power vector is warm. Default 1.
     pub warm_iterations: u32,
@@ -68,7 +68,30 @@ impl Default for SpectralSgdConfig {
     }
 }
 
+/// The momentum rule as both backends apply it (math §5.1):
+/// `M_new = beta M + grad_coef G`, and `U = beta M_new + grad_coef G` with Nesterov, else
+/// `U = M_new`. `grad_coef` is 1 for heavy-ball and `1 - beta` for the EMA.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct MomentumRule {
+    pub beta: f32,
+    pub grad_coef: f32,
+    pub nesterov: bool,
+}
+
 impl SpectralSgdConfig {
+    /// The momentum rule these settings describe.
+    pub(crate) fn momentum_rule(&self) -> MomentumRule {
+        let grad_coef = match self.momentum_kind {
+            MomentumKind::HeavyBall => 1.0,
+            MomentumKind::Ema => 1.0 - self.momentum,
+        };
+        MomentumRule {
+            beta: self.momentum,
+            grad_coef,
+            nesterov: self.nesterov,
+        }
+    }
+
     /// Checks every field against its documented range.
     pub fn validate(&self) -> Result<()> {
         let invalid = |message: String| Err(Error::InvalidConfig(message));

@@ -1,4 +1,4 @@
-//! Checking the spectral condition during training (SPEC 6): spectral norms, their ratio to
+//! Checking the spectral condition during training (math §6): spectral norms, their ratio to
 //! the target `s`, and stable ranks.
 //!
 //! In the feature-learning regime `||W||_* / s` and `||ΔW||_* / s` stay `Θ(1)` as width grows,
@@ -107,13 +107,13 @@ pub fn stable_rank<T: Element>(matrix: &[T], shape: MatrixShape) -> Result<f32> 
     Ok((frobenius * frobenius / (f64::from(sigma) * f64::from(sigma))) as f32)
 }
 
-/// `||A||_* / s`: how far a matrix is from its spectral target (SPEC 6). `Θ(1)` is healthy.
+/// `||A||_* / s`: how far a matrix is from its spectral target (math §6). `Θ(1)` is healthy.
 pub fn ratio_to_target<T: Element>(matrix: &[T], shape: MatrixShape, scale: Scale) -> Result<f32> {
     scale.validate()?;
     Ok(spectral_norm(matrix, shape)? / scale.factor(shape))
 }
 
-/// The SPEC 6 report for one layer and one update `ΔW = W_after - W_before`.
+/// The math §6 report for one layer and one update `ΔW = W_after - W_before`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LayerDiagnostics {
     /// `||W_after||_* / s`.

@@ -1,4 +1,4 @@
-//! Element types for weights and gradients (SPEC 5: `f32`, `f16`, `bf16`). Momentum and power
+//! Element types for weights and gradients (math §5: `f32`, `f16`, `bf16`). Momentum and power
 //! vectors are always `f32`, and every sum is accumulated in `f32`.
 
 use half::{bf16, f16};

@@ -87,7 +87,7 @@ pub enum Error {
     StateShapeMismatch(String),
 
     /// The CUDA driver library (`libcuda.so` / `nvcuda.dll`) could not be loaded: no NVIDIA
-    /// driver on this machine. Use the CPU backend (see `cuda::Selected`).
+    /// driver on this machine. Use the CPU backend (see `cuda::choose_backend`).
     #[error("no CUDA driver: {0}")]
     NoCudaDriver(String),
 
@@ -102,6 +102,17 @@ pub enum Error {
         /// What the crate was doing.
         context: &'static str,
         /// The driver's error.
+        message: String,
+    },
+
+    /// The simulated device (feature `sim`) refused or faulted on a launch, or could not
+    /// parse a kernel: a kernel bug or an out-of-range access, caught as a GPU sanitizer
+    /// would.
+    #[error("simulated device, {context}: {message}")]
+    Simulator {
+        /// What the crate was doing.
+        context: &'static str,
+        /// The simulator's message (kernel, instruction, thread).
         message: String,
     },
 

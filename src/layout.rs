@@ -1,5 +1,5 @@
 //! One description of a batch of matrices: shapes, where each matrix lives in a flat buffer,
-//! and how its rows are cut into blocks of parallel work (SPEC 4 "split the rows into tiles").
+//! and how its rows are cut into blocks of parallel work (math §4 "split the rows into tiles").
 //!
 //! The CPU path, the CUDA path and the simulator tests all read this one type. A backend only
 //! chooses the [`BlockPolicy`] (how many elements a block should hold); everything else is
@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 
-/// The shape of one weight matrix, stored row-major as `(fan_out, fan_in)` (SPEC 1).
+/// The shape of one weight matrix, stored row-major as `(fan_out, fan_in)` (math §1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MatrixShape {
     /// Rows: the layer's number of outputs.
@@ -17,7 +17,7 @@ pub struct MatrixShape {
 }
 
 impl MatrixShape {
-    /// A `fan_out x fan_in` matrix. A bias of `n` outputs is `MatrixShape::new(n, 1)` (SPEC 2).
+    /// A `fan_out x fan_in` matrix. A bias of `n` outputs is `MatrixShape::new(n, 1)` (math §2).
     pub const fn new(fan_out: usize, fan_in: usize) -> Self {
         Self { fan_out, fan_in }
     }
@@ -37,7 +37,7 @@ impl MatrixShape {
         self.fan_out == 0 || self.fan_in == 0
     }
 
-    /// A row or column vector: its spectral norm is its Euclidean norm (SPEC 4).
+    /// A row or column vector: its spectral norm is its Euclidean norm (math §4).
     pub const fn is_vector(self) -> bool {
         self.fan_out == 1 || self.fan_in == 1
     }
@@ -89,6 +89,9 @@ pub struct MatrixEntry {
     pub element_offset: usize,
     /// Offset of the matrix's power vector (length `fan_in`) in the flat vector buffer.
     pub vector_offset: usize,
+    /// Offset of the matrix's first block's partial in the flat partial buffer; its blocks'
+    /// partials follow one another, `fan_in` each.
+    pub partial_offset: usize,
     /// Index of the matrix's first block in [`BatchLayout::blocks`].
     pub first_block: usize,
     /// Number of blocks covering the matrix's rows, in row order.
@@ -111,6 +114,11 @@ impl MatrixEntry {
     /// Range of this matrix's blocks in [`BatchLayout::blocks`].
     pub fn block_range(&self) -> std::ops::Range<usize> {
         self.first_block..self.first_block + self.block_count
+    }
+
+    /// Range of all of this matrix's block partials in the flat partial buffer.
+    pub fn partial_range(&self) -> std::ops::Range<usize> {
+        self.partial_offset..self.partial_offset + self.block_count * self.shape.fan_in
     }
 }
 
@@ -192,6 +200,7 @@ impl BatchLayout {
                 shape,
                 element_offset,
                 vector_offset,
+                partial_offset,
                 first_block: blocks.len(),
                 block_count,
                 rows_per_block,
@@ -282,6 +291,121 @@ impl BatchLayout {
         self.policy
     }
 
+    /// The range of `block`'s partial in the flat partial buffer.
+    pub fn block_partial_range(&self, block: &RowBlock) -> std::ops::Range<usize> {
+        block.partial_offset..block.partial_offset + self.matrices[block.matrix].shape.fan_in
+    }
+
+    /// Elements of the batch without alignment gaps: the sum of `fan_out * fan_in` (the
+    /// length of momentum in a [`HostState`](crate::HostState) and a state file).
+    pub fn packed_elements(&self) -> usize {
+        self.matrices.iter().map(|e| e.shape.len()).sum()
+    }
+
+    /// Sum of `fan_in` without alignment gaps (the length of the power vectors in a
+    /// [`HostState`](crate::HostState) and a state file).
+    pub fn packed_vector_len(&self) -> usize {
+        self.matrices.iter().map(|e| e.shape.fan_in).sum()
+    }
+
+    /// Drops the alignment gaps of a flat element buffer (`total_elements()` long): matrix
+    /// after matrix, `packed_elements()` long. Errors on a buffer of the wrong length.
+    pub fn pack_elements(&self, padded: &[f32]) -> Result<Vec<f32>> {
+        pack(
+            padded,
+            self.total_elements,
+            self.element_ranges(),
+            "element",
+        )
+    }
+
+    /// The inverse of [`pack_elements`](Self::pack_elements): gaps filled with zeros.
+    pub fn unpack_elements(&self, packed: &[f32]) -> Result<Vec<f32>> {
+        unpack(
+            packed,
+            self.packed_elements(),
+            self.total_elements,
+            self.element_ranges(),
+            "element",
+        )
+    }
+
+    /// Drops the alignment gaps of a flat power-vector buffer (`total_vector_len()` long).
+    pub fn pack_vectors(&self, padded: &[f32]) -> Result<Vec<f32>> {
+        pack(
+            padded,
+            self.total_vector_len,
+            self.vector_ranges(),
+            "power-vector",
+        )
+    }
+
+    /// The inverse of [`pack_vectors`](Self::pack_vectors): gaps filled with zeros.
+    pub fn unpack_vectors(&self, packed: &[f32]) -> Result<Vec<f32>> {
+        unpack(
+            packed,
+            self.packed_vector_len(),
+            self.total_vector_len,
+            self.vector_ranges(),
+            "power-vector",
+        )
+    }
+
+    fn element_ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        self.matrices.iter().map(MatrixEntry::element_range)
+    }
+
+    fn vector_ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        self.matrices.iter().map(MatrixEntry::vector_range)
+    }
+
+    /// Matrix `j`'s piece of a flat element buffer (`total_elements()` long), for every `j`.
+    pub(crate) fn split_elements_mut<'a, T>(&self, buffer: &'a mut [T]) -> Vec<&'a mut [T]> {
+        split_mut(buffer, self.element_ranges())
+    }
+
+    /// Matrix `j`'s power vector in a flat vector buffer, for every `j`.
+    pub(crate) fn split_vectors_mut<'a, T>(&self, buffer: &'a mut [T]) -> Vec<&'a mut [T]> {
+        split_mut(buffer, self.vector_ranges())
+    }
+
+    /// Matrix `j`'s block partials in a flat partial buffer, for every `j`.
+    pub(crate) fn split_matrix_partials_mut<'a, T>(&self, buffer: &'a mut [T]) -> Vec<&'a mut [T]> {
+        split_mut(buffer, self.matrices.iter().map(MatrixEntry::partial_range))
+    }
+
+    /// Block `b`'s partial in a flat partial buffer, for every block `b`.
+    pub(crate) fn split_block_partials_mut<'a, T>(&self, buffer: &'a mut [T]) -> Vec<&'a mut [T]> {
+        split_mut(
+            buffer,
+            self.blocks.iter().map(|b| self.block_partial_range(b)),
+        )
+    }
+
+    /// Rows of the whole batch: the sum of `fan_out` (the length of a buffer holding one
+    /// value per row, such as the two-matvec form's `U v`).
+    pub fn total_rows(&self) -> usize {
+        self.matrices.iter().map(|e| e.shape.fan_out).sum()
+    }
+
+    /// Block `b`'s rows in a buffer of [`total_rows`](Self::total_rows) values (matrix after
+    /// matrix, row after row), for every block `b`.
+    pub(crate) fn split_block_rows_mut<'a, T>(&self, buffer: &'a mut [T]) -> Vec<&'a mut [T]> {
+        let mut matrix_rows = Vec::with_capacity(self.matrices.len());
+        let mut rows = 0;
+        for entry in &self.matrices {
+            matrix_rows.push(rows);
+            rows += entry.shape.fan_out;
+        }
+        split_mut(
+            buffer,
+            self.blocks.iter().map(|b| {
+                let start = matrix_rows[b.matrix];
+                start + b.row_start..start + b.row_end
+            }),
+        )
+    }
+
     /// Checks that there is one buffer per matrix and that each has its matrix's length;
     /// `what` names the buffers in the error ("weight", "gradient", ...).
     pub fn check_lengths<L>(&self, what: &'static str, lengths: L) -> Result<()>
@@ -309,5 +433,143 @@ impl BatchLayout {
             }
         }
         Ok(())
+    }
+}
+
+/// Splits `buffer` into the given ranges, which must be in increasing order and must not
+/// overlap (a layout's ranges are; the gaps between them are skipped). Panics otherwise, or
+/// if a range ends past the buffer: both are bugs of this crate, not of its input.
+fn split_mut<T>(
+    mut buffer: &mut [T],
+    ranges: impl Iterator<Item = std::ops::Range<usize>>,
+) -> Vec<&mut [T]> {
+    let mut pieces = Vec::with_capacity(ranges.size_hint().0);
+    let mut consumed = 0;
+    for range in ranges {
+        let rest = std::mem::take(&mut buffer);
+        let (_, rest) = rest.split_at_mut(range.start - consumed);
+        let (piece, rest) = rest.split_at_mut(range.len());
+        pieces.push(piece);
+        buffer = rest;
+        consumed = range.end;
+    }
+    pieces
+}
+
+fn pack(
+    padded: &[f32],
+    padded_len: usize,
+    ranges: impl Iterator<Item = std::ops::Range<usize>>,
+    what: &str,
+) -> Result<Vec<f32>> {
+    if padded.len() != padded_len {
+        return Err(Error::InvalidArgument(format!(
+            "a laid-out {what} buffer has {padded_len} values, got {}",
+            padded.len()
+        )));
+    }
+    Ok(ranges
+        .flat_map(|range| padded[range].iter().copied())
+        .collect())
+}
+
+fn unpack(
+    packed: &[f32],
+    packed_len: usize,
+    padded_len: usize,
+    ranges: impl Iterator<Item = std::ops::Range<usize>>,
+    what: &str,
+) -> Result<Vec<f32>> {
+    if packed.len() != packed_len {
+        return Err(Error::InvalidArgument(format!(
+            "a packed {what} buffer for this batch has {packed_len} values, got {}",
+            packed.len()
+        )));
+    }
+    let mut padded = vec![0.0; padded_len];
+    let mut start = 0;
+    for range in ranges {
+        let len = range.len();
+        padded[range].copy_from_slice(&packed[start..start + len]);
+        start += len;
+    }
+    Ok(padded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A layout with alignment gaps: packing and unpacking move every value to its place and
+    /// back, the splits hand out exactly the layout's ranges.
+    #[test]
+    fn packing_and_splitting_follow_the_offsets_around_alignment_gaps() {
+        let shapes = [
+            MatrixShape::new(3, 5),
+            MatrixShape::new(1, 1),
+            MatrixShape::new(7, 2),
+        ];
+        let policy = BlockPolicy {
+            target_elements: 4,
+            align_elements: 4,
+        };
+        let layout = BatchLayout::new(&shapes, policy).unwrap();
+        assert!(
+            layout.total_elements() > layout.packed_elements(),
+            "gaps here"
+        );
+        assert!(
+            layout.total_partial_len() > layout.blocks().len(),
+            "several blocks"
+        );
+        let packed: Vec<f32> = (0..layout.packed_elements())
+            .map(|i| i as f32 + 1.0)
+            .collect();
+        let padded = layout.unpack_elements(&packed).unwrap();
+        for (entry, start) in layout.matrices().iter().zip([0, 15, 16]) {
+            assert_eq!(entry.element_offset % 4, 0);
+            let expected: Vec<f32> = (start..start + entry.shape.len())
+                .map(|i| i as f32 + 1.0)
+                .collect();
+            assert_eq!(&padded[entry.element_range()], expected.as_slice());
+        }
+        assert_eq!(layout.pack_elements(&padded).unwrap(), packed);
+        let vectors: Vec<f32> = (0..layout.packed_vector_len()).map(|i| i as f32).collect();
+        let padded_vectors = layout.unpack_vectors(&vectors).unwrap();
+        assert_eq!(layout.pack_vectors(&padded_vectors).unwrap(), vectors);
+        assert!(layout.unpack_elements(&packed[1..]).is_err());
+        assert_ne!(layout.packed_vector_len(), layout.total_vector_len());
+        assert!(layout.pack_vectors(&vectors).is_err());
+
+        let mut marks = vec![0usize; layout.total_partial_len()];
+        for (block, piece) in layout
+            .blocks()
+            .iter()
+            .zip(layout.split_block_partials_mut(&mut marks))
+        {
+            assert_eq!(piece.len(), layout.matrix(block.matrix).shape.fan_in);
+            piece.fill(block.partial_offset + 1);
+        }
+        for block in layout.blocks() {
+            assert!(
+                marks[layout.block_partial_range(block)]
+                    .iter()
+                    .all(|&m| m == block.partial_offset + 1)
+            );
+        }
+        let mut elements = vec![0u8; layout.total_elements()];
+        let pieces = layout.split_elements_mut(&mut elements);
+        assert_eq!(
+            pieces.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [15, 1, 14]
+        );
+        let mut partials = vec![0u8; layout.total_partial_len()];
+        for (entry, piece) in layout
+            .matrices()
+            .iter()
+            .zip(layout.split_matrix_partials_mut(&mut partials))
+        {
+            assert_eq!(piece.len(), entry.block_count * entry.shape.fan_in);
+        }
     }
 }

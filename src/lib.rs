@@ -9,7 +9,7 @@
 //! * [`scaling`]: the paper's math: target factors, spectral initialisation, and the
 //!   parametrisation helpers for users who keep their own optimizer.
 //! * [`SpectralSgd`]: momentum SGD whose updates are normalised by a power-iteration estimate
-//!   of their spectral norm, fused into two passes over memory (SPEC 4, 5).
+//!   of their spectral norm, fused into two passes over memory (math §4, 5).
 //! * [`cpu`]: the CPU backend (rayon, bitwise reproducible for any thread count).
 //! * [`diagnostics`]: measure `||W||_* / s`, `||ΔW||_* / s` and stable ranks during training.
 //! * [`BatchLayout`]: the one description of a batch of matrices every backend reads.
@@ -39,15 +39,19 @@ mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod diagnostics;
 mod element;
 mod error;
 pub mod kernels;
 mod layout;
 mod optimizer;
+mod policy;
 mod random;
 mod report;
 pub mod scaling;
+#[cfg(feature = "sim")]
+pub mod sim;
 mod state;
 
 pub use backend::{Backend, HostState};

@@ -10,7 +10,7 @@ use crate::element::Element;
 use crate::error::Result;
 use crate::layout::{BatchLayout, MatrixShape};
 
-/// Momentum SGD whose every update has spectral norm `learning_rate * s` (SPEC 3a, 5).
+/// Momentum SGD whose every update has spectral norm `learning_rate * s` (math §3a, §5).
 ///
 /// Per matrix and step: `M <- beta M + G` (or the EMA / Nesterov variants),
 /// `sigma` = power-iteration estimate of `||U||_*`, `W <- (1 - eta lambda) W - (eta s / sigma) U`.
@@ -41,7 +41,6 @@ use crate::layout::{BatchLayout, MatrixShape};
 #[derive(Debug)]
 pub struct SpectralSgd<B: Backend = Cpu> {
     config: SpectralSgdConfig,
-    layout: BatchLayout,
     backend: B,
     steps: u64,
 }
@@ -56,13 +55,13 @@ impl SpectralSgd<Cpu> {
     /// The momentum buffer of matrix `index`. Panics if `index` is not below the number of
     /// matrices, like slice indexing.
     pub fn momentum(&self, index: usize) -> &[f32] {
-        self.backend.momentum(&self.layout, index)
+        self.backend.momentum(index)
     }
 
     /// The current power vector of matrix `index` (unit length, `fan_in` long). Panics if
     /// `index` is out of range.
     pub fn power_vector(&self, index: usize) -> &[f32] {
-        self.backend.power_vector(&self.layout, index)
+        self.backend.power_vector(index)
     }
 
     /// Whether matrix `index`'s power vector is warm (next step uses `warm_iterations`).
@@ -84,9 +83,15 @@ impl SpectralSgd<Cpu> {
 }
 
 impl<B: Backend> SpectralSgd<B> {
-    /// An optimizer on backend `B`.
+    /// An optimizer on backend `B`, with the backend's block policy.
     pub fn with_backend(shapes: &[MatrixShape], config: SpectralSgdConfig) -> Result<Self> {
-        Self::from_backend(shapes, config, B::create)
+        Self::with_layout(BatchLayout::new(shapes, B::BLOCK_POLICY)?, config)
+    }
+
+    /// An optimizer on backend `B` for a layout built by the caller (another block size, or
+    /// alignment gaps on the CPU). Errors if the backend cannot run it.
+    pub fn with_layout(layout: BatchLayout, config: SpectralSgdConfig) -> Result<Self> {
+        Self::from_backend(layout, config, B::create)
     }
 
     /// One step over the whole batch: `weights[j]` and `grads[j]` are matrix `j`, row-major
@@ -98,26 +103,25 @@ impl<B: Backend> SpectralSgd<B> {
         W: BorrowMut<B::Storage<T>> + Send,
         G: Borrow<B::Storage<T>> + Sync,
     {
-        let report =
-            self.backend
-                .step(&self.layout, &self.config, self.steps + 1, weights, grads)?;
-        self.steps += 1;
+        let step = self.steps.checked_add(1).ok_or_else(|| {
+            crate::Error::InvalidArgument("the step counter is at its maximum".into())
+        })?;
+        let report = self.backend.step(&self.config, step, weights, grads)?;
+        self.steps = step;
         Ok(report)
     }
 
     /// An optimizer around a backend built by the caller (for backends that need more than
     /// the layout, such as a chosen CUDA device).
     pub(crate) fn from_backend(
-        shapes: &[MatrixShape],
+        layout: BatchLayout,
         config: SpectralSgdConfig,
-        create: impl FnOnce(&BatchLayout, &SpectralSgdConfig) -> Result<B>,
+        create: impl FnOnce(BatchLayout, &SpectralSgdConfig) -> Result<B>,
     ) -> Result<Self> {
         config.validate()?;
-        let layout = BatchLayout::new(shapes, B::BLOCK_POLICY)?;
-        let backend = create(&layout, &config)?;
+        let backend = create(layout, &config)?;
         Ok(Self {
             config,
-            layout,
             backend,
             steps: 0,
         })
@@ -146,7 +150,7 @@ impl<B: Backend> SpectralSgd<B> {
 
     /// The batch layout (shapes, offsets, blocks).
     pub fn layout(&self) -> &BatchLayout {
-        &self.layout
+        self.backend.layout()
     }
 
     /// Steps taken so far.
@@ -156,14 +160,28 @@ impl<B: Backend> SpectralSgd<B> {
 
     /// Re-seeds the power vectors from the config's seed: the next step is a cold start.
     pub fn reset_power_vectors(&mut self) -> Result<()> {
-        self.backend
-            .reset_power_vectors(&self.layout, self.config.seed)
+        self.backend.reset_power_vectors(self.config.seed)
+    }
+
+    /// The optimizer state (momentum, power vectors, warm flags), copied to the host without
+    /// the backend's alignment gaps: what [`save_state`](Self::save_state) writes besides the
+    /// configuration and step count. On a device this waits for the steps enqueued so far.
+    pub fn state(&self) -> Result<HostState> {
+        self.backend.export_state()
+    }
+
+    /// Replaces the optimizer state (momentum, power vectors, warm flags) with `state`, laid
+    /// out as [`state`](Self::state) returns it: the same state moves between backends. The
+    /// next step cold-starts the matrices whose vectors are not warm. Errors, changing
+    /// nothing, if a length does not fit this optimizer's shapes.
+    pub fn set_state(&mut self, state: HostState) -> Result<()> {
+        self.backend.import_state(state)
     }
 
     /// The whole state as a safetensors byte buffer (see [`save_state`](Self::save_state)).
     pub fn state_to_bytes(&self) -> Result<Vec<u8>> {
         crate::state::encode(
-            &self.layout,
+            self.backend.layout(),
             &self.config,
             self.steps,
             &self.backend.export_state()?,
@@ -175,7 +193,7 @@ impl<B: Backend> SpectralSgd<B> {
     /// vectors. The shapes must match this optimizer's. On error nothing is changed.
     pub fn load_state_from_bytes(&mut self, bytes: &[u8]) -> Result<()> {
         let (config, steps, state): (SpectralSgdConfig, u64, HostState) =
-            crate::state::decode(bytes, &self.layout)?;
+            crate::state::decode(bytes, self.backend.layout())?;
         self.backend.import_state(state)?;
         self.config = config;
         self.steps = steps;

@@ -15,7 +15,7 @@ pub(crate) fn fill_gaussian(seed: u64, stream: u64, out: &mut [f32]) {
     }
 }
 
-/// A random unit vector (uniform on the sphere): the cold start of power iteration (SPEC 4).
+/// A random unit vector (uniform on the sphere): the cold start of power iteration (math §4.1).
 pub(crate) fn fill_unit_vector(seed: u64, stream: u64, out: &mut [f32]) {
     fill_gaussian(seed, stream, out);
     let norm = out
@@ -31,4 +31,19 @@ pub(crate) fn fill_unit_vector(seed: u64, stream: u64, out: &mut [f32]) {
         out.fill(0.0);
         out[0] = 1.0;
     }
+}
+
+/// The seeded cold-start power vectors of a whole batch (math §4.1), in a flat buffer laid
+/// out like `layout`'s (gaps zero). Matrix `j`'s vector depends only on `(seed, j)`. Every
+/// backend starts from these.
+pub(crate) fn cold_power_vectors(layout: &crate::layout::BatchLayout, seed: u64) -> Vec<f32> {
+    let mut vectors = vec![0.0; layout.total_vector_len()];
+    for (index, piece) in layout
+        .split_vectors_mut(&mut vectors)
+        .into_iter()
+        .enumerate()
+    {
+        fill_unit_vector(seed, index as u64, piece);
+    }
+    vectors
 }

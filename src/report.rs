@@ -6,10 +6,16 @@ pub enum MatrixStatus {
     /// `W` and `M` were updated.
     Updated,
     /// The update direction was zero (`sigma == 0`): `M` was updated, `W` left unchanged
-    /// (SPEC 4).
+    /// (math §4.5.2).
     ZeroDirection,
-    /// The update direction held a NaN or an infinity (or overflowed `f32`): `W`, `M` and the
-    /// power vector were left untouched (SPEC 4).
+    /// The power vector was orthogonal to the update direction (`U v == 0` while `U != 0`),
+    /// so no estimate could be made: the vector was re-seeded with a deterministic
+    /// `±1/sqrt(fan_in)` vector and marked cold, `M` was updated and `W` left unchanged this
+    /// step (math §4.6).
+    Reseeded,
+    /// The update direction held a NaN or an infinity (or overflowed `f32`, or `sigma` was so
+    /// small that `eta s / sigma` overflows): `W`, `M` and the power vector were left
+    /// untouched (math §4.5.1, §5.4).
     SkippedNonFinite,
 }
 
@@ -17,7 +23,8 @@ pub enum MatrixStatus {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MatrixReport {
     /// The power-iteration estimate of `||U||_*` the update was normalised by; `Some(0.0)` for
-    /// a zero direction, `None` when the matrix was skipped.
+    /// a zero direction, `None` when the matrix was skipped for a non-finite direction or its
+    /// power vector was re-seeded.
     pub sigma: Option<f32>,
     /// What was done.
     pub status: MatrixStatus,

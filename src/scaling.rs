@@ -1,5 +1,5 @@
 //! The paper's math: target spectral norms and the parametrisation that meets them
-//! (SPEC 2 and 3; Yang, Simon & Bernstein, "A Spectral Condition for Feature Learning", 2023).
+//! (math §2 and 3; Yang, Simon & Bernstein, "A Spectral Condition for Feature Learning", 2023).
 //!
 //! Feature learning at every width needs, for every layer `W` of shape `(fan_out, fan_in)`,
 //!
@@ -9,7 +9,7 @@
 //!
 //! This module gives the target factor `s` ([`Scale`]), an initialisation that meets it
 //! exactly ([`spectral_init`]), and, for users who keep their own optimizer, the per-layer
-//! init scale and learning-rate multipliers of SPEC 3b.
+//! init scale and learning-rate multipliers of math §3b.
 
 use std::fmt;
 use std::str::FromStr;
@@ -19,7 +19,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::MatrixShape;
 
-/// The target factor `s` for a matrix's spectral norm (SPEC 3a). Every update of
+/// The target factor `s` for a matrix's spectral norm (math §3a). Every update of
 /// [`SpectralSgd`](crate::SpectralSgd) has spectral norm `learning_rate * s`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Scale {
@@ -94,7 +94,7 @@ impl FromStr for Scale {
     }
 }
 
-/// Spectral initialisation (SPEC 3a): `W = sigma0 * s * W' / ||W'||_*` with `W'` Gaussian,
+/// Spectral initialisation (math §3a): `W = sigma0 * s * W' / ||W'||_*` with `W'` Gaussian,
 /// drawn from `seed`. `||W'||_*` is found by Lanczos iteration to convergence, so
 /// `||W||_* = sigma0 * s` up to that tolerance (and the rounding of `T`).
 ///
@@ -154,7 +154,7 @@ pub fn spectral_init<T: Element>(
     Ok(())
 }
 
-/// SPEC 3b, for plain SGD without normalisation: the standard deviation of a Gaussian init,
+/// math §3b, for plain SGD without normalisation: the standard deviation of a Gaussian init,
 /// `sigma_l = c / sqrt(fan_in) * min(1, sqrt(fan_out / fan_in))`.
 ///
 /// ```
@@ -166,7 +166,7 @@ pub fn init_std(shape: MatrixShape, c: f32) -> f32 {
     (f64::from(c) / fan_in.sqrt() * (fan_out / fan_in).sqrt().min(1.0)) as f32
 }
 
-/// SPEC 3b, plain SGD: the per-layer learning rate is `eta * fan_out / fan_in`; this returns
+/// math §3b, plain SGD: the per-layer learning rate is `eta * fan_out / fan_in`; this returns
 /// the multiplier `fan_out / fan_in`.
 ///
 /// ```
@@ -177,7 +177,7 @@ pub fn sgd_learning_rate_multiplier(shape: MatrixShape) -> f32 {
     (shape.fan_out as f64 / shape.fan_in as f64) as f32
 }
 
-/// SPEC 3b, Adam-type optimizers: the per-layer learning rate is `eta / fan_in` (Adam's
+/// math §3b, Adam-type optimizers: the per-layer learning rate is `eta / fan_in` (Adam's
 /// entries have size `eta`, and a low-rank update of that entry size has spectral norm about
 /// `eta * sqrt(fan_out * fan_in)`); this returns the multiplier `1 / fan_in`.
 pub fn adam_learning_rate_multiplier(shape: MatrixShape) -> f32 {

@@ -1,4 +1,4 @@
-//! Results are bitwise identical for any number of threads (SPEC 4: partials are summed in a
+//! Results are bitwise identical for any number of threads (math §4: partials are summed in a
 //! fixed order).
 
 mod common;

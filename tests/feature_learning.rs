@@ -1,20 +1,22 @@
-//! The feature-learning example's quick mode, asserting the science (issue 5, SPEC 7):
+//! The feature-learning example's quick mode, asserting the science (math §7):
 //! under spectral scaling the hidden layer's relative feature and weight changes do not
 //! depend on width (log-log slope within ±0.15), under NTK scaling they fall (slope below
 //! -0.3); a batch-1000 gradient update has stable rank below 5; SpectralSgd's updates have
 //! `||ΔW||_* / s` within 10% of the learning rate. A planted wrong scaling must fail.
 
-#[path = "../examples/feature_learning/experiment.rs"]
-mod experiment;
+#[path = "../examples/feature_learning/lib.rs"]
+mod feature_learning;
 
-use experiment::Settings;
+use feature_learning::checks::check_science;
+use feature_learning::experiments::{self, Settings};
+use feature_learning::statistics::slopes;
 
 #[test]
 fn quick_mode_shows_width_independent_feature_learning() {
     let settings = Settings::quick();
-    let sweep = experiment::width_sweep(&settings, false, false, &|| {}).unwrap();
-    let low = experiment::low_rank(&settings, &|| {}).unwrap();
-    for slope in experiment::slopes(&sweep) {
+    let sweep = experiments::width_sweep(&settings, false, false, &|| {}).unwrap();
+    let low = experiments::low_rank(&settings, &|| {}).unwrap();
+    for slope in slopes(&sweep) {
         eprintln!(
             "{:>12} {:>15}: {:+.3} ± {:.3}",
             slope.parametrisation.name(),
@@ -23,7 +25,7 @@ fn quick_mode_shows_width_independent_feature_learning() {
             slope.std
         );
     }
-    if let Err(failures) = experiment::check_science(&sweep, &low) {
+    if let Err(failures) = check_science(&sweep, &low) {
         panic!("science checks failed:\n{}", failures.join("\n"));
     }
 }
@@ -33,10 +35,9 @@ fn quick_mode_shows_width_independent_feature_learning() {
 #[test]
 fn a_wrong_scaling_fails_the_science_checks() {
     let settings = Settings::quick();
-    let sweep = experiment::width_sweep(&settings, true, false, &|| {}).unwrap();
-    let low = experiment::low_rank(&settings, &|| {}).unwrap();
-    let failures =
-        experiment::check_science(&sweep, &low).expect_err("the planted bug went unnoticed");
+    let sweep = experiments::width_sweep(&settings, true, false, &|| {}).unwrap();
+    let low = experiments::low_rank(&settings, &|| {}).unwrap();
+    let failures = check_science(&sweep, &low).expect_err("the planted bug went unnoticed");
     eprintln!(
         "caught ({} failures):\n{}",
         failures.len(),

@@ -1,6 +1,8 @@
 //! The CUDA backend on a real device. Tests that need a GPU are `#[ignore = "needs a CUDA
 //! device"]`, so that `cargo test` lists them as ignored instead of passing them silently;
-//! `scripts/gpu-check.sh` builds them and runs them with `--ignored` on a GPU machine.
+//! `scripts/gpu-check.sh` builds them and runs them with `--include-ignored` on a GPU machine
+//! (also under compute-sanitizer). The same backend code runs on the simulated device in
+//! `tests/kernel_conformance.rs`, which CI runs.
 //! The first test runs everywhere: without a driver or device the backend must return a
 //! clean error, never panic.
 #![cfg(feature = "cuda")]
@@ -9,8 +11,11 @@ mod common;
 
 use common::*;
 use spectral_step::cpu::KernelPath;
-use spectral_step::cuda::{self, BackendChoice, Cuda, CudaDevice, cudarc::driver::CudaSlice};
+use spectral_step::cuda::{
+    self, BackendChoice, Cuda, CudaDevice, JitReason, LoadedFrom, cudarc::driver::CudaSlice,
+};
 use spectral_step::half::{bf16, f16};
+use spectral_step::kernels::{self, KernelId};
 use spectral_step::{
     Element, Error, MatrixShape, MatrixStatus, MomentumKind, SpectralSgd, SpectralSgdConfig,
 };
@@ -248,5 +253,67 @@ fn device_state_round_trips_through_the_cpu_format() {
     other
         .load_state_from_bytes(&cpu.state_to_bytes().unwrap())
         .unwrap();
-    assert_eq!(other.state_to_bytes().unwrap(), bytes);
+    assert_eq!(other.state().unwrap(), gpu.state().unwrap());
+}
+
+/// Where each module was loaded from: with a build that assembled cubins (CI's), a device
+/// of compute capability 8.x or 9.x runs every kernel from its cubin, never the JIT; a newer
+/// major goes through the JIT and says why.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn every_module_loads_from_its_cubin() {
+    let device = device();
+    let arch = device.info().arch;
+    for id in KernelId::ALL {
+        let from = device.loaded_from(id);
+        eprintln!("{}: {from}", id.entry_name());
+        let expected = match kernels::module(id).cubin_for(arch) {
+            Some(cubin) => LoadedFrom::Cubin(cubin.arch),
+            None if kernels::ptxas_version().is_none() => LoadedFrom::Jit(JitReason::PtxOnlyBuild),
+            None => LoadedFrom::Jit(JitReason::NoCubinFor(arch)),
+        };
+        assert_eq!(from, &expected, "{}", id.entry_name());
+    }
+    if (80..100).contains(&arch) {
+        assert!(
+            kernels::ptxas_version().is_some(),
+            "the GPU bundle is built with ptxas, so no kernel should need the JIT"
+        );
+    }
+}
+
+/// A short workload for compute-sanitizer (scripts/gpu-check.sh runs it under memcheck,
+/// racecheck, initcheck and synccheck): cold and warm steps of every element type on ragged
+/// shapes that take both the 4-wide and the scalar paths and span several blocks, a skipped
+/// matrix, and a plain power iteration.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn sanitizer_workload() {
+    let shapes = ragged_shapes();
+    fn steps<T: Element + spectral_step::cuda::cudarc::driver::DeviceRepr>(shapes: &[MatrixShape]) {
+        let config = SpectralSgdConfig {
+            cold_iterations: 3,
+            nesterov: true,
+            ..SpectralSgdConfig::default()
+        };
+        let mut gpu = SpectralSgd::<Cuda>::on_device(shapes, config, device()).unwrap();
+        let weights: Vec<Vec<T>> = shapes.iter().map(|&s| random_matrix(s, 0.5, 1)).collect();
+        let mut grads: Vec<Vec<T>> = shapes.iter().map(|&s| random_matrix(s, 1.0, 2)).collect();
+        let mut device_weights = upload(gpu.device(), &weights);
+        let device_grads = upload(gpu.device(), &grads);
+        gpu.step(&mut device_weights, &device_grads).unwrap();
+        gpu.step(&mut device_weights, &device_grads).unwrap();
+        grads[3][0] = T::from_f32_rne(f32::NAN);
+        let device_grads = upload(gpu.device(), &grads);
+        gpu.step(&mut device_weights, &device_grads).unwrap();
+        let report = gpu.report().unwrap();
+        assert_eq!(report.matrices[3].status, MatrixStatus::SkippedNonFinite);
+        let mut power = cuda::PowerIteration::new(shapes, device()).unwrap();
+        let matrices = upload(power.device(), &weights);
+        power.iterate(&matrices, 2).unwrap();
+        assert!(power.report().unwrap().all_updated());
+    }
+    steps::<f32>(&shapes);
+    steps::<bf16>(&shapes);
+    steps::<f16>(&shapes);
 }

@@ -1,6 +1,7 @@
-//! Simulator conformance of the PTX kernels (issue 4): every kernel variant runs in `ptx-sim`
-//! on ragged batches, with the same descriptor tables and launch sequence as the CUDA backend,
-//! and is compared with the CPU path (`SpectralSgd<Cpu>`) and the f64 reference.
+//! Conformance of the device path: the real device backend (`SpectralSgd<Simulated>`, the
+//! same code as `SpectralSgd<Cuda>`) runs every kernel variant in the simulated device on
+//! ragged batches, and is compared with the CPU path (`SpectralSgd<Cpu>`) and the f64
+//! reference.
 //!
 //! Tolerances, and why:
 //! - momentum: bit-identical to the CPU path's FMA kernels (same operations in the same order);
@@ -10,19 +11,18 @@
 //! - weights: the step `W_new - W_old` within 1e-4 of the largest step element (sigma's last
 //!   bits), plus one rounding of the element type.
 //! - power vectors: 1e-4 absolute (unit vectors).
+//! - statuses, warm flags, re-seeded vectors and launch counts: exact.
 
 mod common;
-#[path = "common/sim.rs"]
-mod sim;
 
 use common::*;
-use sim::SimOptimizer;
-use spectral_step::cpu::KernelPath;
+use spectral_step::cpu::{BatchPowerIteration, KernelPath};
 use spectral_step::half::{bf16, f16};
-use spectral_step::kernels;
+use spectral_step::kernels::{self, KernelId, plan};
+use spectral_step::sim::{CtaOrder, SimDevice, SimOptions, SimPowerIteration, SimSlice, Simulated};
 use spectral_step::{
-    BatchLayout, BlockPolicy, Element, MatrixReport, MatrixShape, MatrixStatus, MomentumKind,
-    Scale, SpectralSgd, SpectralSgdConfig,
+    BatchLayout, BlockPolicy, Element, Error, HostState, MatrixReport, MatrixShape, MatrixStatus,
+    MomentumKind, Scale, SpectralSgd, SpectralSgdConfig, StepReport,
 };
 use spectral_step_reference as reference;
 
@@ -69,10 +69,45 @@ fn cpu_optimizer(shapes: &[MatrixShape], config: SpectralSgdConfig) -> SpectralS
     cpu
 }
 
-fn start_vectors(cpu: &SpectralSgd) -> Vec<Vec<f32>> {
-    (0..cpu.layout().len())
-        .map(|j| cpu.power_vector(j).to_vec())
+fn sim_optimizer(
+    device: &SimDevice,
+    shapes: &[MatrixShape],
+    config: SpectralSgdConfig,
+) -> SpectralSgd<Simulated> {
+    let layout = BatchLayout::new(shapes, SMALL_BLOCKS).unwrap();
+    SpectralSgd::on_device_with_layout(layout, config, device.clone()).unwrap()
+}
+
+fn upload<T: Element>(device: &SimDevice, values: &[Vec<T>]) -> Vec<SimSlice<T>> {
+    values.iter().map(|v| device.upload(v).unwrap()).collect()
+}
+
+fn download<T: Element>(device: &SimDevice, slices: &[SimSlice<T>]) -> Vec<Vec<T>> {
+    slices.iter().map(|s| device.download(s).unwrap()).collect()
+}
+
+fn random_batch<T: Element>(shapes: &[MatrixShape], scale: f64, seed: u64) -> Vec<Vec<T>> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, scale, seed + j as u64))
         .collect()
+}
+
+/// One step on the simulated device: uploads the gradients, steps `weights` in place (they
+/// stay on the device), returns the report and the number of launches the step made.
+fn sim_step<T: Element>(
+    device: &SimDevice,
+    optimizer: &mut SpectralSgd<Simulated>,
+    weights: &mut [SimSlice<T>],
+    grads: &[Vec<T>],
+) -> (StepReport, u64) {
+    let grads = upload(device, grads);
+    let before = device.stats().launches;
+    let pending = optimizer.step(weights, &grads).unwrap();
+    let report = optimizer.report().unwrap();
+    assert_eq!(report.step, pending.step);
+    (report, device.stats().launches - before)
 }
 
 fn compare_reports(what: &str, sim: &[MatrixReport], cpu: &[MatrixReport]) {
@@ -80,11 +115,11 @@ fn compare_reports(what: &str, sim: &[MatrixReport], cpu: &[MatrixReport]) {
     for (j, (s, c)) in sim.iter().zip(cpu).enumerate() {
         assert_eq!(s.status, c.status, "{what}: matrix {j} status");
         match (s.sigma, c.sigma) {
-            (Some(s), Some(c)) => assert_close(
+            (Some(s), Some(c)) => assert_relative(
                 &format!("{what}: matrix {j} sigma"),
                 f64::from(s),
                 f64::from(c),
-                2e-5 * f64::from(c.abs()),
+                2e-5,
             ),
             (None, None) => {}
             other => panic!("{what}: matrix {j} sigma {other:?}"),
@@ -94,33 +129,32 @@ fn compare_reports(what: &str, sim: &[MatrixReport], cpu: &[MatrixReport]) {
 
 fn compare_state<T: Element>(
     what: &str,
-    sim: &SimOptimizer,
+    sim: &SpectralSgd<Simulated>,
     cpu: &SpectralSgd,
     before: &[Vec<T>],
     sim_weights: &[Vec<T>],
     cpu_weights: &[Vec<T>],
 ) {
     let exact_momentum = cpu.kernel_path() == KernelPath::Avx2Fma;
+    let sim_state = sim.state().unwrap();
+    let cpu_state = cpu.state().unwrap();
+    assert_eq!(sim_state.warm, cpu_state.warm, "{what}: warm flags");
     for j in 0..cpu.layout().len() {
-        let (sim_m, cpu_m) = (sim.momentum(j), cpu.momentum(j));
+        let (sim_m, cpu_m) = (sim.momentum_to_host(j).unwrap(), cpu.momentum(j));
         for (k, (&s, &c)) in sim_m.iter().zip(cpu_m).enumerate() {
             if exact_momentum {
                 assert_eq!(s.to_bits(), c.to_bits(), "{what}: matrix {j} momentum[{k}]");
             } else {
-                assert_close(
+                assert_relative(
                     &format!("{what}: matrix {j} momentum[{k}]"),
                     f64::from(s),
                     f64::from(c),
-                    2.0 * f64::from(f32::EPSILON) * f64::from(c.abs()),
+                    2.0 * f64::from(f32::EPSILON),
                 );
             }
         }
-        for (k, (&s, &c)) in sim
-            .power_vector(j)
-            .iter()
-            .zip(cpu.power_vector(j))
-            .enumerate()
-        {
+        let sim_v = sim.power_vector_to_host(j).unwrap();
+        for (k, (&s, &c)) in sim_v.iter().zip(cpu.power_vector(j)).enumerate() {
             assert_close(
                 &format!("{what}: matrix {j} v[{k}]"),
                 f64::from(s),
@@ -149,78 +183,115 @@ fn compare_state<T: Element>(
     }
 }
 
-/// Three steps (one cold, two warm) of every step-kernel variant against the CPU path, and
-/// the cold step's sigma against the f64 reference.
+/// One step on both backends with the same gradients (`sim_weights` on the device,
+/// `cpu_weights` on the host), compared with [`compare_reports`] and [`compare_state`];
+/// returns the number of launches the device step made.
+fn step_both<T: Element>(
+    what: &str,
+    device: &SimDevice,
+    sim: &mut SpectralSgd<Simulated>,
+    sim_weights: &mut [SimSlice<T>],
+    cpu: &mut SpectralSgd,
+    cpu_weights: &mut [Vec<T>],
+    grads: &[Vec<T>],
+) -> u64 {
+    let before = cpu_weights.to_vec();
+    let cpu_report = cpu.step(cpu_weights, grads).unwrap();
+    let (report, launches) = sim_step(device, sim, sim_weights, grads);
+    compare_reports(what, &report.matrices, &cpu_report.matrices);
+    compare_state(
+        what,
+        sim,
+        cpu,
+        &before,
+        &download(device, sim_weights),
+        cpu_weights,
+    );
+    launches
+}
+
+/// The cold step's sigma of every matrix from the f64 reference, from the CPU optimizer's
+/// start vectors.
+fn reference_sigmas<T: Element>(
+    cpu: &SpectralSgd,
+    config: &SpectralSgdConfig,
+    weights: &[Vec<T>],
+    grads: &[Vec<T>],
+) -> Vec<f64> {
+    cpu.layout()
+        .shapes()
+        .enumerate()
+        .map(|(j, shape)| {
+            let mut w = to_f64(&weights[j]);
+            let mut m = vec![0.0; shape.len()];
+            let mut v: Vec<f64> = cpu.power_vector(j).iter().map(|&x| f64::from(x)).collect();
+            let iterations = if shape.is_vector() {
+                1
+            } else {
+                config.cold_iterations
+            };
+            let params = reference_params(config, shape, iterations);
+            match reference::step(
+                &mut w,
+                &mut m,
+                &mut v,
+                &to_f64(&grads[j]),
+                shape.fan_out,
+                shape.fan_in,
+                &params,
+            ) {
+                reference::Outcome::Updated(sigma) => sigma,
+                other => panic!("matrix {j}: reference outcome {other:?}"),
+            }
+        })
+        .collect()
+}
+
+/// Three steps (one cold, two warm) of every step-kernel variant on the device backend
+/// against the CPU path, and the cold step's sigma against the f64 reference.
 fn step_conformance<T: Element>() {
     let shapes = ragged_shapes();
+    let device = SimDevice::new().unwrap();
     for (c, config) in configs().into_iter().enumerate() {
         let mut cpu = cpu_optimizer(&shapes, config);
-        let mut sim = SimOptimizer::new(&shapes, SMALL_BLOCKS, config, &start_vectors(&cpu));
-        let mut weights: Vec<Vec<T>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(j, &s)| random_matrix(s, 0.5, 100 + j as u64))
-            .collect();
-        let mut sim_weights = weights.clone();
+        let mut sim = sim_optimizer(&device, &shapes, config);
+        let mut weights: Vec<Vec<T>> = random_batch(&shapes, 0.5, 100);
+        let mut sim_weights = upload(&device, &weights);
         for step in 0..3u64 {
             let what = format!("{} config {c} step {step}", T::DTYPE.name());
-            let grads: Vec<Vec<T>> = shapes
-                .iter()
-                .enumerate()
-                .map(|(j, &s)| random_matrix(s, 1.0, 1000 * step + j as u64))
-                .collect();
+            let grads: Vec<Vec<T>> = random_batch(&shapes, 1.0, 1000 * step);
             let before = weights.clone();
-            let reference_sigmas: Vec<f64> = if step == 0 {
-                shapes
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &shape)| {
-                        let mut w = to_f64(&weights[j]);
-                        let mut m = vec![0.0; shape.len()];
-                        let mut v: Vec<f64> =
-                            cpu.power_vector(j).iter().map(|&x| f64::from(x)).collect();
-                        let iterations = if shape.is_vector() {
-                            1
-                        } else {
-                            config.cold_iterations
-                        };
-                        let params = reference_params(&config, shape, iterations);
-                        match reference::step(
-                            &mut w,
-                            &mut m,
-                            &mut v,
-                            &to_f64(&grads[j]),
-                            shape.fan_out,
-                            shape.fan_in,
-                            &params,
-                        ) {
-                            reference::Outcome::Updated(sigma) => sigma,
-                            other => panic!("{what}: reference outcome {other:?}"),
-                        }
-                    })
-                    .collect()
+            let expected_sigmas = if step == 0 {
+                reference_sigmas(&cpu, &config, &weights, &grads)
             } else {
                 Vec::new()
             };
             let cpu_report = cpu.step(&mut weights, &grads).unwrap();
-            let (sim_report, launches) = sim.step(&mut sim_weights, &grads, 0);
-            let expected_launches = if step == 0 {
-                2 * config.cold_iterations.max(config.warm_iterations) + 1
+            let (sim_report, launches) = sim_step(&device, &mut sim, &mut sim_weights, &grads);
+            let rounds = if step == 0 {
+                config.cold_iterations.max(config.warm_iterations)
             } else {
-                2 * config.warm_iterations + 1
+                config.warm_iterations
             };
-            assert_eq!(launches as u32, expected_launches, "{what}: launches");
-            compare_reports(&what, &sim_report, &cpu_report.matrices);
-            for (j, sigma) in reference_sigmas.iter().enumerate() {
-                let got = f64::from(sim_report[j].sigma.unwrap());
-                assert_close(
+            assert_eq!(launches, u64::from(2 * rounds + 1), "{what}: launches");
+            compare_reports(&what, &sim_report.matrices, &cpu_report.matrices);
+            for (j, sigma) in expected_sigmas.iter().enumerate() {
+                let got = f64::from(sim_report.matrices[j].sigma.unwrap());
+                assert_relative(
                     &format!("{what}: matrix {j} sigma vs reference"),
                     got,
                     *sigma,
-                    1e-4 * sigma,
+                    1e-4,
                 );
             }
-            compare_state(&what, &sim, &cpu, &before, &sim_weights, &weights);
+            compare_state(
+                &what,
+                &sim,
+                &cpu,
+                &before,
+                &download(&device, &sim_weights),
+                &weights,
+            );
         }
     }
 }
@@ -240,27 +311,48 @@ fn step_kernels_bf16_match_cpu_and_reference() {
     step_conformance::<bf16>();
 }
 
-/// Buffers that are not 16-byte aligned take the scalar path and give the same result as
-/// aligned ones (up to the CTA-local summation order, which the path does not change).
+/// The kernels take their 4-wide path exactly when a matrix allows it: `fan_in % 4 == 0`
+/// and 16-byte aligned buffers. Vector loads and stores are counted by the simulator; a
+/// misaligned copy of the same batch takes the scalar path and gives the same result (up to
+/// nothing: the per-thread sums are formed in the same order either way, within 1e-6).
 #[test]
-fn misaligned_buffers_take_the_scalar_path() {
-    let shapes = vec![MatrixShape::new(40, 36), MatrixShape::new(9, 64)];
+fn the_four_wide_path_is_taken_exactly_when_the_buffers_allow_it() {
     let config = SpectralSgdConfig {
         cold_iterations: 2,
         ..SpectralSgdConfig::default()
     };
-    let cpu = cpu_optimizer(&shapes, config);
-    let grads: Vec<Vec<f32>> = shapes.iter().map(|&s| random_matrix(s, 1.0, 5)).collect();
-    let mut outcomes = Vec::new();
-    for offset in [0u64, 4] {
-        let mut sim = SimOptimizer::new(&shapes, SMALL_BLOCKS, config, &start_vectors(&cpu));
-        let mut weights: Vec<Vec<f32>> = shapes.iter().map(|&s| random_matrix(s, 0.5, 6)).collect();
-        let (report, _) = sim.step(&mut weights, &grads, offset);
-        outcomes.push((report, weights));
-    }
-    let (aligned, misaligned) = (&outcomes[0], &outcomes[1]);
-    compare_reports("misaligned", &misaligned.0, &aligned.0);
-    for (j, (a, m)) in aligned.1.iter().zip(&misaligned.1).enumerate() {
+    let run = |shapes: &[MatrixShape], byte_offset: usize| {
+        let device = SimDevice::new().unwrap();
+        let mut sim = sim_optimizer(&device, shapes, config);
+        let place = |values: &[Vec<f32>]| -> Vec<SimSlice<f32>> {
+            values
+                .iter()
+                .map(|v| device.upload_at_offset(v, byte_offset).unwrap())
+                .collect()
+        };
+        let mut weights = place(&random_batch(shapes, 0.5, 6));
+        let grads = place(&random_batch(shapes, 1.0, 5));
+        sim.step(&mut weights, &grads).unwrap();
+        (
+            sim.report().unwrap(),
+            download(&device, &weights),
+            device.stats().global_vector_accesses,
+        )
+    };
+    let quad_shapes = [MatrixShape::new(40, 36), MatrixShape::new(9, 64)];
+    let (aligned_report, aligned_weights, aligned_vectors) = run(&quad_shapes, 0);
+    assert!(
+        aligned_vectors > 0,
+        "aligned buffers with fan_in % 4 == 0 must use vector accesses"
+    );
+    let (misaligned_report, misaligned_weights, misaligned_vectors) = run(&quad_shapes, 4);
+    assert_eq!(misaligned_vectors, 0, "4-byte offset: scalar path only");
+    compare_reports(
+        "misaligned",
+        &misaligned_report.matrices,
+        &aligned_report.matrices,
+    );
+    for (j, (a, m)) in aligned_weights.iter().zip(&misaligned_weights).enumerate() {
         for (k, (&a, &m)) in a.iter().zip(m).enumerate() {
             assert_close(
                 &format!("matrix {j} weight[{k}]"),
@@ -270,6 +362,8 @@ fn misaligned_buffers_take_the_scalar_path() {
             );
         }
     }
+    let (_, _, odd_vectors) = run(&[MatrixShape::new(40, 35), MatrixShape::new(9, 66)], 0);
+    assert_eq!(odd_vectors, 0, "fan_in % 4 != 0: scalar path only");
 }
 
 /// A NaN, an infinity and a zero gradient in a batch: the non-finite matrices are skipped
@@ -283,52 +377,42 @@ fn non_finite_and_zero_gradients() {
         weight_decay: 0.1,
         ..SpectralSgdConfig::default()
     };
+    let device = SimDevice::new().unwrap();
     let mut cpu = cpu_optimizer(&shapes, config);
-    let mut sim = SimOptimizer::new(&shapes, SMALL_BLOCKS, config, &start_vectors(&cpu));
-    let warm_up: Vec<Vec<f32>> = shapes
-        .iter()
-        .enumerate()
-        .map(|(j, &s)| random_matrix(s, 1.0, j as u64))
-        .collect();
-    let mut weights: Vec<Vec<f32>> = shapes
-        .iter()
-        .enumerate()
-        .map(|(j, &s)| random_matrix(s, 0.5, 50 + j as u64))
-        .collect();
-    let mut sim_weights = weights.clone();
+    let mut sim = sim_optimizer(&device, &shapes, config);
+    let warm_up: Vec<Vec<f32>> = random_batch(&shapes, 1.0, 0);
+    let mut weights: Vec<Vec<f32>> = random_batch(&shapes, 0.5, 50);
+    let mut sim_weights = upload(&device, &weights);
     cpu.step(&mut weights, &warm_up).unwrap();
-    sim.step(&mut sim_weights, &warm_up, 0);
+    sim_step(&device, &mut sim, &mut sim_weights, &warm_up);
 
-    let mut grads: Vec<Vec<f32>> = shapes
-        .iter()
-        .enumerate()
-        .map(|(j, &s)| random_matrix(s, 1.0, 70 + j as u64))
-        .collect();
+    let mut grads: Vec<Vec<f32>> = random_batch(&shapes, 1.0, 70);
     grads[8][100] = f32::NAN;
     grads[4][3] = f32::INFINITY;
     grads[9].fill(0.0);
     grads[2].fill(0.0);
-    let before_w = sim_weights.clone();
-    let before_m: Vec<Vec<f32>> = (0..shapes.len()).map(|j| sim.momentum(j)).collect();
-    let before_v: Vec<Vec<f32>> = (0..shapes.len()).map(|j| sim.power_vector(j)).collect();
+    let before_w = download(&device, &sim_weights);
+    let before_m: Vec<Vec<f32>> = (0..shapes.len())
+        .map(|j| sim.momentum_to_host(j).unwrap())
+        .collect();
+    let before_v: Vec<Vec<f32>> = (0..shapes.len())
+        .map(|j| sim.power_vector_to_host(j).unwrap())
+        .collect();
     let before = weights.clone();
     let cpu_report = cpu.step(&mut weights, &grads).unwrap();
-    let (report, _) = sim.step(&mut sim_weights, &grads, 0);
-    compare_reports("non-finite", &report, &cpu_report.matrices);
+    let (report, _) = sim_step(&device, &mut sim, &mut sim_weights, &grads);
+    compare_reports("non-finite", &report.matrices, &cpu_report.matrices);
+    let after_w = download(&device, &sim_weights);
     for j in [4, 8] {
-        assert_eq!(report[j].status, MatrixStatus::SkippedNonFinite);
+        assert_eq!(report.matrices[j].status, MatrixStatus::SkippedNonFinite);
+        assert_eq!(bits(&after_w[j]), bits(&before_w[j]), "matrix {j} weights");
         assert_eq!(
-            bits(&sim_weights[j]),
-            bits(&before_w[j]),
-            "matrix {j} weights"
-        );
-        assert_eq!(
-            bits(&sim.momentum(j)),
+            bits(&sim.momentum_to_host(j).unwrap()),
             bits(&before_m[j]),
             "matrix {j} momentum"
         );
         assert_eq!(
-            bits(&sim.power_vector(j)),
+            bits(&sim.power_vector_to_host(j).unwrap()),
             bits(&before_v[j]),
             "matrix {j} v"
         );
@@ -336,9 +420,13 @@ fn non_finite_and_zero_gradients() {
     // Momentum decays with a zero gradient, so U is not zero here: that is an ordinary
     // update. A zero U needs zero momentum too; that case is the next test.
     for j in [2, 9] {
-        assert_eq!(report[j].status, MatrixStatus::Updated, "matrix {j}");
+        assert_eq!(
+            report.matrices[j].status,
+            MatrixStatus::Updated,
+            "matrix {j}"
+        );
     }
-    compare_state("non-finite", &sim, &cpu, &before, &sim_weights, &weights);
+    compare_state("non-finite", &sim, &cpu, &before, &after_w, &weights);
 }
 
 /// U == 0 (zero gradient, zero momentum): sigma = 0, W untouched even with weight decay,
@@ -355,25 +443,40 @@ fn zero_direction_leaves_weights_untouched() {
         weight_decay: 0.5,
         ..SpectralSgdConfig::default()
     };
-    let cpu = cpu_optimizer(&shapes, config);
-    let mut sim = SimOptimizer::new(&shapes, SMALL_BLOCKS, config, &start_vectors(&cpu));
-    let mut weights: Vec<Vec<bf16>> = shapes.iter().map(|&s| random_matrix(s, 0.5, 3)).collect();
+    let device = SimDevice::new().unwrap();
+    let mut sim = sim_optimizer(&device, &shapes, config);
+    let mut cpu = cpu_optimizer(&shapes, config);
+    let before: Vec<Vec<bf16>> = shapes.iter().map(|&s| random_matrix(s, 0.5, 3)).collect();
     let mut grads: Vec<Vec<bf16>> = shapes.iter().map(|&s| random_matrix(s, 1.0, 4)).collect();
     grads[0].fill(bf16::ZERO);
     grads[1].fill(bf16::ZERO);
-    let before = weights.clone();
-    let (report, _) = sim.step(&mut weights, &grads, 0);
+    let mut weights = upload(&device, &before);
+    let (report, _) = sim_step(&device, &mut sim, &mut weights, &grads);
+    let mut cpu_weights = before.clone();
+    let cpu_report = cpu.step(&mut cpu_weights, &grads).unwrap();
+    compare_reports("zero", &report.matrices, &cpu_report.matrices);
+    let after = download(&device, &weights);
     for j in [0, 1] {
-        assert_eq!(report[j].status, MatrixStatus::ZeroDirection, "matrix {j}");
-        assert_eq!(report[j].sigma, Some(0.0));
-        assert_eq!(bits(&weights[j]), bits(&before[j]), "matrix {j} weights");
+        assert_eq!(
+            report.matrices[j].status,
+            MatrixStatus::ZeroDirection,
+            "matrix {j}"
+        );
+        assert_eq!(report.matrices[j].sigma, Some(0.0));
+        assert_eq!(bits(&after[j]), bits(&before[j]), "matrix {j} weights");
+        assert_eq!(
+            bits(&cpu_weights[j]),
+            bits(&before[j]),
+            "matrix {j} CPU weights"
+        );
     }
-    assert_eq!(report[2].status, MatrixStatus::Updated);
+    assert_eq!(report.matrices[2].status, MatrixStatus::Updated);
     assert_eq!(
-        sim.warm_flags(),
-        vec![0, 0, 1],
+        sim.state().unwrap().warm,
+        vec![false, false, true],
         "only the updated matrix is warm"
     );
+    assert_eq!(cpu.state().unwrap().warm, vec![false, false, true]);
 }
 
 /// The kernels use no atomics and sum partials in a fixed order: every output is
@@ -382,39 +485,41 @@ fn zero_direction_leaves_weights_untouched() {
 fn identical_bits_under_shuffled_cta_order() {
     let shapes = ragged_shapes();
     let config = configs()[1];
-    let cpu = cpu_optimizer(&shapes, config);
-    let grads: Vec<Vec<f16>> = shapes
-        .iter()
-        .enumerate()
-        .map(|(j, &s)| random_matrix(s, 1.0, 30 + j as u64))
-        .collect();
+    let grads: Vec<Vec<f16>> = random_batch(&shapes, 1.0, 30);
     let mut runs = Vec::new();
-    for shuffle in [None, Some(1), Some(2)] {
-        let mut sim = SimOptimizer::new(&shapes, SMALL_BLOCKS, config, &start_vectors(&cpu));
-        sim.shuffle_seed = shuffle;
-        let mut weights: Vec<Vec<f16>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(j, &s)| random_matrix(s, 0.5, 40 + j as u64))
-            .collect();
+    for order in [
+        CtaOrder::Linear,
+        CtaOrder::Shuffled { seed: 1 },
+        CtaOrder::Shuffled { seed: 2 },
+    ] {
+        let device = SimDevice::with_options(SimOptions {
+            cta_order: order,
+            ..SimOptions::default()
+        })
+        .unwrap();
+        let mut sim = sim_optimizer(&device, &shapes, config);
+        let mut weights = upload(&device, &random_batch::<f16>(&shapes, 0.5, 40));
         for _ in 0..2 {
-            sim.step(&mut weights, &grads, 0);
+            sim_step(&device, &mut sim, &mut weights, &grads);
         }
-        let state: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = (0..shapes.len())
-            .map(|j| {
-                (
-                    bits(&weights[j]),
-                    bits(&sim.momentum(j)),
-                    bits(&sim.power_vector(j)),
-                )
-            })
+        let weight_bits: Vec<Vec<u8>> = download(&device, &weights)
+            .iter()
+            .map(|w| bits(w))
             .collect();
+        let state = sim.state().unwrap();
         let sigmas: Vec<Option<u32>> = sim
             .report()
+            .unwrap()
+            .matrices
             .iter()
             .map(|r| r.sigma.map(f32::to_bits))
             .collect();
-        runs.push((state, sigmas));
+        runs.push((
+            weight_bits,
+            bits(&state.momentum),
+            bits(&state.power_vectors),
+            sigmas,
+        ));
     }
     assert!(
         runs.windows(2).all(|pair| pair[0] == pair[1]),
@@ -426,31 +531,15 @@ fn identical_bits_under_shuffled_cta_order() {
 /// power iteration from the same start vectors.
 #[test]
 fn plain_power_kernels_match_the_cpu_power_iteration() {
-    use spectral_step::cpu::BatchPowerIteration;
     let shapes = ragged_shapes();
     let iterations = 4;
-    let cpu_layout = BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap();
-    let mut power = BatchPowerIteration::new(cpu_layout.clone());
-    let start = power.cold_vectors(21);
-    let starts: Vec<Vec<f32>> = cpu_layout
-        .matrices()
-        .iter()
-        .map(|e| start[e.vector_range()].to_vec())
-        .collect();
-    fn run<T: Element>(
-        shapes: &[MatrixShape],
-        starts: &[Vec<f32>],
-        power: &mut BatchPowerIteration,
-        start: &[f32],
-        iterations: u32,
-    ) {
-        let matrices: Vec<Vec<T>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(j, &s)| random_matrix(s, 1.0, 200 + j as u64))
-            .collect();
+    fn run<T: Element>(shapes: &[MatrixShape], iterations: u32) {
+        let cpu_layout = BatchLayout::new(shapes, BlockPolicy::CPU).unwrap();
+        let mut power = BatchPowerIteration::new(cpu_layout);
+        // The device's power iteration seeds its vectors with seed 0.
+        let mut cpu_vectors = power.cold_vectors(0);
+        let matrices: Vec<Vec<T>> = random_batch(shapes, 1.0, 200);
         let views: Vec<&[T]> = matrices.iter().map(Vec::as_slice).collect();
-        let mut cpu_vectors = start.to_vec();
         let mut estimates = Vec::new();
         for k in 0..iterations {
             // The CPU API iterates every matrix each time; vectors are exact after one.
@@ -465,34 +554,38 @@ fn plain_power_kernels_match_the_cpu_power_iteration() {
                 }
             }
         }
-        let mut sim = SimOptimizer::new(shapes, SMALL_BLOCKS, SpectralSgdConfig::default(), starts);
-        let report = sim.power(&matrices, iterations);
+        let device = SimDevice::new().unwrap();
+        let layout = BatchLayout::new(shapes, SMALL_BLOCKS).unwrap();
+        let mut sim = SimPowerIteration::with_layout(layout, device.clone()).unwrap();
+        assert!(
+            matches!(sim.report(), Err(Error::InvalidArgument(_))),
+            "no report yet"
+        );
+        let slices = upload(&device, &matrices);
+        sim.iterate(&slices, iterations).unwrap();
+        let report = sim.report().unwrap();
         for (j, shape) in shapes.iter().enumerate() {
             let what = format!("{} plain power, matrix {j}", T::DTYPE.name());
             let cpu_sigma = f64::from(estimates[j].sigma());
-            assert_close(
+            assert_relative(
                 &what,
-                f64::from(report[j].sigma.unwrap()),
+                f64::from(report.matrices[j].sigma.unwrap()),
                 cpu_sigma,
-                2e-5 * cpu_sigma,
+                2e-5,
             );
             if shape.is_vector() {
                 continue;
             }
             let range = power.layout().matrix(j).vector_range();
-            for (k, (&s, &c)) in sim
-                .power_vector(j)
-                .iter()
-                .zip(&cpu_vectors[range])
-                .enumerate()
-            {
+            let sim_v = sim.power_vector_to_host(j).unwrap();
+            for (k, (&s, &c)) in sim_v.iter().zip(&cpu_vectors[range]).enumerate() {
                 assert_close(&format!("{what} v[{k}]"), f64::from(s), f64::from(c), 1e-4);
             }
         }
     }
-    run::<f32>(&shapes, &starts, &mut power, &start, iterations);
-    run::<f16>(&shapes, &starts, &mut power, &start, iterations);
-    run::<bf16>(&shapes, &starts, &mut power, &start, iterations);
+    run::<f32>(&shapes, iterations);
+    run::<f16>(&shapes, iterations);
+    run::<bf16>(&shapes, iterations);
 }
 
 /// Every module the build produced parses in the simulator, and every module was assembled
@@ -500,15 +593,8 @@ fn plain_power_kernels_match_the_cpu_power_iteration() {
 #[test]
 fn every_module_parses_and_was_assembled() {
     let modules = kernels::modules();
-    assert_eq!(
-        modules.len(),
-        10,
-        "3 power_step, 3 power_plain, finish, 3 update"
-    );
-    for module in modules {
-        let parsed = ptx_sim::parse(module.ptx).unwrap_or_else(|e| panic!("{}: {e}", module.name));
-        assert!(parsed.kernel(module.name).is_some(), "{}", module.name);
-    }
+    assert_eq!(modules.len(), KernelId::ALL.len());
+    SimDevice::new().expect("every module parses in the simulator");
     match kernels::ptxas_version() {
         Some(version) => {
             for module in modules {
@@ -534,27 +620,78 @@ fn every_module_parses_and_was_assembled() {
     }
 }
 
-/// Layout checks happen before anything is launched: a partial too large for shared memory
-/// and a policy without the kernels' alignment are clear errors.
+/// Layout checks happen before anything is launched: a partial too large for the device's
+/// shared memory and a policy without the kernels' alignment are clear errors; a partial
+/// above 48 KiB runs where the device allows it (CUDA's opt-in, modelled by the simulator).
 #[test]
 fn layouts_the_kernels_cannot_run_are_errors() {
-    let wide = BatchLayout::new(&[MatrixShape::new(4, 20_000)], BlockPolicy::CUDA).unwrap();
-    let error = kernels::check_layout(&wide, 48 * 1024).unwrap_err();
+    let device = SimDevice::with_options(SimOptions {
+        max_shared_bytes: 64 * 1024,
+        ..SimOptions::default()
+    })
+    .unwrap();
+    let config = SpectralSgdConfig::default();
+    let too_wide = [MatrixShape::new(2, 20_000)];
+    let error = SpectralSgd::<Simulated>::on_device(&too_wide, config, device.clone()).unwrap_err();
+    assert!(matches!(error, Error::DeviceLimit(_)), "{error}");
     assert!(error.to_string().contains("shared memory"), "{error}");
-    let cpu = BatchLayout::new(&[MatrixShape::new(4, 4)], BlockPolicy::CPU).unwrap();
-    let error = kernels::check_layout(&cpu, 48 * 1024).unwrap_err();
+    let cpu_policy = BatchLayout::new(&[MatrixShape::new(4, 4)], BlockPolicy::CPU).unwrap();
+    let error = SpectralSgd::<Simulated>::on_device_with_layout(cpu_policy, config, device.clone())
+        .unwrap_err();
     assert!(error.to_string().contains("align"), "{error}");
-    assert!(kernels::decode_results(&[0u8; 31]).is_err());
-    let mut bad_status = vec![0u8; kernels::RESULT_BYTES];
-    bad_status[4] = 9;
-    assert!(kernels::decode_results(&bad_status).is_err());
+    assert_eq!(device.stats().launches, 0, "nothing was launched");
+
+    // 13000 columns: 52 KiB of partial, above the default 48 KiB.
+    let wide = [MatrixShape::new(2, 13_000)];
+    assert!(
+        plan::power_shared_bytes(&BatchLayout::new(&wide, BlockPolicy::CUDA).unwrap()).unwrap()
+            > 48 * 1024
+    );
+    let mut sim = SpectralSgd::<Simulated>::on_device(&wide, config, device.clone()).unwrap();
+    let mut weights = upload(&device, &random_batch::<f32>(&wide, 0.5, 1));
+    let grads = upload(&device, &random_batch::<f32>(&wide, 1.0, 2));
+    sim.step(&mut weights, &grads).unwrap();
+    assert!(sim.report().unwrap().all_updated());
 }
 
-/// `U v == 0` with `U != 0` (a start vector orthogonal to every row): the finish kernel
-/// re-seeds `v` with a `±1/sqrt(n)` vector, marks it cold, and the matrix takes a
-/// zero-direction step (W untouched), as README describes for the device path.
+/// Wrong lengths, counts and a buffer of another device are errors before anything is
+/// launched; no report exists before the first step.
 #[test]
-fn orthogonal_start_vector_is_reseeded_on_the_device() {
+fn bad_buffers_are_errors_before_any_launch() {
+    let shapes = [MatrixShape::new(16, 8), MatrixShape::new(4, 4)];
+    let device = SimDevice::new().unwrap();
+    let other = SimDevice::new().unwrap();
+    let mut sim = sim_optimizer(&device, &shapes, SpectralSgdConfig::default());
+    assert!(
+        matches!(sim.report(), Err(Error::InvalidArgument(_))),
+        "no step taken yet"
+    );
+    let mut weights = upload(&device, &[vec![0.5f32; 128], vec![0.5f32; 16]]);
+    let short = upload(&device, &[vec![1.0f32; 128], vec![1.0f32; 15]]);
+    assert!(matches!(
+        sim.step(&mut weights, &short),
+        Err(Error::LengthMismatch { index: 1, .. })
+    ));
+    assert!(matches!(
+        sim.step(&mut weights[..1], &short[..1]),
+        Err(Error::MatrixCountMismatch { .. })
+    ));
+    let foreign = upload(&other, &[vec![1.0f32; 128], vec![1.0f32; 16]]);
+    assert!(matches!(
+        sim.step(&mut weights, &foreign),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(device.stats().launches, 0);
+    assert_eq!(sim.steps(), 0, "failed steps do not count");
+    assert_eq!(download(&device, &weights)[0], vec![0.5f32; 128]);
+}
+
+/// `U v == 0` with `U != 0` (a start vector orthogonal to every row): both backends re-seed
+/// `v` with the same `±1/sqrt(n)` vector, bit for bit, mark it cold, store M and leave W
+/// alone; the next step (warm rounds only: the host does not know about the re-seed) updates
+/// the matrix from the new vector, again alike.
+#[test]
+fn orthogonal_start_vector_is_reseeded_alike_on_both_backends() {
     let shapes = vec![MatrixShape::new(6, 8), MatrixShape::new(5, 4)];
     let config = SpectralSgdConfig {
         cold_iterations: 2,
@@ -562,26 +699,272 @@ fn orthogonal_start_vector_is_reseeded_on_the_device() {
     };
     let mut first = vec![0.0f32; 8];
     first[0] = 1.0;
-    let starts = vec![first, vec![0.5f32; 4]];
-    let mut sim = SimOptimizer::new(&shapes, SMALL_BLOCKS, config, &starts);
-    let mut weights: Vec<Vec<f32>> = shapes.iter().map(|&s| random_matrix(s, 0.5, 8)).collect();
+    let start = HostState {
+        momentum: vec![0.0; 6 * 8 + 5 * 4],
+        power_vectors: [first, vec![0.5f32; 4]].concat(),
+        warm: vec![false, false],
+    };
+    let device = SimDevice::new().unwrap();
+    let mut sim = sim_optimizer(&device, &shapes, config);
+    let mut cpu = cpu_optimizer(&shapes, config);
+    sim.set_state(start.clone()).unwrap();
+    cpu.set_state(start).unwrap();
+    let before: Vec<Vec<f32>> = shapes.iter().map(|&s| random_matrix(s, 0.5, 8)).collect();
     let mut grads: Vec<Vec<f32>> = shapes.iter().map(|&s| random_matrix(s, 1.0, 9)).collect();
     // Column 0 of matrix 0 is zero, so U e_0 = 0 while U != 0.
     grads[0].iter_mut().step_by(8).for_each(|g| *g = 0.0);
-    let before = weights.clone();
-    let (report, _) = sim.step(&mut weights, &grads, 0);
-    assert_eq!(report[0].status, MatrixStatus::ZeroDirection);
-    assert_eq!(bits(&weights[0]), bits(&before[0]), "weights untouched");
-    assert_eq!(report[1].status, MatrixStatus::Updated);
-    assert_eq!(sim.warm_flags(), vec![0, 1]);
-    let v = sim.power_vector(0);
+    let mut weights = upload(&device, &before);
+    let mut cpu_weights = before.clone();
+    let (report, _) = sim_step(&device, &mut sim, &mut weights, &grads);
+    let cpu_report = cpu.step(&mut cpu_weights, &grads).unwrap();
+    compare_reports("re-seed", &report.matrices, &cpu_report.matrices);
+    assert_eq!(report.matrices[0].status, MatrixStatus::Reseeded);
+    assert_eq!(report.matrices[1].status, MatrixStatus::Updated);
+    assert_eq!(
+        bits(&download(&device, &weights)[0]),
+        bits(&before[0]),
+        "weights untouched"
+    );
+    assert_eq!(bits(&cpu_weights[0]), bits(&before[0]));
+    assert_eq!(
+        bits(&sim.momentum_to_host(0).unwrap()),
+        bits(cpu.momentum(0)),
+        "momentum stored"
+    );
+    assert!(cpu.momentum(0).iter().any(|&m| m != 0.0));
+    let v = sim.power_vector_to_host(0).unwrap();
+    assert_eq!(
+        bits(&v),
+        bits(cpu.power_vector(0)),
+        "the same re-seeded vector"
+    );
     let expected = 1.0 / 8f32.sqrt();
-    assert!(v.iter().all(|x| (x.abs() - expected).abs() < 1e-6), "{v:?}");
+    assert!(v.iter().all(|x| x.abs() == expected), "{v:?}");
     assert!(
         v.iter().any(|&x| x > 0.0) && v.iter().any(|&x| x < 0.0),
         "mixed signs: {v:?}"
     );
-    // The next step iterates from the new vector and updates the matrix.
-    let (report, _) = sim.step(&mut weights, &grads, 0);
-    assert_eq!(report[0].status, MatrixStatus::Updated);
+    assert_eq!(sim.state().unwrap().warm, vec![false, true]);
+    assert_eq!(cpu.state().unwrap().warm, vec![false, true]);
+
+    let what = "after re-seed";
+    let launches = step_both(
+        what,
+        &device,
+        &mut sim,
+        &mut weights,
+        &mut cpu,
+        &mut cpu_weights,
+        &grads,
+    );
+    assert_eq!(launches, u64::from(2 * config.warm_iterations + 1));
+    assert_eq!(
+        sim.report().unwrap().matrices[0].status,
+        MatrixStatus::Updated
+    );
+}
+
+/// The state moves between backends: a device state saved after two steps loads into the
+/// CPU optimizer (and back, bit for bit), and the next steps on both agree.
+#[test]
+fn state_round_trips_between_the_device_and_the_cpu() {
+    let shapes = ragged_shapes();
+    let config = configs()[2];
+    let device = SimDevice::new().unwrap();
+    let mut sim = sim_optimizer(&device, &shapes, config);
+    let mut weights: Vec<Vec<f32>> = random_batch(&shapes, 0.5, 1);
+    let mut sim_weights = upload(&device, &weights);
+    for step in 0..2 {
+        sim_step(
+            &device,
+            &mut sim,
+            &mut sim_weights,
+            &random_batch(&shapes, 1.0, 10 * step),
+        );
+    }
+    let bytes = sim.state_to_bytes().unwrap();
+    let mut cpu = cpu_optimizer(&shapes, config);
+    cpu.load_state_from_bytes(&bytes).unwrap();
+    assert_eq!(cpu.steps(), 2);
+    assert_eq!(
+        cpu.state().unwrap(),
+        sim.state().unwrap(),
+        "identical state"
+    );
+    // Back from the CPU to a fresh device optimizer, bit for bit (the files' metadata order
+    // may differ from save to save; their contents may not).
+    let mut other = sim_optimizer(&device, &shapes, SpectralSgdConfig::default());
+    other
+        .load_state_from_bytes(&cpu.state_to_bytes().unwrap())
+        .unwrap();
+    assert_eq!(
+        other.state().unwrap(),
+        sim.state().unwrap(),
+        "CPU to device, bit for bit"
+    );
+    assert_eq!((other.steps(), other.config()), (2, &config));
+
+    weights = download(&device, &sim_weights);
+    for step in 2..4 {
+        let grads = random_batch(&shapes, 1.0, 10 * step);
+        let what = format!("after the round trip, step {step}");
+        let launches = step_both(
+            &what,
+            &device,
+            &mut sim,
+            &mut sim_weights,
+            &mut cpu,
+            &mut weights,
+            &grads,
+        );
+        assert_eq!(
+            launches,
+            u64::from(2 * config.warm_iterations + 1),
+            "{what}: warm"
+        );
+    }
+    let wrong = HostState {
+        momentum: vec![0.0; 3],
+        ..sim.state().unwrap()
+    };
+    let kept = sim.state().unwrap();
+    assert!(matches!(
+        sim.set_state(wrong),
+        Err(Error::StateShapeMismatch(_))
+    ));
+    assert_eq!(
+        sim.state().unwrap(),
+        kept,
+        "a failed import changes nothing"
+    );
+}
+
+/// A reset re-seeds every vector from the config's seed and the next step cold-starts, with
+/// the cold rounds launched again; a state with some cold vectors does the same, the warm
+/// matrices taking only their warm iterations; both as on the CPU.
+#[test]
+fn resets_and_partly_cold_states_run_the_cold_rounds() {
+    let shapes = ragged_shapes();
+    let config = SpectralSgdConfig {
+        cold_iterations: 4,
+        ..configs()[0]
+    };
+    let device = SimDevice::new().unwrap();
+    let mut sim = sim_optimizer(&device, &shapes, config);
+    let mut cpu = cpu_optimizer(&shapes, config);
+    let fresh = sim.state().unwrap();
+    let mut weights: Vec<Vec<f32>> = random_batch(&shapes, 0.5, 2);
+    let mut sim_weights = upload(&device, &weights);
+    let mut step = |sim: &mut SpectralSgd<Simulated>, cpu: &mut SpectralSgd, seed: u64| {
+        let grads = random_batch(&shapes, 1.0, seed);
+        let what = format!("seed {seed}");
+        step_both(
+            &what,
+            &device,
+            sim,
+            &mut sim_weights,
+            cpu,
+            &mut weights,
+            &grads,
+        )
+    };
+    let cold = u64::from(2 * config.cold_iterations + 1);
+    let warm = u64::from(2 * config.warm_iterations + 1);
+    assert_eq!(step(&mut sim, &mut cpu, 1), cold);
+    assert_eq!(step(&mut sim, &mut cpu, 2), warm);
+    sim.reset_power_vectors().unwrap();
+    cpu.reset_power_vectors().unwrap();
+    let reset = sim.state().unwrap();
+    assert_eq!(
+        bits(&reset.power_vectors),
+        bits(&fresh.power_vectors),
+        "seeded as at creation"
+    );
+    assert!(reset.warm.iter().all(|&w| !w));
+    assert_eq!(step(&mut sim, &mut cpu, 3), cold);
+    assert_eq!(step(&mut sim, &mut cpu, 4), warm);
+
+    let mut partly_cold = sim.state().unwrap();
+    for flag in partly_cold.warm.iter_mut().step_by(3) {
+        *flag = false;
+    }
+    sim.set_state(partly_cold.clone()).unwrap();
+    cpu.set_state(partly_cold).unwrap();
+    assert_eq!(step(&mut sim, &mut cpu, 5), cold);
+    assert_eq!(step(&mut sim, &mut cpu, 6), warm);
+}
+
+/// The matrix table is rebuilt when the caller's buffers move (new allocations, another
+/// element type), and only then: the steps stay correct, and steps on the same buffers
+/// allocate nothing on the device.
+#[test]
+fn the_matrix_table_follows_moved_buffers() {
+    let shapes = ragged_shapes();
+    let config = configs()[1];
+    let device = SimDevice::new().unwrap();
+    let mut sim = sim_optimizer(&device, &shapes, config);
+    let mut cpu = cpu_optimizer(&shapes, config);
+    let mut weights: Vec<Vec<f32>> = random_batch(&shapes, 0.5, 3);
+    let mut sim_weights = upload(&device, &weights);
+    let mut grads = upload(&device, &random_batch::<f32>(&shapes, 1.0, 0));
+    sim.step(&mut sim_weights, &grads).unwrap();
+    cpu.step(&mut weights, &download(&device, &grads)).unwrap();
+    let held = device.allocated_bytes().unwrap();
+    for step in 1..3 {
+        let before = weights.clone();
+        let host_grads = random_batch::<f32>(&shapes, 1.0, 100 * step);
+        // Overwritten in place: the same addresses, so the matrix table stays valid.
+        for (slice, values) in grads.iter_mut().zip(&host_grads) {
+            device.write(slice, values).unwrap();
+        }
+        let cpu_report = cpu.step(&mut weights, &host_grads).unwrap();
+        sim.step(&mut sim_weights, &grads).unwrap();
+        let what = format!("same buffers, step {step}");
+        compare_reports(&what, &sim.report().unwrap().matrices, &cpu_report.matrices);
+        compare_state(
+            &what,
+            &sim,
+            &cpu,
+            &before,
+            &download(&device, &sim_weights),
+            &weights,
+        );
+    }
+    assert_eq!(
+        device.allocated_bytes().unwrap(),
+        held,
+        "no device allocation per step"
+    );
+
+    // New weight buffers holding the same values: the kernels must write the new ones.
+    let mut sim_weights = upload(&device, &download(&device, &sim_weights));
+    let host_grads = random_batch::<f32>(&shapes, 1.0, 999);
+    let what = "moved buffers";
+    step_both(
+        what,
+        &device,
+        &mut sim,
+        &mut sim_weights,
+        &mut cpu,
+        &mut weights,
+        &host_grads,
+    );
+
+    // The same optimizer stepping bf16 buffers: the table is rebuilt for the element type.
+    let mut cpu_bf16: Vec<Vec<bf16>> = weights
+        .iter()
+        .map(|w| w.iter().map(|&x| bf16::from_f32(x)).collect())
+        .collect();
+    let mut sim_bf16 = upload(&device, &cpu_bf16);
+    let host_grads = random_batch::<bf16>(&shapes, 1.0, 555);
+    let what = "bf16 buffers";
+    step_both(
+        what,
+        &device,
+        &mut sim,
+        &mut sim_bf16,
+        &mut cpu,
+        &mut cpu_bf16,
+        &host_grads,
+    );
 }

@@ -1,4 +1,4 @@
-//! Batched power iteration (SPEC 4) against exact singular values from the Jacobi SVD.
+//! Batched power iteration (math §4) against exact singular values from the Jacobi SVD.
 
 mod common;
 
@@ -436,4 +436,91 @@ fn lanczos_reports_zero_and_non_finite_matrices() {
         power.lanczos(&[&zero[..]], 1, 1e-3, 20).is_err(),
         "one matrix for a batch of two"
     );
+}
+
+/// The CPU power iteration reads every vector and partial at the layout's offsets: a layout
+/// with alignment gaps (as the device layouts have) gives the same bits as one without, in
+/// the fused and the two-matvec forms and in Lanczos.
+#[test]
+fn aligned_layouts_give_the_same_bits_as_packed_ones() {
+    let shapes = ragged_shapes();
+    let layout = |align_elements| {
+        BatchLayout::new(
+            &shapes,
+            BlockPolicy {
+                target_elements: 600,
+                align_elements,
+            },
+        )
+        .unwrap()
+    };
+    let (packed, aligned) = (layout(1), layout(4));
+    assert!(
+        aligned.total_vector_len() > packed.total_vector_len(),
+        "gaps"
+    );
+    assert!(
+        aligned.total_partial_len() > packed.total_partial_len(),
+        "gaps"
+    );
+    assert_eq!(aligned.blocks().len(), packed.blocks().len());
+    let matrices: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, 1.0, 300 + j as u64))
+        .collect();
+    let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
+    let vectors_of = |layout: &BatchLayout, vectors: &[f32]| -> Vec<Vec<u32>> {
+        layout
+            .matrices()
+            .iter()
+            .map(|e| {
+                vectors[e.vector_range()]
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect()
+    };
+    let mut power = [
+        BatchPowerIteration::new(packed.clone()),
+        BatchPowerIteration::new(aligned.clone()),
+    ];
+    let mut vectors = [power[0].cold_vectors(9), power[1].cold_vectors(9)];
+    assert_eq!(
+        vectors_of(&packed, &vectors[0]),
+        vectors_of(&aligned, &vectors[1])
+    );
+    for iteration in 0..3 {
+        let [packed_power, aligned_power] = &mut power;
+        let [packed_vectors, aligned_vectors] = &mut vectors;
+        let (expected, got) = if iteration == 1 {
+            (
+                packed_power.two_pass(&views, packed_vectors).unwrap(),
+                aligned_power.two_pass(&views, aligned_vectors).unwrap(),
+            )
+        } else {
+            (
+                packed_power.fused(&views, packed_vectors).unwrap(),
+                aligned_power.fused(&views, aligned_vectors).unwrap(),
+            )
+        };
+        let bits = |estimates: &[Estimate]| -> Vec<u32> {
+            estimates.iter().map(|e| e.sigma().to_bits()).collect()
+        };
+        assert_eq!(
+            bits(&got),
+            bits(&expected),
+            "iteration {iteration} estimates"
+        );
+        assert_eq!(
+            vectors_of(&aligned, aligned_vectors),
+            vectors_of(&packed, packed_vectors),
+            "iteration {iteration} vectors"
+        );
+    }
+    let [packed_power, aligned_power] = &mut power;
+    let expected = packed_power.lanczos(&views, 5, 1e-4, 40).unwrap();
+    let got = aligned_power.lanczos(&views, 5, 1e-4, 40).unwrap();
+    assert_eq!(got, expected, "Lanczos");
 }

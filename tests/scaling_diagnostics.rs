@@ -1,4 +1,4 @@
-//! SPEC 2, 3 and 6: target factors, spectral initialisation, parametrisation helpers and
+//! math §2, 3 and 6: target factors, spectral initialisation, parametrisation helpers and
 //! diagnostics, checked against the exact SVD.
 
 mod common;
@@ -43,7 +43,7 @@ fn scale_factors_follow_the_table() {
             1e-6 * rms,
         );
     }
-    // A bias (fan_out x 1) has target sqrt(fan_out) (SPEC 2).
+    // A bias (fan_out x 1) has target sqrt(fan_out) (math §2).
     assert_eq!(Scale::Spectral.factor(MatrixShape::new(64, 1)), 8.0);
 }
 
@@ -164,7 +164,7 @@ fn parametrisation_helpers_follow_spec_3b() {
     assert_eq!(scaling::sgd_learning_rate_multiplier(output), 0.01);
     assert_eq!(scaling::adam_learning_rate_multiplier(output), 0.001);
 
-    // The point of SPEC 3b: a Gaussian init with this std has ||W||_* = Θ(sqrt(fan_out/fan_in)).
+    // The point of math §3b: a Gaussian init with this std has ||W||_* = Θ(sqrt(fan_out/fan_in)).
     for (fan_out, fan_in) in [(64, 16), (16, 64), (128, 128)] {
         let shape = MatrixShape::new(fan_out, fan_in);
         let std = f64::from(scaling::init_std(shape, 1.0));

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""The peers' side of spectral-step's peer benchmark (issue 6): PyTorch and SciPy on the same
-inputs as the crate's bench binary (benches/peers.rs), in the same run. bench/peers/run.sh
-drives it; the subcommands are
+"""The peers' side of spectral-step's peer benchmark: PyTorch and SciPy on the same inputs as
+the crate's bench binary (benches/peers.rs), in the same run. bench/peers/run.sh drives it;
+the subcommands are
 
     peers.py generate DATA            shared inputs for the spectral-norm task (seeded)
     peers.py run DATA OUT ROUNDS      time the peers, check agreement with the crate's output
     peers.py report OUT COMMAND       the ratio table (Markdown) from OUT/{crate,peers}.json
+    peers.py gpu-step CRATE ROUNDS    on a GPU machine: the eager PyTorch step on CUDA, timed
+                                      beside the crate's GPU step (CRATE: the JSON lines that
+                                      benches/gpu_step.rs --json writes); prints the ratios
 
 Tasks (see bench/peers/README.md): 1. spectral norm to 1e-3 relative error (cold start),
 2. one warm power iteration over the GPT-2-small matrix set, 3. the full spectral step on that
@@ -23,7 +26,24 @@ from pathlib import Path
 import numpy as np
 
 SEED = 2026
-SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12
+
+
+def shape_set():
+    """The GPT-2-small set from bench/shapes/gpt2_small.txt, the benches' one definition."""
+    layers, layer = 1, []
+    path = Path(__file__).resolve().parent.parent / "shapes" / "gpt2_small.txt"
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if fields[0] == "layers":
+            layers = int(fields[1])
+        else:
+            layer.append((int(fields[0]), int(fields[1])))
+    return layer * layers
+
+
+SHAPES = shape_set()
 LEARNING_RATE, MOMENTUM, COLD, WARM = 0.02, 0.95, 8, 1  # SpectralSgdConfig::default()
 
 
@@ -139,18 +159,7 @@ def run(data, out, rounds):
         vectors = [torch.from_numpy(start[offsets[j]:offsets[j + 1]].copy()) for j in range(len(SHAPES))]
         scales = [math.sqrt(rows / cols) for rows, cols in SHAPES]
 
-        def step(iterations):
-            grads32 = grads if dtype == torch.float32 else [g.float() for g in grads]
-            torch._foreach_mul_(momenta, MOMENTUM)
-            torch._foreach_add_(momenta, grads32)
-            for w, m, v, s in zip(weights, momenta, vectors, scales):
-                for _ in range(iterations):
-                    q = m.T @ (m @ v)
-                    norm = q.norm()
-                    v.copy_(q / norm)
-                sigma = float(norm.sqrt())
-                w.add_(m, alpha=-LEARNING_RATE * s / sigma)
-
+        step = eager_step(torch, weights, grads, momenta, vectors, scales, dtype)
         before = [w[...].float().clone() for w in weights[:4]]
         step(COLD)
         ours = np.fromfile(out / f"step_{dtype_name}_weights.bin", dtype=np.float32)
@@ -170,6 +179,68 @@ def run(data, out, rounds):
     with open(out / "environment.json", "w") as f:
         json.dump(dict(torch=torch.__version__, numpy=np.__version__, scipy=__import__("scipy").__version__,
                        torch_threads=torch.get_num_threads(), python=platform.python_version()), f)
+
+
+def eager_step(torch, weights, grads, momenta, vectors, scales, dtype):
+    """The spectral step in eager PyTorch as a user writes it: _foreach momentum, a power
+    iteration per matrix, an in-place update. Returns step(iterations)."""
+
+    def step(iterations):
+        grads32 = grads if dtype == torch.float32 else [g.float() for g in grads]
+        torch._foreach_mul_(momenta, MOMENTUM)
+        torch._foreach_add_(momenta, grads32)
+        for w, m, v, s in zip(weights, momenta, vectors, scales):
+            for _ in range(iterations):
+                q = m.T @ (m @ v)
+                norm = q.norm()
+                v.copy_(q / norm)
+            sigma = float(norm.sqrt())
+            w.add_(m, alpha=-LEARNING_RATE * s / sigma)
+
+    return step
+
+
+def gpu_step(crate_json, rounds):
+    """The eager PyTorch step on CUDA on the GPT-2 set (f32, bf16), timed with CUDA events
+    after a cold step, beside the crate's GPU step times from benches/gpu_step.rs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("NOT RUN: PyTorch sees no CUDA device")
+        return
+    crate = {}
+    for line in Path(crate_json).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            crate[row["case"]] = row
+    device = torch.device("cuda")
+    print(f"GPU step, GPT-2-small set ({len(SHAPES)} matrices): {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    print("| dtype | eager PyTorch ms | crate ms | speed-up |")
+    print("| --- | --- | --- | --- |")
+    for dtype_name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        weights = [torch.from_numpy(w).to(device=device, dtype=dtype) for w in hashed(1)]
+        grads = [torch.from_numpy(g).to(device=device, dtype=dtype) for g in hashed(1000)]
+        momenta = [torch.zeros(g.shape, dtype=torch.float32, device=device) for g in grads]
+        vectors = [torch.nn.functional.normalize(torch.ones(cols, device=device), dim=0) for _, cols in SHAPES]
+        scales = [math.sqrt(rows / cols) for rows, cols in SHAPES]
+        step = eager_step(torch, weights, grads, momenta, vectors, scales, dtype)
+        step(COLD)
+        times = []
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(WARM)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        times.sort()
+        theirs = times[len(times) // 2]
+        ours = crate.get(dtype_name)
+        if ours is None:
+            print(f"| {dtype_name} | {theirs:.3f} | NOT RUN | |")
+        else:
+            print(f"| {dtype_name} | {theirs:.3f} | {ours['median_ms']:.3f} | **{theirs / ours['median_ms']:.2f}x** |")
+        del weights, grads, momenta
 
 
 def report(out, command):
@@ -213,5 +284,7 @@ if __name__ == "__main__":
         run(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
     elif command == "report" and len(sys.argv) == 4:
         report(Path(sys.argv[2]), sys.argv[3])
+    elif command == "gpu-step" and len(sys.argv) == 4:
+        gpu_step(Path(sys.argv[2]), int(sys.argv[3]))
     else:
         raise SystemExit(__doc__)

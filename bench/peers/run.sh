@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The peer benchmark (issue 6), from a clean clone: a local virtual environment with PyPI's
+# The peer benchmark, from a clean clone: a local virtual environment with PyPI's
 # torch, numpy and scipy under target/, shared seeded inputs, this crate's bench binary and
 # the peers on them in one run, agreement checks, and a ratio table written to
 # bench/results/<date>-cpu.md (and printed).

@@ -1,5 +1,5 @@
 //! How fast the simulator runs a realistic kernel: the plain fused power pass of
-//! `tests/fixtures/power_pass.ptx` over a 512x512 matrix (issue 3 asks for well under a
+//! `tests/fixtures/power_pass.ptx` over a 512x512 matrix (it should take well under a
 //! second). Prints the median of 5 runs and the simulated instruction rate.
 //!
 //! Run: `cargo bench -p ptx-sim --bench sim_speed`.

@@ -94,6 +94,10 @@ pub struct LaunchStats {
     pub warp_instructions: u64,
     /// Instructions executed, counted once per thread.
     pub thread_instructions: u64,
+    /// Global-memory loads and stores of two or four elements (`.v2`, `.v4`), counted once
+    /// per thread that executed one: how a test tells a kernel's vector path from its
+    /// scalar one.
+    pub global_vector_accesses: u64,
 }
 
 /// Simulated global memory plus the ability to launch kernels on it.
@@ -154,6 +158,24 @@ impl Device {
             flags: vec![0; bytes],
         });
         DevicePtr(base)
+    }
+
+    /// Frees the allocation that starts at `ptr`. Errors if none does (a double free, or a
+    /// pointer into the middle of an allocation). The address is not reused.
+    pub fn free(&mut self, ptr: DevicePtr) -> Result<()> {
+        let index = self
+            .allocations
+            .binary_search_by_key(&ptr.0, |a| a.base)
+            .map_err(|_| {
+                SimError::Memory(format!("{:#x} is not the start of an allocation", ptr.0))
+            })?;
+        self.allocations.remove(index);
+        Ok(())
+    }
+
+    /// Bytes held by live allocations.
+    pub fn allocated_bytes(&self) -> usize {
+        self.allocations.iter().map(|a| a.bytes.len()).sum()
     }
 
     /// An allocation holding `data`.

@@ -220,11 +220,21 @@ impl<'a> Cta<'a> {
                     "ran past the last instruction (no ret)",
                 ));
             };
-            self.step(warp, &active, instruction)?;
+            let participants = self.step(warp, &active, instruction)?;
+            if is_global_vector_access(&instruction.op) {
+                stats.global_vector_accesses += participants as u64;
+            }
         }
     }
 
-    fn step(&mut self, warp: usize, active: &[usize], instruction: &'a Instruction) -> Result<()> {
+    /// Runs `instruction` on the `active` lanes of `warp`; returns how many of them it ran on
+    /// (those whose guard holds).
+    fn step(
+        &mut self,
+        warp: usize,
+        active: &[usize],
+        instruction: &'a Instruction,
+    ) -> Result<usize> {
         // At most one warp of lanes: a stack buffer, no allocation per instruction.
         let mut lanes = [0usize; WARP];
         let mut count = 0;
@@ -238,18 +248,17 @@ impl<'a> Cta<'a> {
         }
         match &instruction.op {
             Op::BarSync { barrier, threads } => {
-                return self.bar_sync(warp, participants, barrier, threads.as_ref(), instruction);
+                self.bar_sync(warp, participants, barrier, threads.as_ref(), instruction)?;
             }
-            Op::BarWarpSync { mask } => {
-                return self.warp_sync(warp, participants, mask, instruction);
+            Op::BarWarpSync { mask } => self.warp_sync(warp, participants, mask, instruction)?,
+            Op::Shfl { .. } => self.shuffle(warp, participants, instruction)?,
+            _ => {
+                for &t in participants {
+                    self.execute(t, instruction)?;
+                }
             }
-            Op::Shfl { .. } => return self.shuffle(warp, participants, instruction),
-            _ => {}
         }
-        for &t in participants {
-            self.execute(t, instruction)?;
-        }
-        Ok(())
+        Ok(count)
     }
 
     fn lanes_of(&self, warp: usize) -> std::ops::Range<usize> {
@@ -1149,5 +1158,14 @@ pub(crate) fn run_cta(
             state.states[t] = State::Running;
         }
         state.epoch += 1;
+    }
+}
+
+/// A `ld`/`st` of two or four elements in global memory (`.v2`, `.v4`).
+fn is_global_vector_access(op: &Op) -> bool {
+    match op {
+        Op::Ld { space, dst, .. } => *space == Space::Global && dst.len() > 1,
+        Op::St { space, src, .. } => *space == Space::Global && src.len() > 1,
+        _ => false,
     }
 }

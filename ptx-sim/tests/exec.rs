@@ -858,3 +858,60 @@ fn every_comparison_and_the_remaining_unary_forms() {
         );
     }
 }
+
+/// Vector accesses to global memory are counted per executing thread; scalar ones are not.
+#[test]
+fn global_vector_accesses_are_counted_per_thread() {
+    let module = ptx_sim::parse(
+        r#"
+        .version 7.0
+        .target sm_80
+        .address_size 64
+        .visible .entry copy4(.param .u64 data) {
+            .reg .b64 %rd<4>;
+            .reg .b32 %r<2>;
+            .reg .f32 %f<5>;
+            .reg .pred %p;
+            ld.param.u64 %rd1, [data];
+            mov.u32 %r1, %tid.x;
+            mul.wide.u32 %rd2, %r1, 16;
+            add.s64 %rd3, %rd1, %rd2;
+            ld.global.v4.f32 {%f1, %f2, %f3, %f4}, [%rd3];
+            setp.eq.u32 %p, %r1, 0;
+            @%p st.global.v4.f32 [%rd3], {%f4, %f3, %f2, %f1};
+            st.global.f32 [%rd3], %f1;
+            ret;
+        }
+    "#,
+    )
+    .unwrap();
+    let mut device = Device::new();
+    let data = device.alloc_f32(&[1.0; 16]);
+    let stats = device
+        .launch(
+            module.kernel("copy4").unwrap(),
+            &LaunchConfig::linear(1, 4),
+            &[Arg::Ptr(data)],
+        )
+        .unwrap();
+    // Four threads load a vector, one of them stores one; the scalar stores do not count.
+    assert_eq!(stats.global_vector_accesses, 5);
+}
+
+/// A freed buffer is gone (reads fault), its neighbours are intact, and a second free or a
+/// pointer into the middle of an allocation is an error.
+#[test]
+fn freed_allocations_are_unmapped() {
+    let mut device = Device::new();
+    let first = device.alloc_f32(&[1.0, 2.0]);
+    let second = device.alloc_f32(&[3.0, 4.0]);
+    assert_eq!(device.allocated_bytes(), 16);
+    device.free(first).unwrap();
+    assert_eq!(device.allocated_bytes(), 8);
+    assert!(device.read(first, 4).is_err());
+    assert_eq!(device.read_f32(second, 2).unwrap(), vec![3.0, 4.0]);
+    assert!(device.free(first).is_err(), "double free");
+    assert!(device.free(second.offset(4)).is_err(), "not the start");
+    let third = device.alloc_f32(&[5.0]);
+    assert_ne!(third, first, "addresses are not reused");
+}

@@ -1,4 +1,4 @@
-//! The naive oracle for `spectral-step`: plain loops in `f64`, written from SPEC.md without
+//! The naive oracle for `spectral-step`: plain loops in `f64`, written from docs/math.md without
 //! looking at the crate's code, and an exact SVD (one-sided Jacobi) for small matrices.
 //!
 //! Used only by tests: of the CPU path now, of the PTX kernels (through the simulator) later.
@@ -142,7 +142,7 @@ pub fn matrix_with_spectrum(rows: usize, cols: usize, singular: &[f64], seed: u6
     a
 }
 
-/// One power iteration on `U^T U` (SPEC 4): `w = U^T (U v)`, `v <- w / ||w||`, returns
+/// One power iteration on `U^T U` (math §4): `w = U^T (U v)`, `v <- w / ||w||`, returns
 /// `sqrt(||w||)`. Leaves `v` alone and returns 0 if `w == 0`.
 pub fn power_iteration_step(u: &[f64], rows: usize, cols: usize, v: &mut [f64]) -> f64 {
     let uv: Vec<f64> = (0..rows)
@@ -166,7 +166,7 @@ pub fn frobenius_floor(u: &[f64], rows: usize, cols: usize) -> f64 {
     norm(u) / (rows.min(cols) as f64).sqrt()
 }
 
-/// Hyper-parameters of one reference step (SPEC 5).
+/// Hyper-parameters of one reference step (math §5).
 #[derive(Clone, Copy, Debug)]
 pub struct StepParams {
     /// `eta`.
@@ -196,7 +196,7 @@ pub enum Outcome {
     NonFinite,
 }
 
-/// One step of SPEC 5 for one matrix, in `f64`, straight from the formulas:
+/// One step of math §5 for one matrix, in `f64`, straight from the formulas:
 ///
 /// ```text
 /// M_new = beta M + c G               (c = 1, or 1 - beta for EMA)

@@ -1,4 +1,4 @@
-//! The CPU backend: SPEC 4's fused power iteration and SPEC 5's fused step, parallel over row
+//! The CPU backend: the fused power iteration (math §4) and the fused step (math §5), parallel over row
 //! blocks with rayon, bitwise reproducible for any number of threads.
 //!
 //! Memory passes of one warm step (`N` parameters, `b` bytes per weight/gradient element):
@@ -10,9 +10,9 @@
 //! | B: momentum and update | `G`, `M`, `W` | `M`, `W` |
 //!
 //! Pass A computes the momentum rule on the fly but does not store `M`: a matrix whose `U`
-//! turns out non-finite must leave `M` untouched (SPEC 4), and that is only known once all of
+//! turns out non-finite must leave `M` untouched (math §4.4), and that is only known once all of
 //! its blocks are read. Storing `M` in pass B instead costs one extra read of `G` for
-//! heavy-ball (7 element passes against SPEC 5's 6) and nothing for Nesterov (7 either way);
+//! heavy-ball (7 element passes against the 6 of a pass A that stores `M`) and nothing for Nesterov (7 either way);
 //! the write of `M` in pass B hits cache lines that pass B has just read, so it needs no extra
 //! read-for-ownership.
 
@@ -29,17 +29,23 @@ use crate::backend::{Backend, HostState};
 use crate::config::SpectralSgdConfig;
 use crate::element::Element;
 use crate::error::Result;
+use crate::kernels::records::MatrixResult;
 use crate::layout::{BatchLayout, BlockPolicy};
 use crate::report::StepReport;
 use power::BlockSums;
 
-/// The CPU backend. Its state is plain host memory; scratch space is allocated once, when the
+/// The CPU backend. Its state is plain host memory laid out by its [`BatchLayout`] (alignment
+/// gaps included, when the layout asks for them); scratch space is allocated once, when the
 /// optimizer is built.
 #[derive(Debug)]
 pub struct Cpu {
+    layout: BatchLayout,
     momentum: Vec<f32>,
     power_vectors: Vec<f32>,
     warm: Vec<bool>,
+    /// The host knows that some power vector is cold (first step, reset, state load): the
+    /// next step runs the cold rounds (math §4.7), exactly as the device path decides it.
+    host_knows_cold: bool,
     path: KernelPath,
     scratch: Scratch,
 }
@@ -49,24 +55,22 @@ pub struct Cpu {
 struct Scratch {
     partials: Vec<f32>,
     sums: Vec<BlockSums>,
-    estimates: Vec<Estimate>,
+    results: Vec<MatrixResult>,
     active: Vec<bool>,
-    remaining: Vec<u32>,
-    reseeded: Vec<bool>,
 }
 
 impl Cpu {
-    /// Momentum of matrix `index` (layout order).
-    pub fn momentum(&self, layout: &BatchLayout, index: usize) -> &[f32] {
-        &self.momentum[layout.matrix(index).element_range()]
+    /// Momentum of matrix `index` (layout order). Panics if `index` is out of range.
+    pub fn momentum(&self, index: usize) -> &[f32] {
+        &self.momentum[self.layout.matrix(index).element_range()]
     }
 
-    /// Current power vector of matrix `index`.
-    pub fn power_vector(&self, layout: &BatchLayout, index: usize) -> &[f32] {
-        &self.power_vectors[layout.matrix(index).vector_range()]
+    /// Current power vector of matrix `index`. Panics if `index` is out of range.
+    pub fn power_vector(&self, index: usize) -> &[f32] {
+        &self.power_vectors[self.layout.matrix(index).vector_range()]
     }
 
-    /// Whether matrix `index`'s power vector is warm.
+    /// Whether matrix `index`'s power vector is warm. Panics if `index` is out of range.
     pub fn is_warm(&self, index: usize) -> bool {
         self.warm[index]
     }
@@ -81,17 +85,6 @@ impl Cpu {
         self.path = power::checked_path(path)?;
         Ok(())
     }
-
-    fn seed_vectors(&mut self, layout: &BatchLayout, seed: u64) {
-        for (index, entry) in layout.matrices().iter().enumerate() {
-            crate::random::fill_unit_vector(
-                seed,
-                index as u64,
-                &mut self.power_vectors[entry.vector_range()],
-            );
-        }
-        self.warm.fill(false);
-    }
 }
 
 impl Backend for Cpu {
@@ -99,29 +92,31 @@ impl Backend for Cpu {
     type Report = StepReport;
     const BLOCK_POLICY: BlockPolicy = BlockPolicy::CPU;
 
-    fn create(layout: &BatchLayout, config: &SpectralSgdConfig) -> Result<Self> {
+    /// Any layout works on the CPU, aligned or not.
+    fn create(layout: BatchLayout, config: &SpectralSgdConfig) -> Result<Self> {
         let matrices = layout.len();
-        let mut cpu = Cpu {
+        Ok(Cpu {
             momentum: vec![0.0; layout.total_elements()],
-            power_vectors: vec![0.0; layout.total_vector_len()],
+            power_vectors: crate::random::cold_power_vectors(&layout, config.seed),
             warm: vec![false; matrices],
+            host_knows_cold: true,
             path: KernelPath::detect(),
             scratch: Scratch {
                 partials: vec![0.0; layout.total_partial_len()],
                 sums: vec![BlockSums::default(); layout.blocks().len()],
-                estimates: vec![Estimate::Zero; matrices],
+                results: vec![MatrixResult::default(); matrices],
                 active: vec![false; matrices],
-                remaining: vec![0; matrices],
-                reseeded: vec![false; matrices],
             },
-        };
-        cpu.seed_vectors(layout, config.seed);
-        Ok(cpu)
+            layout,
+        })
+    }
+
+    fn layout(&self) -> &BatchLayout {
+        &self.layout
     }
 
     fn step<T, W, G>(
         &mut self,
-        layout: &BatchLayout,
         config: &SpectralSgdConfig,
         step: u64,
         weights: &mut [W],
@@ -132,26 +127,32 @@ impl Backend for Cpu {
         W: std::borrow::BorrowMut<[T]> + Send,
         G: std::borrow::Borrow<[T]> + Sync,
     {
-        step::run(self, layout, config, step, weights, grads)
+        step::run(self, config, step, weights, grads)
     }
 
     fn export_state(&self) -> Result<HostState> {
         Ok(HostState {
-            momentum: self.momentum.clone(),
-            power_vectors: self.power_vectors.clone(),
+            momentum: self.layout.pack_elements(&self.momentum)?,
+            power_vectors: self.layout.pack_vectors(&self.power_vectors)?,
             warm: self.warm.clone(),
         })
     }
 
     fn import_state(&mut self, state: HostState) -> Result<()> {
-        self.momentum = state.momentum;
-        self.power_vectors = state.power_vectors;
+        state.check(&self.layout)?;
+        let momentum = self.layout.unpack_elements(&state.momentum)?;
+        let power_vectors = self.layout.unpack_vectors(&state.power_vectors)?;
+        self.host_knows_cold = state.warm.iter().any(|&warm| !warm);
+        self.momentum = momentum;
+        self.power_vectors = power_vectors;
         self.warm = state.warm;
         Ok(())
     }
 
-    fn reset_power_vectors(&mut self, layout: &BatchLayout, seed: u64) -> Result<()> {
-        self.seed_vectors(layout, seed);
+    fn reset_power_vectors(&mut self, seed: u64) -> Result<()> {
+        self.power_vectors = crate::random::cold_power_vectors(&self.layout, seed);
+        self.warm.fill(false);
+        self.host_knows_cold = true;
         Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! Batched power iteration on the CPU (SPEC 4).
+//! Batched power iteration on the CPU (math §4).
 //!
 //! One iteration computes, per matrix, `w = U^T (U v)`, `sigma = sqrt(||w||)`, `v <- w / ||w||`.
 //! The fused pass reads each row block of `U` from memory once: it walks the block in small
@@ -15,7 +15,10 @@ use super::rows::{
 };
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::kernels::records::{MatrixResult, Status, VectorAction};
 use crate::layout::{BatchLayout, RowBlock};
+use crate::policy::{self, IterationSums};
+use crate::scaling::Scale;
 
 /// Elements of `U` per cache tile: 64 KiB of `f32`, so that a tile's sources (gradient and
 /// momentum) stay in the 1 MiB-class L2 between the two sweeps, with room for `v` and `w`.
@@ -41,11 +44,22 @@ pub enum Estimate {
     /// (around `1e19`). The power vector is left untouched.
     NonFinite,
     /// `U` is not zero but `U^T U v` is: `v` is orthogonal to the row space of `U` or the
-    /// product underflows. `v` is left untouched; re-seed it and iterate again.
+    /// product underflows. `v` has been re-seeded with the deterministic `±1/sqrt(n)` vector
+    /// of math §4.6; iterate again.
     Degenerate,
 }
 
 impl Estimate {
+    /// The estimate a finish record describes.
+    fn of(result: &MatrixResult) -> Self {
+        match Status::from_code(result.status) {
+            Some(Status::Updated | Status::SigmaTooSmall) => Estimate::Sigma(result.sigma),
+            Some(Status::ZeroDirection) => Estimate::Zero,
+            Some(Status::Reseeded) => Estimate::Degenerate,
+            Some(Status::NonFinite) | None => Estimate::NonFinite,
+        }
+    }
+
     /// The estimate as a number: `sigma`, `0` for [`Estimate::Zero`] and
     /// [`Estimate::Degenerate`], NaN for [`Estimate::NonFinite`].
     pub fn sigma(self) -> f32 {
@@ -55,20 +69,6 @@ impl Estimate {
             Estimate::NonFinite => f32::NAN,
         }
     }
-}
-
-/// Splits a flat buffer into consecutive pieces of the given lengths (no copy).
-pub(crate) fn split_lengths<T>(
-    mut buffer: &mut [T],
-    lengths: impl Iterator<Item = usize>,
-) -> Vec<&mut [T]> {
-    let mut pieces = Vec::with_capacity(lengths.size_hint().0);
-    for length in lengths {
-        let (piece, rest) = std::mem::take(&mut buffer).split_at_mut(length);
-        pieces.push(piece);
-        buffer = rest;
-    }
-    pieces
 }
 
 /// One fused pass over every block of the active matrices: fills each block's partial `w` and
@@ -83,10 +83,7 @@ pub(crate) fn fused_pass<R: Rows>(
     sums: &mut [BlockSums],
 ) {
     let blocks = layout.blocks();
-    let block_partials = split_lengths(
-        partials,
-        blocks.iter().map(|b| layout.matrix(b.matrix).shape.fan_in),
-    );
+    let block_partials = layout.split_block_partials_mut(partials);
     blocks
         .par_iter()
         .zip(block_partials)
@@ -160,7 +157,7 @@ pub(crate) fn checked_path(path: KernelPath) -> Result<KernelPath> {
     }
 }
 
-/// The fused pass over one block (SPEC 4): per cache tile, `t_i = <u_i, v>`, then
+/// The fused pass over one block (math §4): per cache tile, `t_i = <u_i, v>`, then
 /// `partial += Σ t_i u_i` re-reading the tile from cache. Where forming `U` costs more than
 /// reading it back (the step's `U = f(G, M)`, see [`Rows::KEEP_TILE`]), the first sweep keeps
 /// the tile's `U` in `tile` and the second sweep reads it; the arithmetic, and so the result,
@@ -219,81 +216,82 @@ impl<R: Rows> Kernel for FusedBlock<'_, R> {
     }
 }
 
-/// Per active matrix: sums its block partials in block order into `w`, then
-/// `sigma = sqrt(||w||)`, `v <- w / ||w||` (norms in `f64`, so that `||w||^2` cannot overflow).
-/// Inactive matrices keep their vector and estimate.
+/// The settings the finish of a power iteration needs besides the sums.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FinishSettings {
+    /// `eta` (0 for plain power iteration: no update coefficient is needed).
+    pub learning_rate: f32,
+    /// `lambda`.
+    pub weight_decay: f32,
+    /// The target factors `s`.
+    pub scale: Scale,
+    /// The step number the re-seeding hash takes (math §4.6).
+    pub reseed_step: u32,
+}
+
+/// Per active matrix: sums its block partials in block order into `w` (in `f32`, kept in the
+/// first partial), `|w|` in `f64`, then [`policy::decide`] and its effect on `v` and the warm
+/// flag, as the finish kernel does. Inactive matrices keep their vector, flag and record;
+/// each record's `iterations_needed` is kept.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn finish(
     layout: &BatchLayout,
+    settings: &FinishSettings,
     active: &[bool],
     partials: &mut [f32],
     sums: &[BlockSums],
     vectors: &mut [f32],
-    estimates: &mut [Estimate],
+    warm: &mut [bool],
+    results: &mut [MatrixResult],
 ) {
     let entries = layout.matrices();
-    let matrix_partials = split_lengths(
-        partials,
-        entries.iter().map(|e| e.block_count * e.shape.fan_in),
-    );
-    let matrix_vectors = split_lengths(vectors, entries.iter().map(|e| e.shape.fan_in));
+    let matrix_partials = layout.split_matrix_partials_mut(partials);
+    let matrix_vectors = layout.split_vectors_mut(vectors);
     entries
         .par_iter()
         .zip(matrix_partials)
         .zip(matrix_vectors)
-        .zip(estimates.par_iter_mut())
+        .zip(warm.par_iter_mut())
+        .zip(results.par_iter_mut())
         .enumerate()
         .filter(|(index, _)| active[*index])
-        .for_each(|(_, (((entry, partials), vector), estimate))| {
-            *estimate = finish_matrix(
-                entry.shape.fan_out.min(entry.shape.fan_in),
-                &sums[entry.block_range()],
-                partials,
-                vector,
+        .for_each(|(index, ((((entry, partials), vector), warm), result))| {
+            let shape = entry.shape;
+            let sum_sq = sums[entry.block_range()]
+                .iter()
+                .fold(0.0f32, |total, s| total + s.sum_sq);
+            let (w, rest) = partials.split_at_mut(shape.fan_in);
+            for partial in rest.chunks_exact(shape.fan_in) {
+                w.iter_mut().zip(partial).for_each(|(acc, &p)| *acc += p);
+            }
+            let w_norm = w
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+                .sqrt();
+            let sums = IterationSums {
+                sum_sq,
+                w_norm,
+                min_dim: shape.fan_out.min(shape.fan_in),
+            };
+            let decision = policy::decide(
+                sums,
+                settings.learning_rate,
+                settings.scale.factor(shape),
+                settings.weight_decay,
+                result.iterations_needed,
             );
+            match decision.vector {
+                VectorAction::Keep => {}
+                VectorAction::Normalise => vector
+                    .iter_mut()
+                    .zip(w.iter())
+                    .for_each(|(v, &x)| *v = (f64::from(x) / w_norm) as f32),
+                VectorAction::Reseed => policy::reseed_vector(settings.reseed_step, index, vector),
+            }
+            *warm = policy::warm_after(decision.vector, *warm);
+            *result = decision.result;
         });
-}
-
-/// `sigma = max(sqrt(||w||), ||U||_F / sqrt(min(m, n)))`. Both are lower bounds on `||U||_*`,
-/// so their maximum is too. The first is SPEC 4's power-iteration estimate. The second catches
-/// a warm power vector that is badly aligned with a `U` that has changed direction: one
-/// iteration would then underestimate `sigma` and the update would overshoot its target by
-/// the same factor. With the floor, the overshoot is at most `sqrt(min(m, n))`. For a row or
-/// column vector (`min(m, n) = 1`) the floor is the exact norm (SPEC 4).
-fn finish_matrix(
-    min_dim: usize,
-    sums: &[BlockSums],
-    partials: &mut [f32],
-    vector: &mut [f32],
-) -> Estimate {
-    let sum_sq = sums.iter().fold(0.0f32, |total, s| total + s.sum_sq);
-    if !sum_sq.is_finite() {
-        return Estimate::NonFinite;
-    }
-    let (w, rest) = partials.split_at_mut(vector.len());
-    for partial in rest.chunks_exact(vector.len()) {
-        w.iter_mut().zip(partial).for_each(|(acc, &p)| *acc += p);
-    }
-    let w_norm = w
-        .iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt();
-    if !w_norm.is_finite() {
-        return Estimate::NonFinite;
-    }
-    if sum_sq == 0.0 {
-        return Estimate::Zero;
-    }
-    if w_norm > 0.0 {
-        vector
-            .iter_mut()
-            .zip(w.iter())
-            .for_each(|(v, &x)| *v = (f64::from(x) / w_norm) as f32);
-    } else if min_dim > 1 {
-        return Estimate::Degenerate;
-    }
-    let frobenius_floor = (f64::from(sum_sq) / min_dim as f64).sqrt();
-    Estimate::Sigma(w_norm.sqrt().max(frobenius_floor) as f32)
 }
 
 /// Batched power iteration over stored matrices, with its scratch buffers allocated once.
@@ -325,8 +323,18 @@ pub struct BatchPowerIteration {
     sums: Vec<BlockSums>,
     row_products: Vec<f32>,
     active: Vec<bool>,
+    warm: Vec<bool>,
+    results: Vec<MatrixResult>,
     path: KernelPath,
 }
+
+/// Plain power iteration needs no update coefficient and runs no optimizer step.
+const PLAIN_FINISH: FinishSettings = FinishSettings {
+    learning_rate: 0.0,
+    weight_decay: 0.0,
+    scale: Scale::Spectral,
+    reseed_step: 0,
+};
 
 impl BatchPowerIteration {
     /// Scratch space for `layout`, running the fastest [`KernelPath`] this CPU supports.
@@ -337,6 +345,8 @@ impl BatchPowerIteration {
             sums: vec![BlockSums::default(); layout.blocks().len()],
             row_products: Vec::new(),
             active: vec![true; layout.len()],
+            warm: vec![false; layout.len()],
+            results: vec![MatrixResult::default(); layout.len()],
             layout,
         }
     }
@@ -358,13 +368,9 @@ impl BatchPowerIteration {
     }
 
     /// Seeded random unit vectors for every matrix (the cold start), concatenated in layout
-    /// order. Matrix `j`'s vector depends only on `(seed, j)`.
+    /// order (at the layout's vector offsets). Matrix `j`'s vector depends only on `(seed, j)`.
     pub fn cold_vectors(&self, seed: u64) -> Vec<f32> {
-        let mut vectors = vec![0.0; self.layout.total_vector_len()];
-        for (index, entry) in self.layout.matrices().iter().enumerate() {
-            crate::random::fill_unit_vector(seed, index as u64, &mut vectors[entry.vector_range()]);
-        }
-        vectors
+        crate::random::cold_power_vectors(&self.layout, seed)
     }
 
     fn check<T>(&self, matrices: &[&[T]], vectors: &[f32]) -> Result<()> {
@@ -411,7 +417,7 @@ impl BatchPowerIteration {
         Ok(())
     }
 
-    /// One fused iteration for every matrix (SPEC 4): `vectors` is updated in place and the
+    /// One fused iteration for every matrix (math §4.2): `vectors` is updated in place and the
     /// estimates are returned in batch order.
     pub fn fused<T: Element>(
         &mut self,
@@ -423,16 +429,23 @@ impl BatchPowerIteration {
         let pass = self.pass_over(matrices, vectors, &active);
         self.active = active;
         pass?;
-        let mut estimates = vec![Estimate::Zero; self.layout.len()];
+        Ok(self.finish_all(vectors))
+    }
+
+    /// The finish of an iteration over every matrix, with the optimizer's decisions
+    /// (math §4.4–4.6): a vector orthogonal to its matrix is re-seeded.
+    fn finish_all(&mut self, vectors: &mut [f32]) -> Vec<Estimate> {
         finish(
             &self.layout,
+            &PLAIN_FINISH,
             &self.active,
             &mut self.partials,
             &self.sums,
             vectors,
-            &mut estimates,
+            &mut self.warm,
+            &mut self.results,
         );
-        Ok(estimates)
+        self.results.iter().map(Estimate::of).collect()
     }
 
     /// `w = U^T (U v)` for every matrix marked `active`, into `products` (layout vector
@@ -454,7 +467,7 @@ impl BatchPowerIteration {
             let product = &mut products[entry.vector_range()];
             product.fill(0.0);
             for block in &self.layout.blocks()[entry.block_range()] {
-                let partial = &self.partials[block.partial_offset..][..entry.shape.fan_in];
+                let partial = &self.partials[self.layout.block_partial_range(block)];
                 product.iter_mut().zip(partial).for_each(|(w, &p)| *w += p);
             }
             sums[index] = self.sums[entry.block_range()]
@@ -474,8 +487,7 @@ impl BatchPowerIteration {
         self.check(matrices, vectors)?;
         let layout = &self.layout;
         let blocks = layout.blocks();
-        let total_rows: usize = layout.shapes().map(|s| s.fan_out).sum();
-        self.row_products.resize(total_rows, 0.0);
+        self.row_products.resize(layout.total_rows(), 0.0);
         let rows: Vec<_> = layout
             .matrices()
             .iter()
@@ -488,10 +500,7 @@ impl BatchPowerIteration {
         let vectors_read: &[f32] = vectors;
         let path = self.path;
         // Pass 1: p = U v (and the per-block sums), over the whole batch.
-        let block_products = split_lengths(
-            &mut self.row_products,
-            blocks.iter().map(|b| b.row_end - b.row_start),
-        );
+        let block_products = layout.split_block_rows_mut(&mut self.row_products);
         blocks
             .par_iter()
             .zip(block_products)
@@ -512,14 +521,8 @@ impl BatchPowerIteration {
                 );
             });
         // Pass 2: w = U^T p, as per-block partials.
-        let block_products = split_lengths(
-            &mut self.row_products,
-            blocks.iter().map(|b| b.row_end - b.row_start),
-        );
-        let block_partials = split_lengths(
-            &mut self.partials,
-            blocks.iter().map(|b| layout.matrix(b.matrix).shape.fan_in),
-        );
+        let block_products = layout.split_block_rows_mut(&mut self.row_products);
+        let block_partials = layout.split_block_partials_mut(&mut self.partials);
         blocks
             .par_iter()
             .zip(block_products)
@@ -536,16 +539,7 @@ impl BatchPowerIteration {
                     },
                 );
             });
-        let mut estimates = vec![Estimate::Zero; layout.len()];
-        finish(
-            layout,
-            &self.active,
-            &mut self.partials,
-            &self.sums,
-            vectors,
-            &mut estimates,
-        );
-        Ok(estimates)
+        Ok(self.finish_all(vectors))
     }
 }
 
@@ -599,7 +593,8 @@ impl<R: Rows> Kernel for TransposedProduct<'_, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::rows::{DirectionRows, MomentumRule};
+    use crate::config::MomentumRule;
+    use crate::cpu::rows::DirectionRows;
     use half::bf16;
 
     /// A stored matrix seen only through the generic row interface (no bf16 shortcut).

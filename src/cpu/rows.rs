@@ -15,6 +15,7 @@
 //! in registers), it is written with intrinsics that compute exactly what the scalar form
 //! does, lane by lane.
 
+use crate::config::MomentumRule;
 use crate::element::Element;
 
 /// Which compiled form of the hot loops runs.
@@ -65,7 +66,7 @@ pub(crate) const LANES: usize = 4 * SIMD_WIDTH;
 /// Row elements widened per chunk (a multiple of [`LANES`]; 1 KiB of `f32` stays in L1).
 pub(crate) const CHUNK: usize = 256;
 
-/// The sums of one row `u` against the power vector `v` (SPEC 4 first half of the fused pass).
+/// The sums of one row `u` against the power vector `v` (math §4 first half of the fused pass).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct RowSums {
     /// `t = <u, v>`.
@@ -153,18 +154,8 @@ impl<T: Element> Rows for PlainRows<'_, T> {
     }
 }
 
-/// The momentum rule of SPEC 5, per element, in `f32`.
-///
-/// `M_new = beta * M + grad_coef * G` (`grad_coef` is 1 for heavy-ball, `1 - beta` for EMA);
-/// `U = M_new`, or with Nesterov the rule applied once more, `U = beta * M_new + grad_coef * G`
-/// (PyTorch's `G + beta * M_new` for heavy-ball, Muon's `lerp(G, M_new, beta)` for EMA).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct MomentumRule {
-    pub beta: f32,
-    pub grad_coef: f32,
-    pub nesterov: bool,
-}
-
+/// The momentum rule (math §5.1) per element, in `f32`: PyTorch's `G + beta * M_new` for
+/// heavy-ball Nesterov, Muon's `lerp(G, M_new, beta)` for EMA Nesterov.
 impl MomentumRule {
     /// `(M_new, U)` for one element.
     #[inline(always)]
@@ -535,7 +526,7 @@ pub(crate) fn add_scaled_tile<const FMA: bool>(
     }
 }
 
-/// `partial += t * u` for row `row` of `rows` (SPEC 4 second half of the fused pass).
+/// `partial += t * u` for row `row` of `rows` (math §4 second half of the fused pass).
 #[inline(always)]
 pub(crate) fn add_scaled_row<R: Rows, const FMA: bool>(
     rows: &R,

@@ -1,51 +1,51 @@
-//! The fused optimizer step on the CPU (SPEC 5): power iteration on the update direction,
-//! then one update pass.
+//! The fused optimizer step on the CPU (math §5.2): rounds of power iteration on the update
+//! direction, then one update pass, with the per-matrix decisions of [`crate::policy`].
 
 use std::borrow::{Borrow, BorrowMut};
 
 use rayon::prelude::*;
 
 use super::Cpu;
-use super::power::{Estimate, Kernel, finish, fused_pass, on_path, split_lengths};
-use super::rows::{DirectionRows, KernelPath, MomentumRule, madd};
-use crate::config::{MomentumKind, SpectralSgdConfig};
+use super::power::{FinishSettings, Kernel, finish, fused_pass, on_path};
+use super::rows::{DirectionRows, KernelPath, madd};
+use crate::config::{MomentumRule, SpectralSgdConfig};
 use crate::element::Element;
 use crate::error::Result;
+use crate::kernels::records::{MatrixResult, Status};
 use crate::layout::BatchLayout;
-use crate::report::{MatrixReport, MatrixStatus, StepReport};
+use crate::policy;
+use crate::report::StepReport;
 
 /// Elements per parallel task in the update pass.
 const UPDATE_CHUNK: usize = 1 << 16;
 
-impl From<&SpectralSgdConfig> for MomentumRule {
-    fn from(config: &SpectralSgdConfig) -> Self {
-        let grad_coef = match config.momentum_kind {
-            MomentumKind::HeavyBall => 1.0,
-            MomentumKind::Ema => 1.0 - config.momentum,
-        };
-        MomentumRule {
-            beta: config.momentum,
-            grad_coef,
-            nesterov: config.nesterov,
-        }
-    }
-}
-
-/// What pass B does to one matrix.
+/// What pass B does to one matrix, read from its result record as the update kernel reads it.
 #[derive(Clone, Copy, Debug)]
 enum Update {
-    /// Non-finite `U`: weights, momentum and power vector untouched.
+    /// Weights, momentum and power vector untouched (non-finite, sigma too small).
     Skip,
-    /// `sigma == 0`: store the new momentum, leave the weights (SPEC 4).
+    /// Store the new momentum, leave the weights (zero direction, re-seeded vector).
     MomentumOnly,
     /// `W <- decay * W - coefficient * U`, with `decay = 1 - eta*lambda` and
     /// `coefficient = eta * s / sigma`.
     Full { decay: f32, coefficient: f32 },
 }
 
+impl Update {
+    fn of(result: &MatrixResult) -> Self {
+        match Status::from_code(result.status) {
+            Some(status) if status.writes_weights() => Update::Full {
+                decay: result.decay,
+                coefficient: result.coefficient,
+            },
+            Some(status) if status.stores_momentum() => Update::MomentumOnly,
+            _ => Update::Skip,
+        }
+    }
+}
+
 pub(super) fn run<T, W, G>(
     cpu: &mut Cpu,
-    layout: &BatchLayout,
     config: &SpectralSgdConfig,
     step: u64,
     weights: &mut [W],
@@ -56,91 +56,44 @@ where
     W: BorrowMut<[T]> + Send,
     G: Borrow<[T]> + Sync,
 {
-    layout.check_lengths("weight", weights.iter().map(|w| w.borrow().len()))?;
-    layout.check_lengths("gradient", grads.iter().map(|g| g.borrow().len()))?;
-    let rule = MomentumRule::from(config);
+    cpu.layout
+        .check_lengths("weight", weights.iter().map(|w| w.borrow().len()))?;
+    cpu.layout
+        .check_lengths("gradient", grads.iter().map(|g| g.borrow().len()))?;
+    let rule = config.momentum_rule();
     let grads: Vec<&[T]> = grads.iter().map(Borrow::borrow).collect();
-    estimate_sigmas(cpu, layout, config, step, rule, &grads);
+    estimate_sigmas(cpu, config, step, rule, &grads);
+    cpu.host_knows_cold = false;
 
-    let mut updates = Vec::with_capacity(layout.len());
-    let mut report = StepReport {
-        step,
-        matrices: Vec::with_capacity(layout.len()),
-    };
-    for ((entry, &estimate), warm) in layout
-        .matrices()
+    let results = &cpu.scratch.results;
+    let matrices = results
         .iter()
-        .zip(&cpu.scratch.estimates)
-        .zip(cpu.warm.iter_mut())
-    {
-        let (update, matrix_report) = match estimate {
-            Estimate::NonFinite => (
-                Update::Skip,
-                MatrixReport {
-                    sigma: None,
-                    status: MatrixStatus::SkippedNonFinite,
-                },
-            ),
-            Estimate::Zero | Estimate::Degenerate => (
-                Update::MomentumOnly,
-                MatrixReport {
-                    sigma: Some(0.0),
-                    status: MatrixStatus::ZeroDirection,
-                },
-            ),
-            Estimate::Sigma(sigma) => {
-                *warm = true;
-                let eta = f64::from(config.learning_rate);
-                let coefficient =
-                    (eta * f64::from(config.scale.factor(entry.shape)) / f64::from(sigma)) as f32;
-                let decay = (1.0 - eta * f64::from(config.weight_decay)) as f32;
-                if coefficient.is_finite() {
-                    (
-                        Update::Full { decay, coefficient },
-                        MatrixReport {
-                            sigma: Some(sigma),
-                            status: MatrixStatus::Updated,
-                        },
-                    )
-                } else {
-                    // sigma so small that eta * s / sigma overflows f32: writing W would
-                    // produce infinities, so the matrix is skipped like a non-finite one.
-                    (
-                        Update::Skip,
-                        MatrixReport {
-                            sigma: Some(sigma),
-                            status: MatrixStatus::SkippedNonFinite,
-                        },
-                    )
-                }
-            }
-        };
-        updates.push(update);
-        report.matrices.push(matrix_report);
-    }
+        .map(policy::report_of)
+        .collect::<Result<Vec<_>>>()?;
+    let updates: Vec<Update> = results.iter().map(Update::of).collect();
     update_pass(
         cpu.path,
-        layout,
+        &cpu.layout,
         rule,
         &updates,
         weights,
         &grads,
         &mut cpu.momentum,
     );
-    Ok(report)
+    Ok(StepReport { step, matrices })
 }
 
-/// Power iteration on every matrix's `U` (SPEC 4): the first pass for all matrices, then
-/// extra passes for those that still need them (cold start: `cold_iterations` in all, warm:
-/// `warm_iterations`). A degenerate start vector is re-seeded once and given a cold start.
+/// Power iteration on every matrix's `U` (math §4.7): the rounds the device path would
+/// launch, each matrix taking part while [`policy::continues`] says so. The first round
+/// fixes each matrix's iteration count from its warm flag.
 fn estimate_sigmas<T: Element>(
     cpu: &mut Cpu,
-    layout: &BatchLayout,
     config: &SpectralSgdConfig,
     step: u64,
     rule: MomentumRule,
     grads: &[&[T]],
 ) {
+    let layout = &cpu.layout;
     let rows: Vec<_> = layout
         .matrices()
         .iter()
@@ -152,17 +105,29 @@ fn estimate_sigmas<T: Element>(
             rule,
         })
         .collect();
+    let settings = FinishSettings {
+        learning_rate: config.learning_rate,
+        weight_decay: config.weight_decay,
+        scale: config.scale,
+        reseed_step: policy::reseed_step(step),
+    };
     let scratch = &mut cpu.scratch;
-    for (index, &warm) in cpu.warm.iter().enumerate() {
-        scratch.active[index] = true;
-        scratch.reseeded[index] = false;
-        scratch.remaining[index] = if warm {
-            config.warm_iterations
-        } else {
-            config.cold_iterations
-        };
-    }
-    loop {
+    for round in 0..policy::rounds_to_launch(config, cpu.host_knows_cold) {
+        let mut any_active = false;
+        for (index, entry) in layout.matrices().iter().enumerate() {
+            let result = &mut scratch.results[index];
+            let active = if round == 0 {
+                result.iterations_needed = policy::iterations_needed(config, cpu.warm[index]);
+                true
+            } else {
+                policy::continues(round, entry.shape.is_vector(), result)
+            };
+            scratch.active[index] = active;
+            any_active |= active;
+        }
+        if !any_active {
+            return;
+        }
         fused_pass(
             cpu.path,
             layout,
@@ -174,45 +139,19 @@ fn estimate_sigmas<T: Element>(
         );
         finish(
             layout,
+            &settings,
             &scratch.active,
             &mut scratch.partials,
             &scratch.sums,
             &mut cpu.power_vectors,
-            &mut scratch.estimates,
+            &mut cpu.warm,
+            &mut scratch.results,
         );
-        let mut any_active = false;
-        for (index, entry) in layout.matrices().iter().enumerate() {
-            if !scratch.active[index] {
-                continue;
-            }
-            scratch.remaining[index] -= 1;
-            let again = match scratch.estimates[index] {
-                Estimate::Degenerate if !scratch.reseeded[index] => {
-                    scratch.reseeded[index] = true;
-                    // A fresh random vector needs a cold start, now and, if this step ends
-                    // without a usable estimate, on the next step too.
-                    cpu.warm[index] = false;
-                    scratch.remaining[index] = config.cold_iterations;
-                    crate::random::fill_unit_vector(
-                        config.seed.wrapping_add(step),
-                        index as u64,
-                        &mut cpu.power_vectors[entry.vector_range()],
-                    );
-                    true
-                }
-                Estimate::Sigma(_) => scratch.remaining[index] > 0 && !entry.shape.is_vector(),
-                _ => false,
-            };
-            scratch.active[index] = again;
-            any_active |= again;
-        }
-        if !any_active {
-            return;
-        }
     }
 }
 
-/// Pass B of SPEC 5 over the whole batch: `M <- M_new`, `W <- (1 - eta*lambda) W - (eta s / sigma) U`.
+/// Pass B of math §5.2 over the whole batch: `M <- M_new`,
+/// `W <- (1 - eta*lambda) W - (eta s / sigma) U`.
 fn update_pass<T, W>(
     path: KernelPath,
     layout: &BatchLayout,
@@ -225,7 +164,7 @@ fn update_pass<T, W>(
     T: Element,
     W: BorrowMut<[T]> + Send,
 {
-    let momenta = split_lengths(momentum, layout.shapes().map(|shape| shape.len()));
+    let momenta = layout.split_elements_mut(momentum);
     weights
         .par_iter_mut()
         .zip(grads.par_iter())
@@ -306,7 +245,7 @@ impl<T: Element> Kernel for Step<'_, T> {
 }
 
 impl<T: Element> Step<'_, T> {
-    /// The element-wise body of pass B (SPEC 5): `M <- M_new`,
+    /// The element-wise body of pass B (math §5.3): `M <- M_new`,
     /// `W <- decay * W - coefficient * U`.
     #[inline(always)]
     fn update<const NESTEROV: bool, const FMA: bool>(self) {

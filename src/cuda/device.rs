@@ -1,21 +1,28 @@
-//! Opening a device and loading the kernels: the thin layer over cudarc's driver API.
+//! [`CudaDevice`]: a CUDA GPU behind the [`Device`] seam, the thin layer over cudarc's
+//! driver API.
 //!
 //! cudarc is built with dynamic loading, so this crate links no CUDA library; the driver is
 //! looked up at run time. Every entry point first checks that the driver library loads at all
 //! ([`driver_available`]), because cudarc's lazy loader panics when it does not.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    SyncOnDrop,
 };
-use cudarc::nvrtc::Ptx;
 
+use super::cuda_error;
+use super::loader::{LoadedFrom, LoadedKernels};
+use crate::device::{Device, checked_end, sealed};
+use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::kernels::{self, Launch, LaunchArg};
+use crate::kernels::{KernelId, Launch, LaunchArg};
+
+/// Dynamic shared memory a CUDA function may use without the opt-in attribute.
+const DEFAULT_SHARED_BYTES: u32 = 48 * 1024;
 
 /// True when the CUDA driver library (`libcuda.so`, `nvcuda.dll`) can be loaded.
 pub fn driver_available() -> bool {
@@ -23,13 +30,6 @@ pub fn driver_available() -> bool {
     // and drops the handle; loading runs the library's initialisers, which is what any CUDA
     // program does. It calls no driver function.
     unsafe { cudarc::driver::sys::is_culib_present() }
-}
-
-pub(crate) fn cuda_error(context: &'static str) -> impl Fn(DriverError) -> Error {
-    move |error| Error::Cuda {
-        context,
-        message: error.to_string(),
-    }
 }
 
 /// What a device is: for reports and for choosing a backend.
@@ -58,29 +58,20 @@ impl fmt::Display for DeviceInfo {
     }
 }
 
-/// How a kernel module was loaded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LoadedFrom {
-    /// The cubin ptxas built for this architecture (compute capability times ten).
-    Cubin(u32),
-    /// The PTX, compiled by the driver's JIT (no matching cubin, or the driver refused it).
-    Jit,
-}
-
-/// A device with the crate's kernels loaded, and the stream the optimizer works on.
+/// A CUDA device with the crate's kernels loaded, and the stream the optimizer works on.
 #[derive(Debug)]
 pub struct CudaDevice {
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
     max_shared_bytes: u32,
-    functions: HashMap<&'static str, (CudaFunction, LoadedFrom)>,
+    kernels: LoadedKernels,
 }
 
 impl CudaDevice {
-    /// Opens device `ordinal` and loads every kernel (cubin for its architecture, else PTX).
-    /// Errors: [`Error::NoCudaDriver`] without a driver, [`Error::NoDevice`] without that
-    /// device or for one older than sm_80, [`Error::Cuda`] when loading fails.
+    /// Opens device `ordinal` and loads every kernel (the cubin for its architecture, else
+    /// the PTX). Errors: [`Error::NoCudaDriver`] without a driver, [`Error::NoDevice`]
+    /// without that device or for one older than sm_80, [`Error::Cuda`] when loading fails.
     pub fn open(ordinal: usize) -> Result<Self> {
         if !driver_available() {
             return Err(Error::NoCudaDriver(
@@ -123,10 +114,7 @@ impl CudaDevice {
         let stream = context
             .new_stream()
             .map_err(cuda_error("creating a stream"))?;
-        let mut functions = HashMap::new();
-        for module in kernels::modules() {
-            functions.insert(module.name, load(&context, module, arch)?);
-        }
+        let kernels = LoadedKernels::load(&context, arch)?;
         Ok(Self {
             info: DeviceInfo {
                 ordinal: context.ordinal(),
@@ -137,7 +125,7 @@ impl CudaDevice {
             context,
             stream,
             max_shared_bytes,
-            functions,
+            kernels,
         })
     }
 
@@ -156,90 +144,138 @@ impl CudaDevice {
         &self.stream
     }
 
-    /// Dynamic shared memory one CTA may use (with the opt-in attribute).
-    pub fn max_shared_bytes(&self) -> u32 {
-        self.max_shared_bytes
+    /// How kernel `id` was loaded: a cubin, or the JIT and why.
+    pub fn loaded_from(&self, id: KernelId) -> &LoadedFrom {
+        self.kernels.loaded_from(id)
     }
 
-    /// How module `name` was loaded, if it exists.
-    pub fn loaded_from(&self, name: &str) -> Option<LoadedFrom> {
-        self.functions.get(name).map(|(_, from)| *from)
-    }
-
-    /// Allows `bytes` of dynamic shared memory for the power kernels (above the default 48 KiB
-    /// a function must opt in).
-    pub(crate) fn reserve_power_shared(&self, bytes: u32) -> Result<()> {
-        if bytes <= 48 * 1024 {
-            return Ok(());
+    fn check_same_context<T>(&self, slice: &CudaSlice<T>) -> Result<()> {
+        if Arc::ptr_eq(slice.context(), &self.context) {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "a buffer of CUDA device {} was passed to an optimizer on another context ({})",
+                slice.ordinal(),
+                self.info
+            )))
         }
-        for (name, (function, _)) in &self.functions {
-            if name.starts_with("power_") && *name != kernels::FINISH_KERNEL {
-                function
-                    .set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
-                    .map_err(cuda_error("raising the shared memory limit"))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Enqueues `launches` on the stream, in order. Does not wait for them.
-    pub(crate) fn launch_all(&self, launches: &[Launch]) -> Result<()> {
-        for launch in launches {
-            let (function, _) = self.functions.get(launch.kernel).ok_or(Error::Cuda {
-                context: "launching",
-                message: format!("kernel {} is not loaded", launch.kernel),
-            })?;
-            let mut builder = self.stream.launch_builder(function);
-            for arg in &launch.args {
-                match arg {
-                    LaunchArg::U64(value) => builder.arg(value),
-                    LaunchArg::U32(value) => builder.arg(value),
-                    LaunchArg::F32(value) => builder.arg(value),
-                };
-            }
-            let config = LaunchConfig {
-                grid_dim: (launch.grid, 1, 1),
-                block_dim: (launch.block, 1, 1),
-                shared_mem_bytes: launch.shared_bytes,
-            };
-            // SAFETY: `kernels::step_launches` / `power_launches` build each argument list in
-            // the `.param` order and types of the kernel it names (checked in CI by the
-            // simulator, which rejects a mismatched list). Every address in them is a live
-            // allocation of this context: the optimizer's own buffers, or the caller's
-            // weights and gradients, which the step borrows until its launches are enqueued
-            // and whose stream dependencies cudarc's guards record.
-            unsafe { builder.launch(config) }.map_err(cuda_error("launching a kernel"))?;
-        }
-        Ok(())
     }
 }
 
-/// Loads one module: the cubin for `arch` (or for an earlier minor of the same major, which
-/// the device runs natively), else the PTX through the driver's JIT.
-fn load(
-    context: &Arc<CudaContext>,
-    module: &kernels::KernelModule,
-    arch: u32,
-) -> Result<(CudaFunction, LoadedFrom)> {
-    let cubin = module
-        .cubins
-        .iter()
-        .filter(|c| c.arch / 10 == arch / 10 && c.arch <= arch)
-        .max_by_key(|c| c.arch);
-    if let Some(cubin) = cubin
-        && let Ok(loaded) = context.load_module(Ptx::from_binary(cubin.image.to_vec()))
-        && let Ok(function) = loaded.load_function(module.name)
-    {
-        return Ok((function, LoadedFrom::Cubin(cubin.arch)));
+impl sealed::Sealed for CudaDevice {}
+
+impl Device for CudaDevice {
+    type Slice<T: Element> = CudaSlice<T>;
+    type Buffer = CudaSlice<u8>;
+    type Guard<'a> = SyncOnDrop<'a>;
+
+    /// Device 0.
+    fn open_default() -> Result<Self> {
+        Self::open(0)
     }
-    let loaded = context
-        .load_module(Ptx::from_src(module.ptx))
-        .map_err(cuda_error("loading PTX"))?;
-    let function = loaded
-        .load_function(module.name)
-        .map_err(cuda_error("finding a kernel"))?;
-    Ok((function, LoadedFrom::Jit))
+
+    fn describe(&self) -> String {
+        self.info.to_string()
+    }
+
+    fn max_shared_bytes(&self) -> u32 {
+        self.max_shared_bytes
+    }
+
+    fn prepare_power_shared(&self, bytes: u32) -> Result<()> {
+        if bytes <= DEFAULT_SHARED_BYTES {
+            return Ok(());
+        }
+        for id in KernelId::ALL
+            .into_iter()
+            .filter(|id| id.uses_power_shared_memory())
+        {
+            self.kernels
+                .function(id)
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(cuda_error("raising the shared memory limit"))?;
+        }
+        Ok(())
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        self.stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(cuda_error("allocating device memory"))
+    }
+
+    fn upload(&self, buffer: &mut CudaSlice<u8>, offset: usize, bytes: &[u8]) -> Result<()> {
+        let end = checked_end(buffer.len(), offset, bytes.len())?;
+        self.stream
+            .memcpy_htod(bytes, &mut buffer.slice_mut(offset..end))
+            .map_err(cuda_error("copying to the device"))
+    }
+
+    fn download(&self, buffer: &CudaSlice<u8>, offset: usize, len: usize) -> Result<Vec<u8>> {
+        let end = checked_end(buffer.len(), offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.stream
+            .clone_dtoh(&buffer.slice(offset..end))
+            .map_err(cuda_error("copying from the device"))
+    }
+
+    fn buffer_address(&self, buffer: &CudaSlice<u8>) -> u64 {
+        // The guard is dropped at once: the device's own buffers are only used on its own
+        // stream, which orders them, so no event needs recording.
+        let (address, _guard) = buffer.device_ptr(&self.stream);
+        address
+    }
+
+    fn slice_len<T: Element>(slice: &CudaSlice<T>) -> usize {
+        slice.len()
+    }
+
+    fn read_address<'a, T: Element>(
+        &'a self,
+        slice: &'a CudaSlice<T>,
+    ) -> Result<(u64, SyncOnDrop<'a>)> {
+        self.check_same_context(slice)?;
+        Ok(slice.device_ptr(&self.stream))
+    }
+
+    fn write_address<'a, T: Element>(
+        &'a self,
+        slice: &'a mut CudaSlice<T>,
+    ) -> Result<(u64, SyncOnDrop<'a>)> {
+        self.check_same_context(slice)?;
+        Ok(slice.device_ptr_mut(&self.stream))
+    }
+
+    unsafe fn launch(&self, launch: &Launch) -> Result<()> {
+        let function = self.kernels.function(launch.kernel);
+        let mut builder = self.stream.launch_builder(function);
+        for arg in &launch.args {
+            match arg {
+                LaunchArg::U64(value) => builder.arg(value),
+                LaunchArg::U32(value) => builder.arg(value),
+                LaunchArg::F32(value) => builder.arg(value),
+            };
+        }
+        let config = LaunchConfig {
+            grid_dim: (launch.grid, 1, 1),
+            block_dim: (launch.block, 1, 1),
+            shared_mem_bytes: launch.shared_bytes,
+        };
+        // SAFETY: the caller guarantees (this function's contract) that the arguments match
+        // the kernel's parameters and that every address the kernel reaches is live and
+        // large enough; `function` is the module `launch.kernel` names, loaded at creation.
+        unsafe { builder.launch(config) }.map_err(cuda_error("launching a kernel"))?;
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(cuda_error("waiting for the stream"))
+    }
 }

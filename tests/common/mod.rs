@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: element conversions, tolerances, and a bridge
-//! from the crate's config to the f64 oracle in `spectral-step-reference`.
+//! Helpers shared by the integration tests: element conversions, tolerance checks (on
+//! `approx`), and a bridge from the crate's config to the f64 oracle in
+//! `spectral-step-reference`.
 #![allow(dead_code)]
 
 use spectral_step::half::{bf16, f16};
@@ -56,13 +57,25 @@ pub fn reference_params(
     }
 }
 
-/// Asserts `|actual - expected| <= tolerance`, naming what was compared.
+/// Asserts `|actual - expected| <= tolerance` (`approx::abs_diff_eq!`), naming what was
+/// compared.
 #[track_caller]
 pub fn assert_close(what: &str, actual: f64, expected: f64, tolerance: f64) {
     assert!(
-        (actual - expected).abs() <= tolerance,
+        approx::abs_diff_eq!(actual, expected, epsilon = tolerance),
         "{what}: got {actual:e}, expected {expected:e} (difference {:e} > tolerance {tolerance:e})",
         (actual - expected).abs()
+    );
+}
+
+/// Asserts `|actual - expected| <= max_relative * max(|actual|, |expected|)`
+/// (`approx::relative_eq!`), naming what was compared.
+#[track_caller]
+pub fn assert_relative(what: &str, actual: f64, expected: f64, max_relative: f64) {
+    assert!(
+        approx::relative_eq!(actual, expected, epsilon = 0.0, max_relative = max_relative),
+        "{what}: got {actual:e}, expected {expected:e} (relative difference {:e} > {max_relative:e})",
+        (actual - expected).abs() / actual.abs().max(expected.abs())
     );
 }
 

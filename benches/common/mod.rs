@@ -1,0 +1,83 @@
+//! What the benchmarks share: the GPT-2-small shape set (defined once, in
+//! `bench/shapes/gpt2_small.txt`, which the Python peers read too), the hashed inputs that
+//! numpy reproduces bit for bit, and medians.
+#![allow(dead_code)]
+
+use rayon::prelude::*;
+use spectral_step::{Element, MatrixShape};
+
+const GPT2_SMALL: &str = include_str!("../../bench/shapes/gpt2_small.txt");
+
+/// `(layers, one layer's shapes)` of `bench/shapes/gpt2_small.txt`.
+fn parse_shape_set(text: &str) -> (usize, Vec<MatrixShape>) {
+    let mut layers = 1;
+    let mut shapes = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields[..] {
+            ["layers", count] => layers = count.parse().expect("a layer count"),
+            [fan_out, fan_in] => shapes.push(MatrixShape::new(
+                fan_out.parse().expect("fan_out"),
+                fan_in.parse().expect("fan_in"),
+            )),
+            _ => panic!("bench/shapes/gpt2_small.txt: bad line {line:?}"),
+        }
+    }
+    (layers, shapes)
+}
+
+/// One GPT-2-small layer's weight matrices (4 shapes).
+pub fn gpt2_small_layer() -> Vec<MatrixShape> {
+    parse_shape_set(GPT2_SMALL).1
+}
+
+/// All 48 GPT-2-small weight matrices (85M parameters), layer after layer.
+pub fn gpt2_small() -> Vec<MatrixShape> {
+    let (layers, layer) = parse_shape_set(GPT2_SMALL);
+    (0..layers).flat_map(|_| layer.iter().copied()).collect()
+}
+
+/// Element `index` of the hashed inputs, in `[-1, 1)`: `((h >> 40) / 2^24) * 2 - 1` with
+/// `h = (index ^ salt) * 0x9E3779B97F4A7C15` (wrapping), which `bench/peers/peers.py`
+/// computes the same way.
+pub fn hashed_value<T: Element>(index: usize, salt: u64) -> T {
+    let h = (index as u64 ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    T::from_f32_rne(((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+}
+
+/// `len` hashed values with salt `salt`, computed in parallel.
+pub fn hashed<T: Element>(len: usize, salt: u64) -> Vec<T> {
+    (0..len)
+        .into_par_iter()
+        .map(|i| hashed_value(i, salt))
+        .collect()
+}
+
+/// One hashed matrix per shape; matrix `j` uses salt `salt + j`.
+pub fn hashed_batch<T: Element>(shapes: &[MatrixShape], salt: u64) -> Vec<Vec<T>> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(j, shape)| hashed(shape.len(), salt + j as u64))
+        .collect()
+}
+
+/// The median of `values` (sorted in place).
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The value of `--rounds N` on the command line, else `default` (other arguments, such as
+/// the `--bench` that cargo passes, are left to the caller).
+pub fn rounds_arg(default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}

@@ -1,0 +1,434 @@
+//! The kernel template language: plain-text expansion of `kernels/*.ptx` into one PTX module
+//! per element type and variant. The rules are in `kernels/README.md`; the expanded text is
+//! exactly what ptxas assembles, the simulator runs and the driver loads.
+//!
+//! This file is part of the build script and is also compiled into an integration test
+//! (`tests/build_template.rs`), which runs the unit tests at its end.
+
+use std::collections::HashMap;
+
+/// How one element type of weights and gradients is loaded, stored and named.
+pub struct ElementType {
+    /// `f32`, `f16` or `bf16`: the `{{T}}` of a module name.
+    pub name: &'static str,
+    /// log2 of the element size in bytes.
+    pub shift: u32,
+    /// `None` for `f32`; the `cvt` type of a 16-bit float otherwise.
+    pub half: Option<&'static str>,
+}
+
+/// The element types every typed template is expanded for.
+pub const ELEMENT_TYPES: [ElementType; 3] = [
+    ElementType {
+        name: "f32",
+        shift: 2,
+        half: None,
+    },
+    ElementType {
+        name: "f16",
+        shift: 1,
+        half: Some("f16"),
+    },
+    ElementType {
+        name: "bf16",
+        shift: 1,
+        half: Some("bf16"),
+    },
+];
+
+/// The variant tags a line may start with (`@step `, `@plain `).
+const VARIANT_TAGS: [&str; 2] = ["step", "plain"];
+
+/// Expands `template` for `element` (`None`: an untyped template) and `variant` (`""` when
+/// the template has none). `values` are the named placeholders (`MatrixDescriptor.fan_in`,
+/// `Status.NonFinite`, ...; see `src/kernels/records.rs`). Errors name the template line.
+pub fn expand(
+    template: &str,
+    element: Option<&ElementType>,
+    variant: &str,
+    values: &HashMap<String, u64>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(template.len() * 2);
+    for (number, line) in template.lines().enumerate() {
+        let line_no = number + 1;
+        let at_line = |message: String| format!("line {line_no}: {message}");
+        let trimmed = line.trim_start();
+        let body = match tagged(trimmed) {
+            Some((tag, _)) if tag != variant => continue,
+            Some((_, rest)) => rest,
+            None => trimmed,
+        };
+        if !body.trim_start().starts_with("//") {
+            check_no_literal_offsets(body).map_err(at_line)?;
+        }
+        let indent = &line[..line.len() - trimmed.len()];
+        let body = substitute(body, element, variant, values).map_err(at_line)?;
+        let lines = match expand_macro(&body, element) {
+            Some(lines) => lines.map_err(at_line)?,
+            None => vec![body],
+        };
+        for expanded in lines {
+            out.push_str(indent);
+            out.push_str(&expanded);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+/// `Some((tag, rest))` for a line kept only in one variant (`@step ...`). A `@%p` guard is
+/// PTX and is not a tag.
+fn tagged(line: &str) -> Option<(&str, &str)> {
+    let rest = line.strip_prefix('@')?;
+    let (tag, rest) = rest.split_once(' ')?;
+    VARIANT_TAGS
+        .contains(&tag)
+        .then_some((tag, rest.trim_start()))
+}
+
+/// Offsets into records must be named (`[%desc+{{MatrixDescriptor.grads}}]`), so that the
+/// record's one definition decides them: a literal `[reg+8]` is an error.
+fn check_no_literal_offsets(line: &str) -> Result<(), String> {
+    let mut rest = line;
+    while let Some(open) = rest.find('[') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find(']') else { break };
+        let address = &after[..close];
+        if let Some((_, offset)) = address.split_once('+')
+            && offset.trim().starts_with(|c: char| c.is_ascii_digit())
+        {
+            return Err(format!(
+                "literal offset in `[{address}]`: name it (see src/kernels/records.rs)"
+            ));
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
+}
+
+/// Replaces every `{{NAME}}`: the element placeholders, `{{VARIANT}}`, then the named values.
+fn substitute(
+    line: &str,
+    element: Option<&ElementType>,
+    variant: &str,
+    values: &HashMap<String, u64>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let close = after
+            .find("}}")
+            .ok_or_else(|| format!("unclosed placeholder in `{line}`"))?;
+        let name = &after[..close];
+        let value = match (name, element) {
+            ("VARIANT", _) => variant.to_string(),
+            ("T", Some(element)) => element.name.to_string(),
+            ("ELEM_SHIFT", Some(element)) => element.shift.to_string(),
+            ("ELEM_BYTES", Some(element)) => (1u32 << element.shift).to_string(),
+            ("QUAD_BYTES", Some(element)) => (4u32 << element.shift).to_string(),
+            ("T" | "ELEM_SHIFT" | "ELEM_BYTES" | "QUAD_BYTES", None) => {
+                return Err(format!("{{{{{name}}}}} in an untyped template"));
+            }
+            _ => values
+                .get(name)
+                .ok_or_else(|| format!("unknown placeholder {{{{{name}}}}}"))?
+                .to_string(),
+        };
+        out.push_str(&value);
+        rest = &after[close + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The pseudo-instructions.
+const MACROS: [&str; 8] = [
+    "LOAD_ELEM",
+    "LOAD_ELEM.nc",
+    "LOAD_ELEM4",
+    "LOAD_ELEM4.nc",
+    "STORE_ELEM",
+    "STORE_ELEM4",
+    "MOMENTUM",
+    "WARP_SUM",
+];
+
+/// `Some` when the line is one of the pseudo-instructions.
+fn expand_macro(line: &str, element: Option<&ElementType>) -> Option<Result<Vec<String>, String>> {
+    let (op, args) = line.split_once(char::is_whitespace)?;
+    if !MACROS.contains(&op) {
+        return None;
+    }
+    let Some(args) = args.trim().strip_suffix(';') else {
+        return Some(Err(format!("{op}: missing `;`")));
+    };
+    Some(expand_known(op, args.trim(), element))
+}
+
+fn four_registers(op: &str, text: &str) -> Result<Vec<String>, String> {
+    let inner = text
+        .trim()
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .ok_or_else(|| format!("{op}: expected {{a, b, c, d}}, got `{text}`"))?;
+    let regs: Vec<String> = inner.split(',').map(|r| r.trim().to_string()).collect();
+    if regs.len() == 4 && regs.iter().all(|r| !r.is_empty()) {
+        Ok(regs)
+    } else {
+        Err(format!("{op}: expected 4 registers, got `{text}`"))
+    }
+}
+
+fn expand_known(
+    op: &str,
+    args: &str,
+    element: Option<&ElementType>,
+) -> Result<Vec<String>, String> {
+    let need_element = || element.ok_or_else(|| format!("{op} in an untyped template"));
+    let cache = if op.ends_with(".nc") { ".nc" } else { "" };
+    Ok(match op {
+        "LOAD_ELEM" | "LOAD_ELEM.nc" => {
+            let element = need_element()?;
+            let (dst, addr) = args
+                .split_once(',')
+                .ok_or_else(|| format!("{op}: expected `dst, [addr]`"))?;
+            let (dst, addr) = (dst.trim(), addr.trim());
+            match element.half {
+                None => vec![format!("ld.global{cache}.f32 {dst}, {addr};")],
+                Some(half) => vec![
+                    format!("ld.global{cache}.b16 %half0, {addr};"),
+                    format!("cvt.f32.{half} {dst}, %half0;"),
+                ],
+            }
+        }
+        "LOAD_ELEM4" | "LOAD_ELEM4.nc" => {
+            let element = need_element()?;
+            let (regs, addr) = args
+                .rsplit_once(',')
+                .ok_or_else(|| format!("{op}: expected `{{...}}, [addr]`"))?;
+            let regs = four_registers(op, regs)?;
+            let addr = addr.trim();
+            match element.half {
+                None => vec![format!(
+                    "ld.global{cache}.v4.f32 {{{}}}, {addr};",
+                    regs.join(", ")
+                )],
+                Some(half) => {
+                    let mut lines = vec![format!(
+                        "ld.global{cache}.v4.b16 {{%half0, %half1, %half2, %half3}}, {addr};"
+                    )];
+                    for (k, reg) in regs.iter().enumerate() {
+                        lines.push(format!("cvt.f32.{half} {reg}, %half{k};"));
+                    }
+                    lines
+                }
+            }
+        }
+        "STORE_ELEM" => {
+            let element = need_element()?;
+            let (addr, src) = args
+                .split_once(',')
+                .ok_or_else(|| format!("{op}: expected `[addr], src`"))?;
+            let (addr, src) = (addr.trim(), src.trim());
+            match element.half {
+                None => vec![format!("st.global.f32 {addr}, {src};")],
+                Some(half) => vec![
+                    format!("cvt.rn.{half}.f32 %half0, {src};"),
+                    format!("st.global.b16 {addr}, %half0;"),
+                ],
+            }
+        }
+        "STORE_ELEM4" => {
+            let element = need_element()?;
+            let (addr, regs) = args
+                .split_once(',')
+                .ok_or_else(|| format!("{op}: expected `[addr], {{...}}`"))?;
+            let regs = four_registers(op, regs)?;
+            let addr = addr.trim();
+            match element.half {
+                None => vec![format!("st.global.v4.f32 {addr}, {{{}}};", regs.join(", "))],
+                Some(half) => {
+                    let mut lines: Vec<String> = regs
+                        .iter()
+                        .enumerate()
+                        .map(|(k, reg)| format!("cvt.rn.{half}.f32 %half{k}, {reg};"))
+                        .collect();
+                    lines.push(format!(
+                        "st.global.v4.b16 {addr}, {{%half0, %half1, %half2, %half3}};"
+                    ));
+                    lines
+                }
+            }
+        }
+        "MOMENTUM" => {
+            // math §5.3: m_new = beta m + (grad_coef g); u = nesterov ? beta m_new + (grad_coef g) : m_new.
+            let regs: Vec<&str> = args.split(',').map(str::trim).collect();
+            let [new_momentum, direction, grad, momentum] = regs[..] else {
+                return Err(format!("{op}: expected `m_new, u, g, m`"));
+            };
+            vec![
+                format!("mul.rn.f32 %scaled_grad, %grad_coef, {grad};"),
+                format!("fma.rn.f32 {new_momentum}, %beta, {momentum}, %scaled_grad;"),
+                format!("fma.rn.f32 {direction}, %beta, {new_momentum}, %scaled_grad;"),
+                format!("selp.f32 {direction}, {direction}, {new_momentum}, %is_nesterov;"),
+            ]
+        }
+        "WARP_SUM" => {
+            // Butterfly sum over the warp: every lane ends with the same total.
+            let value = args.trim();
+            if value.is_empty() || value.contains(',') {
+                return Err(format!("{op}: expected one register, got `{args}`"));
+            }
+            let mut lines = Vec::new();
+            for offset in [16, 8, 4, 2, 1] {
+                lines.push(format!("mov.b32 %shuffled, {value};"));
+                lines.push(format!(
+                    "shfl.sync.bfly.b32 %shuffled, %shuffled, {offset}, 31, -1;"
+                ));
+                lines.push("mov.b32 %other, %shuffled;".to_string());
+                lines.push(format!("add.rn.f32 {value}, {value}, %other;"));
+            }
+            lines
+        }
+        _ => unreachable!("expand_macro only passes the names in MACROS"),
+    })
+}
+
+/// The name of the module's `.entry`.
+pub fn entry_name(ptx: &str) -> Option<String> {
+    let after = ptx.split(".entry").nth(1)?;
+    let name: String = after
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values() -> HashMap<String, u64> {
+        [
+            ("Rec.field".to_string(), 24),
+            ("Status.Done".to_string(), 3),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    fn f32_type() -> &'static ElementType {
+        &ELEMENT_TYPES[0]
+    }
+
+    fn bf16_type() -> &'static ElementType {
+        &ELEMENT_TYPES[2]
+    }
+
+    #[test]
+    fn named_values_and_element_placeholders_are_substituted() {
+        let template = "    ld.global.u32 %r, [%desc+{{Rec.field}}]; // {{T}} {{ELEM_SHIFT}} {{ELEM_BYTES}} {{QUAD_BYTES}}\n\
+                        setp.eq.u32 %p, %s, {{Status.Done}};\n";
+        let out = expand(template, Some(bf16_type()), "", &values()).unwrap();
+        assert_eq!(
+            out,
+            "    ld.global.u32 %r, [%desc+24]; // bf16 1 2 8\nsetp.eq.u32 %p, %s, 3;\n"
+        );
+    }
+
+    #[test]
+    fn unknown_unclosed_and_misplaced_placeholders_are_errors_naming_the_line() {
+        let unknown = expand("ok;\nmov.u32 %r, {{Nope}};\n", None, "", &values()).unwrap_err();
+        assert!(
+            unknown.starts_with("line 2:") && unknown.contains("{{Nope}}"),
+            "{unknown}"
+        );
+        let unclosed = expand("mov.u32 %r, {{Rec.field;\n", None, "", &values()).unwrap_err();
+        assert!(unclosed.contains("unclosed"), "{unclosed}");
+        let untyped = expand("// {{T}}\n", None, "", &values()).unwrap_err();
+        assert!(untyped.contains("untyped"), "{untyped}");
+    }
+
+    #[test]
+    fn literal_record_offsets_are_rejected_outside_comments() {
+        let error = expand("ld.global.u64 %a, [%desc+8];\n", None, "", &values()).unwrap_err();
+        assert!(error.contains("literal offset"), "{error}");
+        // A register offset, a named one and a comment are fine.
+        let ok =
+            "ld.global.u64 %a, [%desc];\nld.global.u64 %a, [%desc+{{Rec.field}}];\n// [%x+8]\n";
+        assert!(expand(ok, None, "", &values()).is_ok());
+    }
+
+    #[test]
+    fn variant_lines_are_kept_only_in_their_variant_and_guards_stay() {
+        let template =
+            "@step    add.s64 %a, %b, %c;\n@plain   mov.f32 %u0, %g0;\n    @%p bra $x;\n";
+        let step = expand(template, Some(f32_type()), "step", &values()).unwrap();
+        assert_eq!(step, "add.s64 %a, %b, %c;\n    @%p bra $x;\n");
+        let plain = expand(template, Some(f32_type()), "plain", &values()).unwrap();
+        assert_eq!(plain, "mov.f32 %u0, %g0;\n    @%p bra $x;\n");
+    }
+
+    #[test]
+    fn element_macros_expand_per_type() {
+        let template =
+            "  LOAD_ELEM4.nc {%g0, %g1, %g2, %g3}, [%addr];\n  STORE_ELEM [%addr], %w0;\n";
+        let f32_out = expand(template, Some(f32_type()), "", &values()).unwrap();
+        assert_eq!(
+            f32_out,
+            "  ld.global.nc.v4.f32 {%g0, %g1, %g2, %g3}, [%addr];\n  st.global.f32 [%addr], %w0;\n"
+        );
+        let bf16_out = expand(template, Some(bf16_type()), "", &values()).unwrap();
+        assert_eq!(
+            bf16_out,
+            "  ld.global.nc.v4.b16 {%half0, %half1, %half2, %half3}, [%addr];\n\
+             \x20 cvt.f32.bf16 %g0, %half0;\n  cvt.f32.bf16 %g1, %half1;\n\
+             \x20 cvt.f32.bf16 %g2, %half2;\n  cvt.f32.bf16 %g3, %half3;\n\
+             \x20 cvt.rn.bf16.f32 %half0, %w0;\n  st.global.b16 [%addr], %half0;\n"
+        );
+        let error = expand("LOAD_ELEM %g0, [%a];\n", None, "", &values()).unwrap_err();
+        assert!(error.contains("untyped"), "{error}");
+        let error = expand(
+            "STORE_ELEM4 [%a], {%w0, %w1};\n",
+            Some(f32_type()),
+            "",
+            &values(),
+        )
+        .unwrap_err();
+        assert!(error.contains("4 registers"), "{error}");
+    }
+
+    #[test]
+    fn momentum_and_warp_sum_expand_to_the_documented_sequences() {
+        let out = expand("MOMENTUM %mn0, %u0, %g0, %m0;\n", None, "", &values()).unwrap();
+        assert_eq!(
+            out,
+            "mul.rn.f32 %scaled_grad, %grad_coef, %g0;\n\
+             fma.rn.f32 %mn0, %beta, %m0, %scaled_grad;\n\
+             fma.rn.f32 %u0, %beta, %mn0, %scaled_grad;\n\
+             selp.f32 %u0, %u0, %mn0, %is_nesterov;\n"
+        );
+        let out = expand("WARP_SUM %dot;\n", None, "", &values()).unwrap();
+        let offsets: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("shfl"))
+            .map(|l| l.split(", ").nth(2).unwrap())
+            .collect();
+        assert_eq!(offsets, ["16", "8", "4", "2", "1"]);
+        assert_eq!(out.lines().count(), 20);
+        assert!(expand("MOMENTUM %a, %b;\n", None, "", &values()).is_err());
+        assert!(expand("WARP_SUM %a\n", None, "", &values()).is_err());
+    }
+
+    #[test]
+    fn entry_names_are_read_from_the_expanded_text() {
+        assert_eq!(
+            entry_name(".visible .entry power_step_f32(\n.param .u64 a\n)").as_deref(),
+            Some("power_step_f32")
+        );
+        assert_eq!(entry_name("// no entry here"), None);
+    }
+}

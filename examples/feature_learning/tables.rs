@@ -1,0 +1,89 @@
+//! The summary printed after a run: the width sweep's means, the slopes, the best learning
+//! rates, the low-rank updates and SpectralSgd's update sizes.
+
+use crate::feature_learning::experiments::{self, LowRankResult, RunResult, Settings};
+use crate::feature_learning::parametrisation::Parametrisation;
+use crate::feature_learning::statistics::Slope;
+
+/// Prints the summary tables of a run.
+pub fn print(
+    settings: &Settings,
+    sweep: &[RunResult],
+    slopes: &[Slope],
+    lr: &[RunResult],
+    low: &[LowRankResult],
+) {
+    println!("\nWidth sweep: mean over seeds (feature change | weight change | final loss)");
+    print!("{:>12}", "width");
+    for p in Parametrisation::ALL {
+        print!(" | {:^26}", p.name());
+    }
+    println!();
+    for &width in &settings.widths {
+        print!("{width:>12}");
+        for p in Parametrisation::ALL {
+            let runs: Vec<&RunResult> = sweep
+                .iter()
+                .filter(|r| r.parametrisation == p && r.width == width)
+                .collect();
+            let mean = |f: fn(&RunResult) -> f64| {
+                runs.iter().map(|r| f(r)).sum::<f64>() / runs.len() as f64
+            };
+            print!(
+                " | {:>8.3} {:>8.3} {:>8.4}",
+                mean(|r| r.feature_change),
+                mean(|r| r.weight_change),
+                mean(|r| r.final_loss)
+            );
+        }
+        println!();
+    }
+    println!(
+        "\nLog-log slope against width (mean ± std over {} seeds)",
+        settings.seeds
+    );
+    for s in slopes {
+        println!(
+            "{:>14} {:>15}: {:+.3} ± {:.3}",
+            s.parametrisation.name(),
+            s.quantity,
+            s.mean,
+            s.std
+        );
+    }
+    println!(
+        "\nBest learning rate per width (lowest loss after {} steps)",
+        settings.sweep_steps
+    );
+    for (p, width, rate, loss) in experiments::best_learning_rates(lr) {
+        println!(
+            "{:>14} width {width:>5}: eta = 2^{:<3} (loss {loss:.4})",
+            p.name(),
+            rate.log2().round() as i32
+        );
+    }
+    println!(
+        "\nLow-rank updates at width {}: stable rank (alignment)",
+        settings.low_rank_width
+    );
+    for r in low {
+        println!(
+            "{:>6} batch {:>6}: {:>6.2} ({:.3})",
+            r.activation.name(),
+            r.batch,
+            r.stable_rank,
+            r.alignment
+        );
+    }
+    let spectral_updates: Vec<f64> = sweep
+        .iter()
+        .filter(|r| r.parametrisation == Parametrisation::SpectralNormalised)
+        .map(|r| r.last_update_ratio / f64::from(r.learning_rate))
+        .collect();
+    let (low_ratio, high_ratio) = spectral_updates
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
+    println!(
+        "\nSpectralSgd: last update |dW2|_* / (eta s) in [{low_ratio:.3}, {high_ratio:.3}] over all widths and seeds"
+    );
+}

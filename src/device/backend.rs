@@ -1,0 +1,370 @@
+//! [`DeviceBackend`]: the optimizer's state and tables on a [`Device`], and the step that
+//! enqueues the kernels over them.
+
+use std::borrow::{Borrow, BorrowMut};
+
+use super::Device;
+use crate::backend::{Backend, HostState};
+use crate::config::SpectralSgdConfig;
+use crate::element::{Dtype, Element};
+use crate::error::{Error, Result};
+use crate::kernels::plan::{self, StatePointers, TablePointers};
+use crate::kernels::records::MatrixResult;
+use crate::layout::{BatchLayout, BlockPolicy, MatrixShape};
+use crate::optimizer::SpectralSgd;
+use crate::policy;
+use crate::report::StepReport;
+use crate::scaling::Scale;
+
+/// What a device step returns without waiting for the device: which step it was. The
+/// outcome per matrix is read with [`SpectralSgd::report`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingReport {
+    /// 1-based index of the step.
+    pub step: u64,
+}
+
+/// The descriptor tables, the per-step buffers and the power vectors: what every launch
+/// reads, for the optimizer and for [`PowerIteration`](super::PowerIteration) alike.
+#[derive(Debug)]
+pub(super) struct Tables<D: Device> {
+    pub power_vectors: D::Buffer,
+    /// Partials and block sums: only the kernels use them (through `pointers`); held here
+    /// so that they live as long as the tables.
+    _partials: D::Buffer,
+    _block_sums: D::Buffer,
+    results: D::Buffer,
+    pub warm: D::Buffer,
+    /// Block table, uploaded once.
+    _blocks: D::Buffer,
+    matrices: D::Buffer,
+    pub pointers: TablePointers,
+    state: StatePointers,
+    /// What the matrix table on the device was built for; rebuilt when any of it changes
+    /// (never, in a training loop that keeps its parameter buffers).
+    uploaded: Option<TableKey>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct TableKey {
+    dtype: Dtype,
+    scale: Scale,
+    addresses: Vec<(u64, u64)>,
+}
+
+fn f32_bytes(values: usize) -> Result<usize> {
+    values
+        .checked_mul(4)
+        .ok_or_else(|| Error::DeviceLimit(format!("{values} f32 values do not fit in memory")))
+}
+
+impl<D: Device> Tables<D> {
+    /// Allocates everything `layout` needs and uploads the block table. `momentum` is the
+    /// address of the optimizer's momentum buffer (0 when there is none).
+    pub fn new(device: &D, layout: &BatchLayout, momentum: u64) -> Result<Self> {
+        plan::check_layout(layout, device.max_shared_bytes())?;
+        device.prepare_power_shared(plan::power_shared_bytes(layout)?)?;
+        let power_vectors = device.alloc(f32_bytes(layout.total_vector_len())?)?;
+        let partials = device.alloc(f32_bytes(layout.total_partial_len())?)?;
+        let block_sums = device.alloc(f32_bytes(layout.blocks().len())?)?;
+        let results = device.alloc(layout.len() * MatrixResult::SIZE)?;
+        let warm = device.alloc(f32_bytes(layout.len())?)?;
+        let block_table = plan::block_descriptors(layout);
+        let block_bytes: &[u8] = bytemuck::cast_slice(&block_table);
+        let mut blocks = device.alloc(block_bytes.len())?;
+        device.upload(&mut blocks, 0, block_bytes)?;
+        let matrices =
+            device.alloc(layout.len() * crate::kernels::records::MatrixDescriptor::SIZE)?;
+        let pointers = TablePointers {
+            matrices: device.buffer_address(&matrices),
+            blocks: device.buffer_address(&blocks),
+            block_sums: device.buffer_address(&block_sums),
+            results: device.buffer_address(&results),
+            warm: device.buffer_address(&warm),
+        };
+        let state = StatePointers {
+            momentum,
+            power_vectors: device.buffer_address(&power_vectors),
+            partials: device.buffer_address(&partials),
+        };
+        Ok(Self {
+            power_vectors,
+            _partials: partials,
+            _block_sums: block_sums,
+            results,
+            warm,
+            _blocks: blocks,
+            matrices,
+            pointers,
+            state,
+            uploaded: None,
+        })
+    }
+
+    /// Uploads the matrix table for these buffers unless it is already on the device.
+    pub fn upload_matrix_table(
+        &mut self,
+        device: &D,
+        layout: &BatchLayout,
+        scale: Scale,
+        dtype: Dtype,
+        addresses: Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let key = TableKey {
+            dtype,
+            scale,
+            addresses,
+        };
+        if self.uploaded.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        let (weights, grads): (Vec<u64>, Vec<u64>) = key.addresses.iter().copied().unzip();
+        let table = plan::matrix_descriptors(layout, scale, dtype, self.state, &weights, &grads)?;
+        // Forget the old key first: if the upload fails, the next step uploads again.
+        self.uploaded = None;
+        device.upload(&mut self.matrices, 0, bytemuck::cast_slice(&table))?;
+        self.uploaded = Some(key);
+        Ok(())
+    }
+
+    /// Seeds every power vector from `seed` and marks every one cold.
+    pub fn reset_power_vectors(
+        &mut self,
+        device: &D,
+        layout: &BatchLayout,
+        seed: u64,
+    ) -> Result<()> {
+        let vectors = crate::random::cold_power_vectors(layout, seed);
+        device.upload(&mut self.power_vectors, 0, bytemuck::cast_slice(&vectors))?;
+        device.upload(&mut self.warm, 0, &vec![0u8; 4 * layout.len()])
+    }
+
+    /// The results of the last finish, as reports. Waits for the device.
+    pub fn report(&self, device: &D, layout: &BatchLayout, step: u64) -> Result<StepReport> {
+        let bytes = device.download(&self.results, 0, layout.len() * MatrixResult::SIZE)?;
+        let matrices = bytes
+            .chunks_exact(MatrixResult::SIZE)
+            .map(|record| policy::report_of(&bytemuck::pod_read_unaligned(record)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StepReport { step, matrices })
+    }
+}
+
+/// The optimizer on a [`Device`]: state and tables in device memory, laid out by the
+/// layout it was created for ([`BlockPolicy::CUDA`] by default), each step enqueued without
+/// waiting. On a CUDA GPU this is [`Cuda`](crate::cuda::Cuda), on the simulator
+/// [`Simulated`](crate::sim::Simulated).
+///
+/// A warm step is three launches for the whole model (power pass, finish, update; math
+/// §5.2): `sigma` and the per-matrix decisions stay on the device, and nothing is allocated
+/// after the first step. A cold step (the first, or after a reset or a state load) runs
+/// `cold_iterations` rounds of power pass and finish before the update (math §4.7). Reading
+/// what happened is a separate call, [`SpectralSgd::report`], which waits.
+#[derive(Debug)]
+pub struct DeviceBackend<D: Device> {
+    device: D,
+    layout: BatchLayout,
+    momentum: D::Buffer,
+    tables: Tables<D>,
+    /// The host knows that some power vector is cold (first step, reset, state load).
+    host_knows_cold: bool,
+    last_step: Option<u64>,
+}
+
+impl<D: Device> DeviceBackend<D> {
+    /// Fresh state for `layout` on `device`.
+    pub fn create_on(device: D, layout: BatchLayout, config: &SpectralSgdConfig) -> Result<Self> {
+        config.validate()?;
+        plan::check_layout(&layout, device.max_shared_bytes())?;
+        // The momentum buffer's address goes into the matrix table, so it is allocated
+        // first; `Tables::new` repeats the layout check for its own callers.
+        let momentum = device.alloc(f32_bytes(layout.total_elements())?)?;
+        let mut tables = Tables::new(&device, &layout, device.buffer_address(&momentum))?;
+        tables.reset_power_vectors(&device, &layout, config.seed)?;
+        Ok(Self {
+            device,
+            layout,
+            momentum,
+            tables,
+            host_knows_cold: true,
+            last_step: None,
+        })
+    }
+
+    /// The device the state lives on.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    fn download_f32(&self, buffer: &D::Buffer, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let bytes = self
+            .device
+            .download(buffer, 4 * range.start, 4 * range.len())?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+}
+
+impl<D: Device> Backend for DeviceBackend<D> {
+    type Storage<T: Element> = D::Slice<T>;
+    type Report = PendingReport;
+    const BLOCK_POLICY: BlockPolicy = BlockPolicy::CUDA;
+
+    /// State on the default device ([`Device::open_default`]).
+    fn create(layout: BatchLayout, config: &SpectralSgdConfig) -> Result<Self> {
+        Self::create_on(D::open_default()?, layout, config)
+    }
+
+    fn layout(&self) -> &BatchLayout {
+        &self.layout
+    }
+
+    fn step<T, W, G>(
+        &mut self,
+        config: &SpectralSgdConfig,
+        step: u64,
+        weights: &mut [W],
+        grads: &[G],
+    ) -> Result<PendingReport>
+    where
+        T: Element,
+        W: BorrowMut<D::Slice<T>> + Send,
+        G: Borrow<D::Slice<T>> + Sync,
+    {
+        config.validate()?;
+        let layout = &self.layout;
+        layout.check_lengths("weight", weights.iter().map(|w| D::slice_len(w.borrow())))?;
+        layout.check_lengths("gradient", grads.iter().map(|g| D::slice_len(g.borrow())))?;
+        let device = &self.device;
+        // The guards order this step's launches after pending work on the caller's buffers,
+        // and record their use when dropped, once the launches are enqueued.
+        let mut guards = Vec::with_capacity(2 * layout.len());
+        let mut addresses = Vec::with_capacity(layout.len());
+        for (weight, grad) in weights.iter_mut().zip(grads) {
+            let (weight_address, weight_guard) = device.write_address(weight.borrow_mut())?;
+            let (grad_address, grad_guard) = device.read_address(grad.borrow())?;
+            addresses.push((weight_address, grad_address));
+            guards.push(weight_guard);
+            guards.push(grad_guard);
+        }
+        self.tables
+            .upload_matrix_table(device, layout, config.scale, T::DTYPE, addresses)?;
+        let rounds = policy::rounds_to_launch(config, self.host_knows_cold);
+        let launches =
+            plan::step_launches(layout, config, T::DTYPE, self.tables.pointers, rounds, step)?;
+        for launch in &launches {
+            // SAFETY: `step_launches` builds each argument list in the `.param` order and
+            // types of the kernel it names (the simulator rejects a mismatch, and CI runs
+            // every launch there). Every address it passes was derived from `self.layout`,
+            // the one layout this backend exists for: the tables and state were allocated
+            // from it in `create_on` (check_layout bounds every count and the shared
+            // memory), and the caller's buffers were checked above to hold exactly
+            // `fan_out * fan_in` elements each and to belong to this device. The caller's
+            // buffers stay borrowed, and their guards alive, until every launch is enqueued.
+            unsafe { device.launch(launch)? };
+        }
+        drop(guards);
+        self.host_knows_cold = false;
+        self.last_step = Some(step);
+        Ok(PendingReport { step })
+    }
+
+    fn export_state(&self) -> Result<HostState> {
+        let layout = &self.layout;
+        let momentum = self.download_f32(&self.momentum, 0..layout.total_elements())?;
+        let vectors =
+            self.download_f32(&self.tables.power_vectors, 0..layout.total_vector_len())?;
+        let warm = self
+            .device
+            .download(&self.tables.warm, 0, 4 * layout.len())?;
+        Ok(HostState {
+            momentum: layout.pack_elements(&momentum)?,
+            power_vectors: layout.pack_vectors(&vectors)?,
+            warm: warm.chunks_exact(4).map(|w| w != [0; 4]).collect(),
+        })
+    }
+
+    fn import_state(&mut self, state: HostState) -> Result<()> {
+        state.check(&self.layout)?;
+        let momentum = self.layout.unpack_elements(&state.momentum)?;
+        let vectors = self.layout.unpack_vectors(&state.power_vectors)?;
+        let warm: Vec<u32> = state.warm.iter().map(|&w| u32::from(w)).collect();
+        let device = &self.device;
+        device.upload(&mut self.momentum, 0, bytemuck::cast_slice(&momentum))?;
+        device.upload(
+            &mut self.tables.power_vectors,
+            0,
+            bytemuck::cast_slice(&vectors),
+        )?;
+        device.upload(&mut self.tables.warm, 0, bytemuck::cast_slice(&warm))?;
+        self.host_knows_cold = state.warm.iter().any(|&w| !w);
+        Ok(())
+    }
+
+    fn reset_power_vectors(&mut self, seed: u64) -> Result<()> {
+        self.tables
+            .reset_power_vectors(&self.device, &self.layout, seed)?;
+        self.host_knows_cold = true;
+        Ok(())
+    }
+}
+
+impl<D: Device> SpectralSgd<DeviceBackend<D>> {
+    /// An optimizer for matrices of these shapes with its state on `device`
+    /// ([`BlockPolicy::CUDA`]).
+    pub fn on_device(shapes: &[MatrixShape], config: SpectralSgdConfig, device: D) -> Result<Self> {
+        Self::on_device_with_layout(BatchLayout::new(shapes, BlockPolicy::CUDA)?, config, device)
+    }
+
+    /// An optimizer for a layout built by the caller (another block size; its alignment must
+    /// be a multiple of 4 elements) with its state on `device`.
+    pub fn on_device_with_layout(
+        layout: BatchLayout,
+        config: SpectralSgdConfig,
+        device: D,
+    ) -> Result<Self> {
+        Self::from_backend(layout, config, |layout, config| {
+            DeviceBackend::create_on(device, layout, config)
+        })
+    }
+
+    /// The device the state lives on.
+    pub fn device(&self) -> &D {
+        self.backend().device()
+    }
+
+    /// What the latest step did to each matrix (sigma and status). Waits for the device.
+    /// Errors before the first step.
+    pub fn report(&self) -> Result<StepReport> {
+        let backend = self.backend();
+        let step = backend.last_step.ok_or_else(|| {
+            Error::InvalidArgument("no step has been taken yet, so there is no report".into())
+        })?;
+        backend
+            .tables
+            .report(&backend.device, &backend.layout, step)
+    }
+
+    /// Waits until every step enqueued so far has finished on the device.
+    pub fn synchronize(&self) -> Result<()> {
+        self.device().synchronize()
+    }
+
+    /// The momentum of matrix `index`, copied to the host (waits for the device). Panics if
+    /// `index` is out of range, like slice indexing.
+    pub fn momentum_to_host(&self, index: usize) -> Result<Vec<f32>> {
+        let backend = self.backend();
+        let range = backend.layout.matrix(index).element_range();
+        backend.download_f32(&backend.momentum, range)
+    }
+
+    /// The power vector of matrix `index`, copied to the host (waits for the device). Panics
+    /// if `index` is out of range.
+    pub fn power_vector_to_host(&self, index: usize) -> Result<Vec<f32>> {
+        let backend = self.backend();
+        let range = backend.layout.matrix(index).vector_range();
+        backend.download_f32(&backend.tables.power_vectors, range)
+    }
+}

@@ -1,0 +1,113 @@
+//! Batched power iteration on stored matrices on a device (math §4.2; the plain power pass).
+
+use super::Device;
+use super::backend::Tables;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::kernels::plan;
+use crate::layout::{BatchLayout, BlockPolicy, MatrixShape};
+use crate::report::StepReport;
+use crate::scaling::Scale;
+
+/// Batched power iteration on stored matrices on a device: `sigma` estimates of weight
+/// matrices for diagnostics, and the kernel the GPU benchmark times. Its power vectors are
+/// its own, seeded like the optimizer's (seed 0).
+#[derive(Debug)]
+pub struct PowerIteration<D: Device> {
+    device: D,
+    layout: BatchLayout,
+    tables: Tables<D>,
+    iterated: bool,
+}
+
+impl<D: Device> PowerIteration<D> {
+    /// Buffers for matrices of these shapes on `device` ([`BlockPolicy::CUDA`]).
+    pub fn new(shapes: &[MatrixShape], device: D) -> Result<Self> {
+        Self::with_layout(BatchLayout::new(shapes, BlockPolicy::CUDA)?, device)
+    }
+
+    /// Buffers for a layout built by the caller (its alignment a multiple of 4 elements).
+    pub fn with_layout(layout: BatchLayout, device: D) -> Result<Self> {
+        let mut tables = Tables::new(&device, &layout, 0)?;
+        tables.reset_power_vectors(&device, &layout, 0)?;
+        Ok(Self {
+            device,
+            layout,
+            tables,
+            iterated: false,
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &BatchLayout {
+        &self.layout
+    }
+
+    /// Enqueues `iterations` power iterations on `matrices` (one per shape, row-major),
+    /// continuing from the current vectors. Does not wait. A vector orthogonal to its matrix
+    /// is re-seeded (math §4.6) and reported as such.
+    pub fn iterate<T: Element>(&mut self, matrices: &[D::Slice<T>], iterations: u32) -> Result<()> {
+        self.layout
+            .check_lengths("matrix", matrices.iter().map(D::slice_len))?;
+        if iterations == 0 {
+            return Err(Error::InvalidArgument(
+                "iterations must be at least 1".into(),
+            ));
+        }
+        let device = &self.device;
+        let mut guards = Vec::with_capacity(self.layout.len());
+        let mut addresses = Vec::with_capacity(self.layout.len());
+        for matrix in matrices {
+            let (address, guard) = device.read_address(matrix)?;
+            addresses.push((address, address));
+            guards.push(guard);
+        }
+        self.tables.upload_matrix_table(
+            device,
+            &self.layout,
+            Scale::Spectral,
+            T::DTYPE,
+            addresses,
+        )?;
+        let launches =
+            plan::power_launches(&self.layout, T::DTYPE, self.tables.pointers, iterations)?;
+        for launch in &launches {
+            // SAFETY: as in `DeviceBackend::step`: the launches and the tables come from
+            // `self.layout`, the tables were allocated for it, and every matrix was checked
+            // to hold its shape's elements on this device. The plain kernels never read the
+            // momentum address, which is 0 here.
+            unsafe { device.launch(launch)? };
+        }
+        drop(guards);
+        self.iterated = true;
+        Ok(())
+    }
+
+    /// The estimates of the last [`iterate`](Self::iterate), per matrix (`step` 0). Waits.
+    pub fn report(&self) -> Result<StepReport> {
+        if !self.iterated {
+            return Err(Error::InvalidArgument(
+                "no iteration has run yet, so there is no report".into(),
+            ));
+        }
+        self.tables.report(&self.device, &self.layout, 0)
+    }
+
+    /// The power vector of matrix `index`, copied to the host (waits). Panics if `index` is
+    /// out of range.
+    pub fn power_vector_to_host(&self, index: usize) -> Result<Vec<f32>> {
+        let range = self.layout.matrix(index).vector_range();
+        let bytes =
+            self.device
+                .download(&self.tables.power_vectors, 4 * range.start, 4 * range.len())?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+}

@@ -1,0 +1,445 @@
+//! How the kernels are launched over a batch: the descriptor tables built from a
+//! [`BatchLayout`], the layout checks, and the launch sequence of a step (math §5.2).
+
+use crate::config::SpectralSgdConfig;
+use crate::element::Dtype;
+use crate::error::{Error, Result};
+use crate::kernels::KernelId;
+use crate::kernels::records::{
+    BlockDescriptor, Flag, MAX_THREADS, MatrixDescriptor, POWER_PARTIAL_OFFSET,
+};
+use crate::layout::BatchLayout;
+use crate::scaling::Scale;
+
+/// Threads per CTA of every launch (8 warps).
+pub const THREADS_PER_BLOCK: u32 = 256;
+const _: () =
+    assert!(THREADS_PER_BLOCK as usize <= MAX_THREADS && THREADS_PER_BLOCK.is_multiple_of(32));
+
+/// Checks that `layout` fits the kernels: offsets aligned to 4 elements (as
+/// [`BlockPolicy::CUDA`](crate::BlockPolicy::CUDA) does), dimensions, counts and each block's
+/// element count in 32 bits, and a partial that fits in `max_shared_bytes` of shared memory
+/// per CTA.
+pub fn check_layout(layout: &BatchLayout, max_shared_bytes: u32) -> Result<()> {
+    if !layout.policy().align_elements.is_multiple_of(4) {
+        return Err(Error::DeviceLimit(
+            "the layout must align offsets to a multiple of 4 elements (BlockPolicy::CUDA)".into(),
+        ));
+    }
+    let limit = i32::MAX as usize;
+    if layout.blocks().len() > limit || layout.len() > limit {
+        return Err(Error::DeviceLimit(format!(
+            "{} matrices in {} blocks: at most {limit} of each (CUDA grid size)",
+            layout.len(),
+            layout.blocks().len()
+        )));
+    }
+    for (index, entry) in layout.matrices().iter().enumerate() {
+        let shape = entry.shape;
+        let block_elements = entry.rows_per_block.checked_mul(shape.fan_in);
+        if shape.fan_out > u32::MAX as usize
+            || shape.fan_in > u32::MAX as usize
+            || block_elements.is_none_or(|n| n > u32::MAX as usize)
+        {
+            return Err(Error::DeviceLimit(format!(
+                "matrix {index} is {}x{}: dimensions and the elements of one row block must \
+                 fit in 32 bits",
+                shape.fan_out, shape.fan_in
+            )));
+        }
+    }
+    let needed = power_shared_bytes(layout)?;
+    if needed > max_shared_bytes {
+        return Err(Error::DeviceLimit(format!(
+            "the largest fan_in needs {needed} bytes of shared memory per CTA for its partial, \
+             the device allows {max_shared_bytes}"
+        )));
+    }
+    Ok(())
+}
+
+/// Dynamic shared memory of the power pass: the `PowerShared` record plus the largest
+/// partial (`4 * fan_in` bytes).
+pub fn power_shared_bytes(layout: &BatchLayout) -> Result<u32> {
+    let max_fan_in = layout.shapes().map(|s| s.fan_in).max().unwrap_or(1);
+    u32::try_from(max_fan_in)
+        .ok()
+        .and_then(|n| n.checked_mul(4))
+        .and_then(|n| n.checked_add(POWER_PARTIAL_OFFSET as u32))
+        .ok_or_else(|| Error::DeviceLimit(format!("fan_in {max_fan_in} is too large")))
+}
+
+/// Device addresses of the optimizer state: flat `f32` buffers laid out by the
+/// [`BatchLayout`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatePointers {
+    /// Momentum, `layout.total_elements()` long (0 where no kernel reads it: the plain
+    /// power pass).
+    pub momentum: u64,
+    /// Power vectors, `layout.total_vector_len()` long.
+    pub power_vectors: u64,
+    /// Partials, `layout.total_partial_len()` long.
+    pub partials: u64,
+}
+
+/// The matrix descriptor table: per matrix the device addresses of `W` (`weights[j]`, or
+/// the stored matrix for the plain pass), `G` (`grads[j]`), its momentum, power vector and
+/// partials (at the layout's offsets into `state`), its shape, blocks, scale and flags.
+///
+/// A matrix moves in 4-element vectors ([`Flag::Quads`]) only when `fan_in` is a multiple of
+/// 4 and every one of its addresses is aligned for that (16 bytes for `f32`, 8 for 16-bit
+/// elements).
+pub fn matrix_descriptors(
+    layout: &BatchLayout,
+    scale: Scale,
+    dtype: Dtype,
+    state: StatePointers,
+    weights: &[u64],
+    grads: &[u64],
+) -> Result<Vec<MatrixDescriptor>> {
+    if weights.len() != layout.len() || grads.len() != layout.len() {
+        return Err(Error::MatrixCountMismatch {
+            what: "pointer",
+            expected: layout.len(),
+            got: weights.len().min(grads.len()),
+        });
+    }
+    let element_bytes = dtype.size_bytes() as u64;
+    let f32_address = |base: u64, offset: usize| {
+        if base == 0 {
+            0
+        } else {
+            base + 4 * offset as u64
+        }
+    };
+    let table = layout
+        .matrices()
+        .iter()
+        .zip(weights.iter().zip(grads))
+        .map(|(entry, (&weights, &grads))| {
+            let shape = entry.shape;
+            let momentum = f32_address(state.momentum, entry.element_offset);
+            let power_vector = f32_address(state.power_vectors, entry.vector_offset);
+            let partials = f32_address(state.partials, entry.partial_offset);
+            let quads = shape.fan_in.is_multiple_of(4)
+                && weights.is_multiple_of(4 * element_bytes)
+                && grads.is_multiple_of(4 * element_bytes)
+                && [momentum, power_vector, partials]
+                    .iter()
+                    .all(|p| p.is_multiple_of(16));
+            let mut flags = 0;
+            if quads {
+                flags |= Flag::Quads as u32;
+            }
+            if shape.is_vector() {
+                flags |= Flag::Vector as u32;
+            }
+            // check_layout has confirmed that every count below fits in 32 bits.
+            MatrixDescriptor {
+                weights,
+                grads,
+                momentum,
+                power_vector,
+                partials,
+                fan_out: shape.fan_out as u32,
+                fan_in: shape.fan_in as u32,
+                first_block: entry.first_block as u32,
+                block_count: entry.block_count as u32,
+                scale: scale.factor(shape),
+                flags,
+            }
+        })
+        .collect();
+    Ok(table)
+}
+
+/// The block descriptor table: per row block its matrix and row range.
+pub fn block_descriptors(layout: &BatchLayout) -> Vec<BlockDescriptor> {
+    layout
+        .blocks()
+        .iter()
+        .map(|block| BlockDescriptor {
+            matrix: block.matrix as u32,
+            row_start: block.row_start as u32,
+            row_end: block.row_end as u32,
+        })
+        .collect()
+}
+
+/// Device addresses of the tables and per-step buffers every launch reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TablePointers {
+    /// Matrix descriptors ([`matrix_descriptors`]).
+    pub matrices: u64,
+    /// Block descriptors ([`block_descriptors`]).
+    pub blocks: u64,
+    /// `f32` per block: sums of `U^2`.
+    pub block_sums: u64,
+    /// One [`MatrixResult`](crate::kernels::records::MatrixResult) per matrix.
+    pub results: u64,
+    /// `u32` per matrix: 1 when the power vector is warm.
+    pub warm: u64,
+}
+
+/// A kernel argument, in the order of the kernel's `.param` list.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LaunchArg {
+    /// `.u64` (device addresses).
+    U64(u64),
+    /// `.u32`.
+    U32(u32),
+    /// `.f32`.
+    F32(f32),
+}
+
+/// One kernel launch: which kernel, its grid, and its arguments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launch {
+    /// The kernel.
+    pub kernel: KernelId,
+    /// `grid.x` (CTAs).
+    pub grid: u32,
+    /// `block.x` (threads per CTA).
+    pub block: u32,
+    /// Dynamic shared memory in bytes.
+    pub shared_bytes: u32,
+    /// Arguments, in `.param` order.
+    pub args: Vec<LaunchArg>,
+}
+
+/// The momentum rule as the kernels take it (`beta`, `grad_coef`, `nesterov`; math §5.1).
+fn momentum_args(config: &SpectralSgdConfig) -> [LaunchArg; 3] {
+    let rule = config.momentum_rule();
+    [
+        LaunchArg::F32(rule.beta),
+        LaunchArg::F32(rule.grad_coef),
+        LaunchArg::U32(u32::from(rule.nesterov)),
+    ]
+}
+
+/// The launches of one optimizer step (math §5.2): `rounds` rounds of power pass and finish,
+/// then the update. A warm step (`rounds == warm_iterations == 1`) is three launches.
+/// Matrices that need fewer iterations than were launched (warm ones in a step that also
+/// cold-starts others, vectors, skipped ones) sit the extra rounds out on the device
+/// (math §4.7).
+pub fn step_launches(
+    layout: &BatchLayout,
+    config: &SpectralSgdConfig,
+    dtype: Dtype,
+    tables: TablePointers,
+    rounds: u32,
+    step: u64,
+) -> Result<Vec<Launch>> {
+    let blocks = layout.blocks().len() as u32;
+    let shared = power_shared_bytes(layout)?;
+    let momentum = momentum_args(config);
+    let mut launches = Vec::with_capacity(2 * rounds as usize + 1);
+    for round in 0..rounds {
+        let mut args = vec![
+            LaunchArg::U64(tables.matrices),
+            LaunchArg::U64(tables.blocks),
+            LaunchArg::U64(tables.block_sums),
+            LaunchArg::U64(tables.results),
+            LaunchArg::U32(round),
+        ];
+        args.extend(momentum);
+        launches.push(Launch {
+            kernel: KernelId::PowerStep(dtype),
+            grid: blocks,
+            block: THREADS_PER_BLOCK,
+            shared_bytes: shared,
+            args,
+        });
+        launches.push(finish_launch(layout, config, tables, round, step));
+    }
+    let mut args = vec![
+        LaunchArg::U64(tables.matrices),
+        LaunchArg::U64(tables.blocks),
+        LaunchArg::U64(tables.results),
+    ];
+    args.extend(momentum);
+    launches.push(Launch {
+        kernel: KernelId::Update(dtype),
+        grid: blocks,
+        block: THREADS_PER_BLOCK,
+        shared_bytes: 0,
+        args,
+    });
+    Ok(launches)
+}
+
+/// The launches of `iterations` power iterations on stored matrices (the descriptors'
+/// `weights`): plain power pass and finish per iteration, with every matrix taking part in
+/// all of them unless its estimate ends early (vector, zero, non-finite, re-seeded).
+pub fn power_launches(
+    layout: &BatchLayout,
+    dtype: Dtype,
+    tables: TablePointers,
+    iterations: u32,
+) -> Result<Vec<Launch>> {
+    let blocks = layout.blocks().len() as u32;
+    let shared = power_shared_bytes(layout)?;
+    let config = plain_power_config(iterations);
+    let mut launches = Vec::with_capacity(2 * iterations as usize);
+    for iteration in 0..iterations {
+        launches.push(Launch {
+            kernel: KernelId::PowerPlain(dtype),
+            grid: blocks,
+            block: THREADS_PER_BLOCK,
+            shared_bytes: shared,
+            args: vec![
+                LaunchArg::U64(tables.matrices),
+                LaunchArg::U64(tables.blocks),
+                LaunchArg::U64(tables.block_sums),
+                LaunchArg::U64(tables.results),
+                LaunchArg::U32(iteration),
+                LaunchArg::F32(0.0),
+                LaunchArg::F32(1.0),
+                LaunchArg::U32(0),
+            ],
+        });
+        launches.push(finish_launch(layout, &config, tables, iteration, 0));
+    }
+    Ok(launches)
+}
+
+/// The finish's settings for plain power iteration: every matrix takes `iterations`, warm or
+/// not, and no update coefficient is needed (`eta = 0`).
+pub(crate) fn plain_power_config(iterations: u32) -> SpectralSgdConfig {
+    SpectralSgdConfig {
+        learning_rate: 0.0,
+        warm_iterations: iterations,
+        cold_iterations: iterations,
+        ..SpectralSgdConfig::default()
+    }
+}
+
+fn finish_launch(
+    layout: &BatchLayout,
+    config: &SpectralSgdConfig,
+    tables: TablePointers,
+    iteration: u32,
+    step: u64,
+) -> Launch {
+    Launch {
+        kernel: KernelId::Finish,
+        grid: layout.len() as u32,
+        block: THREADS_PER_BLOCK,
+        shared_bytes: 0,
+        args: vec![
+            LaunchArg::U64(tables.matrices),
+            LaunchArg::U64(tables.block_sums),
+            LaunchArg::U64(tables.results),
+            LaunchArg::U64(tables.warm),
+            LaunchArg::U32(iteration),
+            LaunchArg::U32(config.warm_iterations),
+            LaunchArg::U32(config.cold_iterations),
+            LaunchArg::F32(config.learning_rate),
+            LaunchArg::F32(config.weight_decay),
+            LaunchArg::U32(crate::policy::reseed_step(step)),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{BlockPolicy, MatrixShape};
+
+    /// The 4-wide path is chosen exactly when `fan_in % 4 == 0` and every address allows it.
+    #[test]
+    fn quads_flag_needs_a_multiple_of_four_and_aligned_addresses() {
+        let shapes = [
+            MatrixShape::new(8, 12),
+            MatrixShape::new(8, 10),
+            MatrixShape::new(5, 1),
+        ];
+        let layout = BatchLayout::new(&shapes, BlockPolicy::CUDA).unwrap();
+        let state = StatePointers {
+            momentum: 0x1000,
+            power_vectors: 0x2000,
+            partials: 0x3000,
+        };
+        let flags = |dtype: Dtype, weights: u64, grads: u64| -> Vec<u32> {
+            matrix_descriptors(
+                &layout,
+                Scale::Spectral,
+                dtype,
+                state,
+                &[weights; 3],
+                &[grads; 3],
+            )
+            .unwrap()
+            .iter()
+            .map(|d| d.flags)
+            .collect()
+        };
+        let (quads, vector) = (Flag::Quads as u32, Flag::Vector as u32);
+        assert_eq!(flags(Dtype::F32, 0x100, 0x200), [quads, 0, vector]);
+        assert_eq!(
+            flags(Dtype::F32, 0x108, 0x200),
+            [0, 0, vector],
+            "W not 16-byte aligned"
+        );
+        assert_eq!(
+            flags(Dtype::Bf16, 0x108, 0x208),
+            [quads, 0, vector],
+            "8 bytes suffice"
+        );
+        assert_eq!(flags(Dtype::Bf16, 0x104, 0x208), [0, 0, vector]);
+    }
+
+    #[test]
+    fn descriptors_point_at_the_layout_offsets() {
+        let shapes = [MatrixShape::new(3, 5), MatrixShape::new(7, 2)];
+        let layout = BatchLayout::new(&shapes, BlockPolicy::CUDA).unwrap();
+        let state = StatePointers {
+            momentum: 1 << 20,
+            power_vectors: 2 << 20,
+            partials: 3 << 20,
+        };
+        let table = matrix_descriptors(
+            &layout,
+            Scale::Spectral,
+            Dtype::F32,
+            state,
+            &[8, 16],
+            &[24, 32],
+        )
+        .unwrap();
+        for (entry, descriptor) in layout.matrices().iter().zip(&table) {
+            assert_eq!(
+                descriptor.momentum,
+                state.momentum + 4 * entry.element_offset as u64
+            );
+            assert_eq!(
+                descriptor.power_vector,
+                state.power_vectors + 4 * entry.vector_offset as u64
+            );
+            assert_eq!(
+                descriptor.partials,
+                state.partials + 4 * entry.partial_offset as u64
+            );
+            assert_eq!(descriptor.first_block as usize, entry.first_block);
+        }
+        assert_eq!((table[1].weights, table[1].grads), (16, 32));
+        let no_momentum = StatePointers {
+            momentum: 0,
+            ..state
+        };
+        let table = matrix_descriptors(
+            &layout,
+            Scale::Spectral,
+            Dtype::F32,
+            no_momentum,
+            &[8, 16],
+            &[8, 16],
+        )
+        .unwrap();
+        assert!(table.iter().all(|d| d.momentum == 0));
+        assert!(matches!(
+            matrix_descriptors(&layout, Scale::Spectral, Dtype::F32, state, &[8], &[8]),
+            Err(Error::MatrixCountMismatch { .. })
+        ));
+    }
+}
