@@ -209,13 +209,13 @@ pub(crate) fn decode(
         &tensors[0],
         "momentum",
         StDtype::F32,
-        &[layout.shapes().map(|shape| shape.len()).sum::<usize>()],
+        &[layout.packed_elements()],
     )?;
     let vectors = checked(
         &tensors[1],
         "power_vectors",
         StDtype::F32,
-        &[layout.shapes().map(|shape| shape.fan_in).sum::<usize>()],
+        &[layout.packed_vector_len()],
     )?;
     let warm = checked(&tensors[2], "power_warm", StDtype::U8, &[matrices])?;
 

@@ -144,9 +144,22 @@ record! {
     }
 }
 
+// What the kernels assume of the records' sizes (the `Pod` derives already refuse padding):
+// in a table of records every 8-byte field stays 8-byte aligned, and the finish's static
+// shared memory fits the limit every device has.
+const _: () = assert!(MatrixDescriptor::SIZE.is_multiple_of(8));
+const _: () = assert!(BlockDescriptor::SIZE.is_multiple_of(4));
+const _: () = assert!(MatrixResult::SIZE.is_multiple_of(4));
+const _: () = assert!(FinishShared::SIZE.is_multiple_of(8));
+const _: () = assert!(
+    FinishShared::SIZE <= 48 * 1024,
+    "static shared memory limit"
+);
+
 /// Byte offset of the power pass's partial `w` in its dynamic shared memory (16-byte aligned
 /// for vector access).
 pub const POWER_PARTIAL_OFFSET: usize = PowerShared::SIZE.next_multiple_of(16);
+const _: () = assert!(POWER_PARTIAL_OFFSET.is_multiple_of(16));
 
 /// Descriptor flag bits ([`MatrixDescriptor::flags`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
