@@ -108,10 +108,10 @@ fn bench_dtype<T: Element>(rounds: usize) {
         let mut src = vec![1u8; n * b / 2];
         let (mut dst, mut dst_parallel) = (vec![0u8; n * b / 2], vec![0u8; n * b / 2]);
         let views: Vec<&[T]> = grads.iter().map(Vec::as_slice).collect();
-        let mut fused = BatchPowerIteration::new(layout.clone());
-        let mut fused_vectors = fused.cold_vectors(0);
-        let mut two_pass = BatchPowerIteration::new(layout.clone());
-        let mut two_pass_vectors = two_pass.cold_vectors(0);
+        let mut fused = BatchPowerIteration::new(layout.clone()).unwrap();
+        let mut fused_vectors = fused.cold_vectors(0).unwrap();
+        let mut two_pass = BatchPowerIteration::new(layout.clone()).unwrap();
+        let mut two_pass_vectors = two_pass.cold_vectors(0).unwrap();
         src.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
         let (src, dst, dst_parallel) = (&src, &mut dst, &mut dst_parallel);
         let mut variants = vec![

@@ -9,7 +9,8 @@
 //! - copy: reads and writes N bytes: 2N.
 //!
 //! Targets on an H200: step >= 85% and power pass >= 80% of the copy's bandwidth.
-//! Without a device it prints NOT RUN and why, and exits 0 (it is a benchmark, not a test).
+//! Without a driver or a device it prints NOT RUN and why, and exits 0 (it is a benchmark,
+//! not a test); any other error is FAILED and exit status 1.
 //!
 //! Run: `cargo bench --bench gpu_step -- [--rounds N] [--json FILE]` (`--json` writes the
 //! step's median times for `bench/peers/peers.py gpu-step`).
@@ -52,9 +53,10 @@ fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<f64> {
     let params: usize = shapes.iter().map(|s| s.len()).sum();
     let size = std::mem::size_of::<T>();
     let device = CudaDevice::open(0)?;
+    let context = device.context().clone();
     eprintln!("{} | {}", device.info(), T::DTYPE.name());
     let config = SpectralSgdConfig::default();
-    let mut optimizer = SpectralSgd::<Cuda>::on_device(&shapes, config, CudaDevice::open(0)?)?;
+    let mut optimizer = SpectralSgd::<Cuda>::on_device(&shapes, config, device)?;
     let stream = optimizer.device().stream().clone();
     let upload = |salt: u64| -> Result<Vec<CudaSlice<T>>> {
         shapes
@@ -74,7 +76,8 @@ fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<f64> {
         "warm-up step skipped a matrix: {report:?}"
     );
 
-    let mut power = PowerIteration::new(&shapes, CudaDevice::open(0)?)?;
+    // Its own stream on the same context, so that it can read the optimizer's buffers.
+    let mut power = PowerIteration::new(&shapes, CudaDevice::with_context(context)?)?;
     power.iterate(&weights, 1)?;
 
     let step_bytes = params * (size * 2 + 4) + params * (size * 2 + 4 * 2 + size);
@@ -167,8 +170,16 @@ fn main() {
                 "{{\"side\": \"crate\", \"task\": \"gpu_step\", \"case\": \"{name}\", \"median_ms\": {ms:.4}}}\n"
             )),
             Err(error) => {
-                println!("NOT RUN: {error}");
-                return;
+                let no_device = matches!(
+                    error.downcast_ref::<spectral_step::Error>(),
+                    Some(spectral_step::Error::NoCudaDriver(_) | spectral_step::Error::NoDevice(_))
+                );
+                if no_device {
+                    println!("NOT RUN: {error}");
+                    return;
+                }
+                println!("FAILED: {error}");
+                std::process::exit(1);
             }
         }
     }

@@ -29,8 +29,8 @@ fn power<T: Element>(c: &mut Criterion) {
         let bytes = (shape.len() * T::DTYPE.size_bytes()) as u64;
         group.throughput(Throughput::Bytes(bytes));
         let layout = BatchLayout::new(&[shape], BlockPolicy::CPU).unwrap();
-        let mut power = BatchPowerIteration::new(layout);
-        let mut v = power.cold_vectors(0);
+        let mut power = BatchPowerIteration::new(layout).unwrap();
+        let mut v = power.cold_vectors(0).unwrap();
         let id = format!("{fan_out}x{fan_in}");
         group.bench_function(BenchmarkId::new("fused", &id), |b| {
             b.iter(|| black_box(power.fused(&[&matrix[..]], &mut v).unwrap()))

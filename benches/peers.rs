@@ -79,7 +79,7 @@ fn spectral_norms(data: &Path, rounds: usize, json: &mut String) -> Result<()> {
         };
         let shape = MatrixShape::new(rows.parse()?, cols.parse()?);
         let matrix = read_f32(&data.join(file))?;
-        let mut power = BatchPowerIteration::new(BatchLayout::new(&[shape], BlockPolicy::CPU)?);
+        let mut power = BatchPowerIteration::new(BatchLayout::new(&[shape], BlockPolicy::CPU)?)?;
         let mut last = None;
         let timing = time(rounds, || {
             last = Some(power.lanczos(&[&matrix[..]], 1, 1e-3, 500)?[0]);
@@ -108,8 +108,8 @@ fn warm_power_iteration(out: &Path, rounds: usize, json: &mut String) -> Result<
     let shapes = gpt2_small();
     let weights = hashed::<f32>(&shapes, 1);
     let views: Vec<&[f32]> = weights.iter().map(Vec::as_slice).collect();
-    let mut power = BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU)?);
-    let mut vectors = power.cold_vectors(7);
+    let mut power = BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU)?)?;
+    let mut vectors = power.cold_vectors(7)?;
     write_f32(&out.join("power_start.bin"), &vectors)?;
     power.fused(&views, &mut vectors)?;
     write_f32(&out.join("power_after.bin"), &vectors)?;

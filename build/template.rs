@@ -52,6 +52,12 @@ pub fn expand(
     for (number, line) in template.lines().enumerate() {
         let line_no = number + 1;
         let at_line = |message: String| format!("line {line_no}: {message}");
+        if !line.is_ascii() {
+            // ptxas refuses any non-ASCII byte, comments included.
+            return Err(at_line(
+                "a non-ASCII character (ptxas accepts ASCII only)".into(),
+            ));
+        }
         let trimmed = line.trim_start();
         let body = match tagged(trimmed) {
             Some((tag, _)) if tag != variant => continue,
@@ -421,6 +427,15 @@ mod tests {
         assert_eq!(out.lines().count(), 20);
         assert!(expand("MOMENTUM %a, %b;\n", None, "", &values()).is_err());
         assert!(expand("WARP_SUM %a\n", None, "", &values()).is_err());
+    }
+
+    #[test]
+    fn non_ascii_text_is_rejected_even_in_comments() {
+        let error = expand("// see math \u{a7}4\n", None, "", &values()).unwrap_err();
+        assert!(
+            error.starts_with("line 1:") && error.contains("ASCII"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -68,7 +68,7 @@ if [[ -n "$sanitizer" ]]; then
         within_budget "compute-sanitizer $tool" || continue
         if timeout 30 "$sanitizer" --tool "$tool" --error-exitcode 1 --print-limit 20 \
             ./gpu --include-ignored --exact sanitizer_workload --test-threads=1 > "sanitizer-$tool.log" 2>&1; then
-            echo "compute-sanitizer $tool: clean ($(grep -c "ERROR SUMMARY: 0" "sanitizer-$tool.log") summaries of 0 errors)"
+            echo "compute-sanitizer $tool: clean (exit 0; $(grep -E "SUMMARY" "sanitizer-$tool.log" | tail -1))"
         else
             echo "compute-sanitizer $tool: FAILED (exit $?)"; tail -25 "sanitizer-$tool.log"; status=1
         fi

@@ -100,7 +100,8 @@ pub trait Backend: Sized + sealed::Sealed {
     fn export_state(&self) -> Result<HostState>;
 
     /// Replaces the state. Errors, changing nothing, if its lengths do not fit the layout
-    /// ([`HostState::check`]).
+    /// ([`HostState::check`]). On a device, a driver error while copying leaves the state
+    /// partly replaced (the device cannot copy atomically); the error says so.
     fn import_state(&mut self, state: HostState) -> Result<()>;
 
     /// Re-seeds every power vector from `seed` (cold start on the next step).

@@ -3,6 +3,11 @@
 use crate::error::{Error, Result};
 use crate::scaling::Scale;
 
+/// The most power iterations a step (or a device power iteration) may run for one matrix. A
+/// step also stops iterating a matrix as soon as its estimate stops changing (math §4.7), so
+/// a large count costs only what convergence needs.
+pub const MAX_POWER_ITERATIONS: u32 = 1024;
+
 /// How the momentum buffer accumulates gradients (math §5).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum MomentumKind {
@@ -44,9 +49,11 @@ pub struct SpectralSgdConfig {
     pub weight_decay: f32,
     /// The target factor `s` of each matrix (math §3a table). Default [`Scale::Spectral`].
     pub scale: Scale,
-    /// Power iterations per step once a matrix's power vector is warm. Default 1.
+    /// Power iterations per step once a matrix's power vector is warm, at most
+    /// [`MAX_POWER_ITERATIONS`]. Default 1.
     pub warm_iterations: u32,
-    /// Power iterations on a cold start (first step, after a reset). Default 8.
+    /// Power iterations on a cold start (first step, after a reset), at most
+    /// [`MAX_POWER_ITERATIONS`]; fewer run once the estimate has converged. Default 8.
     pub cold_iterations: u32,
     /// Seed of the cold-start power vectors. Default 0.
     pub seed: u64,
@@ -92,6 +99,25 @@ impl SpectralSgdConfig {
         }
     }
 
+    /// [`validate`](Self::validate), and then, for every matrix of `layout`, that its target
+    /// factor `s` is finite and positive and that `learning_rate * s` is finite in `f32` (an
+    /// update of that spectral norm can be written at all).
+    pub(crate) fn validate_for(&self, layout: &crate::layout::BatchLayout) -> Result<()> {
+        self.validate()?;
+        for (index, shape) in layout.shapes().enumerate() {
+            let s = self.scale.factor(shape);
+            let step = f64::from(self.learning_rate) * f64::from(s);
+            if !(s.is_finite() && s > 0.0 && step <= f64::from(f32::MAX)) {
+                return Err(Error::InvalidConfig(format!(
+                    "matrix {index} ({}x{}): the scale {} gives s = {s:e} and \
+                     learning_rate * s = {step:e}; both must be finite in f32",
+                    shape.fan_out, shape.fan_in, self.scale
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every field against its documented range.
     pub fn validate(&self) -> Result<()> {
         let invalid = |message: String| Err(Error::InvalidConfig(message));
@@ -116,8 +142,15 @@ impl SpectralSgdConfig {
                 self.learning_rate * self.weight_decay
             ));
         }
-        if self.warm_iterations == 0 || self.cold_iterations == 0 {
-            return invalid("warm_iterations and cold_iterations must be at least 1".into());
+        for (name, count) in [
+            ("warm_iterations", self.warm_iterations),
+            ("cold_iterations", self.cold_iterations),
+        ] {
+            if !(1..=MAX_POWER_ITERATIONS).contains(&count) {
+                return invalid(format!(
+                    "{name} must be between 1 and {MAX_POWER_ITERATIONS}, got {count}"
+                ));
+            }
         }
         self.scale.validate()
     }

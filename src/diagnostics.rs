@@ -41,8 +41,10 @@ fn check_matrix<T>(matrix: &[T], shape: MatrixShape) -> Result<BatchLayout> {
 
 /// `||A||_*` of a row-major `fan_out x fan_in` matrix, by Lanczos iteration on `A^T A` from a
 /// seeded cold start (the fused one-read pass per iteration; see
-/// [`BatchPowerIteration::lanczos`]), to [`Convergence::default`]'s tolerance. Errors on a
-/// wrong length or a non-finite entry.
+/// [`BatchPowerIteration::lanczos`]), to [`Convergence::default`]'s tolerance, for entries of
+/// any finite magnitude (matrices whose entries are very small or very large are scaled by
+/// a power of two first, exactly). Errors on a wrong length, a non-finite entry, or a norm
+/// beyond the range of `f32`.
 ///
 /// ```
 /// use spectral_step::{MatrixShape, diagnostics::spectral_norm};
@@ -62,23 +64,60 @@ pub fn spectral_norm_with<T: Element>(
     convergence: Convergence,
 ) -> Result<f32> {
     let layout = check_matrix(matrix, shape)?;
-    let mut power = BatchPowerIteration::new(layout);
+    let mut largest = 0.0f32;
+    for value in matrix {
+        let magnitude = value.to_f32().abs();
+        if !magnitude.is_finite() {
+            return Err(Error::InvalidArgument(
+                "the matrix holds a NaN or an infinity".into(),
+            ));
+        }
+        largest = largest.max(magnitude);
+    }
+    if largest == 0.0 {
+        return Ok(0.0);
+    }
+    let mut power = BatchPowerIteration::new(layout)?;
     // f32 products limit the attainable accuracy to a few units of f32 rounding.
     let tolerance = f64::from(convergence.tolerance).max(4.0 * f64::from(f32::EPSILON));
-    let result = power.lanczos(
-        &[matrix],
-        convergence.seed,
-        tolerance,
-        convergence.max_iterations.max(1),
-    )?;
-    match result[0].estimate {
+    let iterations = convergence.max_iterations.max(1);
+    // The fused pass sums squares in f32: entries far from 1 are scaled by a power of two
+    // first (exactly), so that neither the squares underflow nor the sums overflow.
+    let (estimate, exponent) = if (SAFE_MAGNITUDE.recip()..=SAFE_MAGNITUDE).contains(&largest) {
+        let result = power.lanczos(&[matrix], convergence.seed, tolerance, iterations)?;
+        (result[0].estimate, 0)
+    } else {
+        let exponent = f64::from(largest).log2().floor() as i32;
+        // In f64: 2^-exponent may lie outside f32's normal range.
+        let factor = 2f64.powi(-exponent);
+        let mut scaled: Vec<f32> = crate::memory::zeroed(matrix.len(), "a scaled copy")?;
+        for (scaled, value) in scaled.iter_mut().zip(matrix) {
+            *scaled = (f64::from(value.to_f32()) * factor) as f32;
+        }
+        let result = power.lanczos(&[&scaled[..]], convergence.seed, tolerance, iterations)?;
+        (result[0].estimate, exponent)
+    };
+    match estimate {
         Estimate::NonFinite => Err(Error::InvalidArgument(
-            "matrix holds a NaN or an infinity (or its norm exceeds f32 range)".into(),
+            "the matrix's spectral norm cannot be formed in f32".into(),
         )),
         Estimate::Zero | Estimate::Degenerate => Ok(0.0),
-        Estimate::Sigma(sigma) => Ok(sigma),
+        Estimate::Sigma(sigma) => {
+            let sigma = f64::from(sigma) * 2f64.powi(exponent);
+            if sigma > f64::from(f32::MAX) {
+                return Err(Error::InvalidArgument(format!(
+                    "the spectral norm ({sigma:e}) is beyond the range of f32"
+                )));
+            }
+            Ok(sigma as f32)
+        }
     }
 }
+
+/// Largest entries in `[1/SAFE_MAGNITUDE, SAFE_MAGNITUDE]` go through the fused pass as they
+/// are: their squares (`2^-80` to `2^80`) are normal `f32` values and sums of `2^40` of them
+/// stay finite. Others are scaled into `[1, 2)` first.
+const SAFE_MAGNITUDE: f32 = (1u64 << 40) as f32;
 
 /// `||A||_F`, accumulated in `f64`.
 pub fn frobenius_norm<T: Element>(matrix: &[T]) -> f32 {

@@ -31,6 +31,16 @@ pub enum Error {
         what: &'static str,
     },
 
+    /// Memory for the batch could not be allocated (the shapes ask for more than the
+    /// machine grants): nothing was allocated or changed.
+    #[error("cannot allocate {bytes} bytes for {what}")]
+    OutOfMemory {
+        /// What the memory was for.
+        what: &'static str,
+        /// How many bytes were asked for (saturated at `usize::MAX`).
+        bytes: usize,
+    },
+
     /// `step` received a different number of matrices than the optimizer was built for.
     #[error("expected {expected} {what} matrices (one per matrix of the batch), got {got}")]
     MatrixCountMismatch {

@@ -159,25 +159,27 @@ pub struct BatchLayout {
 }
 
 impl BatchLayout {
-    /// Builds and validates the layout. Errors: an empty batch, a zero dimension, or any size
-    /// or offset that overflows `usize`.
+    /// Builds and validates the layout. Errors: an empty batch, a zero dimension, any size
+    /// or offset that overflows (in elements, or in bytes of `f32` state), or a block table
+    /// too large to allocate ([`Error::OutOfMemory`]). Every count is checked before
+    /// anything proportional to it is allocated.
     pub fn new(shapes: &[MatrixShape], policy: BlockPolicy) -> Result<Self> {
         if shapes.is_empty() {
             return Err(Error::EmptyBatch);
         }
         let target = policy.target_elements.max(1);
         let align = policy.align_elements.max(1);
-        let aligned = |offset: usize, index: usize| {
-            offset
-                .checked_next_multiple_of(align)
-                .ok_or(Error::LayoutOverflow {
-                    index,
-                    what: "aligned offset",
-                })
-        };
-        let mut matrices = Vec::with_capacity(shapes.len());
-        let mut blocks = Vec::new();
+        let mut matrices = Vec::new();
+        matrices
+            .try_reserve_exact(shapes.len())
+            .map_err(|_| Error::OutOfMemory {
+                what: "the layout's matrix table",
+                bytes: shapes
+                    .len()
+                    .saturating_mul(std::mem::size_of::<MatrixEntry>()),
+            })?;
         let (mut element_offset, mut vector_offset, mut partial_offset) = (0usize, 0usize, 0usize);
+        let mut total_blocks = 0usize;
         for (index, &shape) in shapes.iter().enumerate() {
             if shape.is_empty() {
                 return Err(Error::ZeroDimension {
@@ -187,9 +189,14 @@ impl BatchLayout {
                 });
             }
             let overflow = |what| Error::LayoutOverflow { index, what };
-            element_offset = aligned(element_offset, index)?;
-            vector_offset = aligned(vector_offset, index)?;
-            partial_offset = aligned(partial_offset, index)?;
+            let aligned = |offset: usize| {
+                offset
+                    .checked_next_multiple_of(align)
+                    .ok_or(overflow("aligned offset"))
+            };
+            element_offset = aligned(element_offset)?;
+            vector_offset = aligned(vector_offset)?;
+            partial_offset = aligned(partial_offset)?;
             let len = shape.checked_len().ok_or(overflow("element count"))?;
             let rows_per_block = (target / shape.fan_in).clamp(1, shape.fan_out);
             let block_count = shape.fan_out.div_ceil(rows_per_block);
@@ -201,19 +208,13 @@ impl BatchLayout {
                 element_offset,
                 vector_offset,
                 partial_offset,
-                first_block: blocks.len(),
+                first_block: total_blocks,
                 block_count,
                 rows_per_block,
             });
-            for block in 0..block_count {
-                let row_start = block * rows_per_block;
-                blocks.push(RowBlock {
-                    matrix: index,
-                    row_start,
-                    row_end: (row_start + rows_per_block).min(shape.fan_out),
-                    partial_offset: partial_offset + block * shape.fan_in,
-                });
-            }
+            total_blocks = total_blocks
+                .checked_add(block_count)
+                .ok_or(overflow("block count"))?;
             element_offset = element_offset
                 .checked_add(len)
                 .ok_or(overflow("element offset"))?;
@@ -224,12 +225,40 @@ impl BatchLayout {
                 .checked_add(partial_len)
                 .ok_or(overflow("partial offset"))?;
         }
-        // Device code addresses elements in bytes with 64-bit offsets; 4 bytes per f32 element
-        // must fit as well.
-        element_offset.checked_mul(4).ok_or(Error::LayoutOverflow {
-            index: shapes.len() - 1,
-            what: "byte offset",
-        })?;
+        // Every buffer of the batch holds f32 state, addressed in bytes: 4 bytes per element,
+        // vector entry and partial entry must fit as well.
+        let last = shapes.len() - 1;
+        for (total, what) in [
+            (element_offset, "element bytes"),
+            (vector_offset, "vector bytes"),
+            (partial_offset, "partial bytes"),
+        ] {
+            total
+                .checked_mul(4)
+                .ok_or(Error::LayoutOverflow { index: last, what })?;
+        }
+        let mut blocks = Vec::new();
+        blocks
+            .try_reserve_exact(total_blocks)
+            .map_err(|_| Error::OutOfMemory {
+                what: "the layout's block table",
+                bytes: total_blocks.saturating_mul(std::mem::size_of::<RowBlock>()),
+            })?;
+        for (index, entry) in matrices.iter().enumerate() {
+            let shape = entry.shape;
+            for block in 0..entry.block_count {
+                // No overflow: block * rows_per_block < fan_out, block * fan_in <
+                // partial_len, and fan_out <= usize::MAX / 4 (its elements' bytes fit), so
+                // row_start + rows_per_block < 2 fan_out fits too.
+                let row_start = block * entry.rows_per_block;
+                blocks.push(RowBlock {
+                    matrix: index,
+                    row_start,
+                    row_end: (row_start + entry.rows_per_block).min(shape.fan_out),
+                    partial_offset: entry.partial_offset + block * shape.fan_in,
+                });
+            }
+        }
         Ok(Self {
             matrices,
             blocks,
@@ -314,6 +343,7 @@ impl BatchLayout {
         pack(
             padded,
             self.total_elements,
+            self.packed_elements(),
             self.element_ranges(),
             "element",
         )
@@ -335,6 +365,7 @@ impl BatchLayout {
         pack(
             padded,
             self.total_vector_len,
+            self.packed_vector_len(),
             self.vector_ranges(),
             "power-vector",
         )
@@ -459,6 +490,7 @@ fn split_mut<T>(
 fn pack(
     padded: &[f32],
     padded_len: usize,
+    packed_len: usize,
     ranges: impl Iterator<Item = std::ops::Range<usize>>,
     what: &str,
 ) -> Result<Vec<f32>> {
@@ -468,9 +500,12 @@ fn pack(
             padded.len()
         )));
     }
-    Ok(ranges
-        .flat_map(|range| padded[range].iter().copied())
-        .collect())
+    let mut packed = crate::memory::zeroed(packed_len, "packed state")?;
+    packed.clear();
+    for range in ranges {
+        packed.extend_from_slice(&padded[range]);
+    }
+    Ok(packed)
 }
 
 fn unpack(
@@ -486,7 +521,7 @@ fn unpack(
             packed.len()
         )));
     }
-    let mut padded = vec![0.0; padded_len];
+    let mut padded = crate::memory::zeroed(padded_len, "laid-out state")?;
     let mut start = 0;
     for range in ranges {
         let len = range.len();

@@ -45,6 +45,7 @@ mod element;
 mod error;
 pub mod kernels;
 mod layout;
+mod memory;
 mod optimizer;
 mod policy;
 mod random;
@@ -55,7 +56,7 @@ pub mod sim;
 mod state;
 
 pub use backend::{Backend, HostState};
-pub use config::{MomentumKind, SpectralSgdConfig};
+pub use config::{MAX_POWER_ITERATIONS, MomentumKind, SpectralSgdConfig};
 pub use element::{Dtype, Element};
 pub use error::{Error, Result};
 pub use layout::{BatchLayout, BlockPolicy, MatrixEntry, MatrixShape, RowBlock};

@@ -137,13 +137,14 @@ impl<B: Backend> SpectralSgd<B> {
         &self.config
     }
 
-    /// Changes the learning rate (for schedules). Errors if it is not finite and `>= 0`.
+    /// Changes the learning rate (for schedules). Errors, changing nothing, if it is not
+    /// finite and `>= 0`, or if `learning_rate * s` overflows `f32` for some matrix.
     pub fn set_learning_rate(&mut self, learning_rate: f32) -> Result<()> {
         let config = SpectralSgdConfig {
             learning_rate,
             ..self.config
         };
-        config.validate()?;
+        config.validate_for(self.backend.layout())?;
         self.config = config;
         Ok(())
     }
@@ -173,8 +174,13 @@ impl<B: Backend> SpectralSgd<B> {
     /// Replaces the optimizer state (momentum, power vectors, warm flags) with `state`, laid
     /// out as [`state`](Self::state) returns it: the same state moves between backends. The
     /// next step cold-starts the matrices whose vectors are not warm. Errors, changing
-    /// nothing, if a length does not fit this optimizer's shapes.
+    /// nothing, if a length does not fit this optimizer's shapes
+    /// ([`Error::StateShapeMismatch`](crate::Error::StateShapeMismatch)) or a value is out of
+    /// range: non-finite momentum, or power vectors that are not finite unit vectors
+    /// ([`Error::StateFormat`](crate::Error::StateFormat)).
     pub fn set_state(&mut self, state: HostState) -> Result<()> {
+        state.check(self.backend.layout())?;
+        crate::state::check_values(self.backend.layout(), &state)?;
         self.backend.import_state(state)
     }
 
@@ -209,13 +215,11 @@ impl<B: Backend> SpectralSgd<B> {
 
     /// Loads a state saved by [`save_state`](Self::save_state). A file for other shapes is
     /// [`Error::StateShapeMismatch`](crate::Error::StateShapeMismatch); a truncated, corrupted
-    /// or foreign file is [`Error::StateFormat`](crate::Error::StateFormat).
+    /// or foreign file, one larger than any state for these shapes, or one whose values are
+    /// out of range (non-finite momentum, power vectors not of unit length) is
+    /// [`Error::StateFormat`](crate::Error::StateFormat). On error nothing is changed.
     pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| crate::Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = crate::state::read_bounded(path.as_ref(), self.layout())?;
         self.load_state_from_bytes(&bytes)
     }
 }

@@ -55,6 +55,7 @@ pub(crate) fn decide(
     let decay = (1.0 - eta * f64::from(weight_decay)) as f32;
     let record = |sigma: f32, status: Status, coefficient: f32| MatrixResult {
         sigma,
+        power_estimate: 0.0,
         status: status as u32,
         decay,
         coefficient,
@@ -81,13 +82,15 @@ pub(crate) fn decide(
         VectorAction::Keep
     };
     let floor = (f64::from(sums.sum_sq) / sums.min_dim as f64).sqrt();
-    let sigma = sums.w_norm.sqrt().max(floor) as f32;
+    let power = sums.w_norm.sqrt();
+    let sigma = power.max(floor) as f32;
     let coefficient = (eta * f64::from(scale) / f64::from(sigma)) as f32;
-    let result = if coefficient.is_finite() {
+    let mut result = if coefficient.is_finite() {
         record(sigma, Status::Updated, coefficient)
     } else {
         record(sigma, Status::SigmaTooSmall, 0.0)
     };
+    result.power_estimate = power as f32;
     Decision { result, vector }
 }
 
@@ -145,6 +148,22 @@ pub(crate) fn rounds_to_launch(config: &SpectralSgdConfig, host_knows_cold: bool
         config.warm_iterations.max(config.cold_iterations)
     } else {
         config.warm_iterations
+    }
+}
+
+/// The iteration count a matrix's record keeps after round `round` (math §4.7): its count as
+/// fixed on the first round, cut short to `round + 1` once an update's power estimate
+/// `sqrt(|w|)` comes out bitwise equal to the previous round's (it has converged in `f32`),
+/// so that the later rounds skip it. The floored `sigma` would not do: while the Frobenius
+/// floor dominates, it stays the same from round to round however far `v` is from converged.
+pub(crate) fn iterations_after(round: u32, previous: &MatrixResult, decided: &MatrixResult) -> u32 {
+    let converged = round > 0
+        && decided.status == Status::Updated as u32
+        && decided.power_estimate.to_bits() == previous.power_estimate.to_bits();
+    if converged {
+        decided.iterations_needed.min(round + 1)
+    } else {
+        decided.iterations_needed
     }
 }
 
@@ -238,11 +257,13 @@ mod tests {
         // sqrt(|w|) = 3, floor = sqrt(16 / 4) = 2.
         let power = decide(sums(16.0, 9.0, 4), 0.1, 2.0, 0.0, 1);
         assert_eq!(power.result.sigma, 3.0);
+        assert_eq!(power.result.power_estimate, 3.0);
         assert_eq!(power.result.coefficient, (0.1f32 as f64 * 2.0 / 3.0) as f32);
         assert_eq!(power.vector, VectorAction::Normalise);
         // sqrt(|w|) = 1, floor = 2: the floor wins.
         let floored = decide(sums(16.0, 1.0, 4), 0.1, 2.0, 0.0, 1);
         assert_eq!(floored.result.sigma, 2.0);
+        assert_eq!(floored.result.power_estimate, 1.0, "before the floor");
         let tiny = decide(sums(1e-40, 1e-80, 2), 1.0, 1e30, 0.0, 1);
         assert_eq!(status(&tiny), Status::SigmaTooSmall);
         assert_eq!(tiny.result.coefficient, 0.0);
@@ -302,6 +323,36 @@ mod tests {
         reseed_vector(5, 3, &mut other_matrix);
         assert_ne!(first, other_step);
         assert_ne!(first, other_matrix);
+    }
+
+    #[test]
+    fn a_converged_estimate_ends_the_iterations() {
+        let record = |power_estimate: f32, status: Status| MatrixResult {
+            sigma: 3.0,
+            power_estimate,
+            status: status as u32,
+            iterations_needed: 8,
+            ..MatrixResult::default()
+        };
+        let previous = record(2.5, Status::Updated);
+        assert_eq!(
+            iterations_after(3, &previous, &record(2.5, Status::Updated)),
+            4
+        );
+        assert_eq!(
+            iterations_after(3, &previous, &record(2.500001, Status::Updated)),
+            8
+        );
+        assert_eq!(
+            iterations_after(0, &previous, &record(2.5, Status::Updated)),
+            8,
+            "round 0"
+        );
+        assert_eq!(
+            iterations_after(3, &previous, &record(2.5, Status::SigmaTooSmall)),
+            8,
+            "only updates converge"
+        );
     }
 
     #[test]

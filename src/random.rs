@@ -36,8 +36,11 @@ pub(crate) fn fill_unit_vector(seed: u64, stream: u64, out: &mut [f32]) {
 /// The seeded cold-start power vectors of a whole batch (math §4.1), in a flat buffer laid
 /// out like `layout`'s (gaps zero). Matrix `j`'s vector depends only on `(seed, j)`. Every
 /// backend starts from these.
-pub(crate) fn cold_power_vectors(layout: &crate::layout::BatchLayout, seed: u64) -> Vec<f32> {
-    let mut vectors = vec![0.0; layout.total_vector_len()];
+pub(crate) fn cold_power_vectors(
+    layout: &crate::layout::BatchLayout,
+    seed: u64,
+) -> crate::error::Result<Vec<f32>> {
+    let mut vectors = crate::memory::zeroed(layout.total_vector_len(), "power vectors")?;
     for (index, piece) in layout
         .split_vectors_mut(&mut vectors)
         .into_iter()
@@ -45,5 +48,5 @@ pub(crate) fn cold_power_vectors(layout: &crate::layout::BatchLayout, seed: u64)
     {
         fill_unit_vector(seed, index as u64, piece);
     }
-    vectors
+    Ok(vectors)
 }

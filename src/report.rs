@@ -13,9 +13,10 @@ pub enum MatrixStatus {
     /// `±1/sqrt(fan_in)` vector and marked cold, `M` was updated and `W` left unchanged this
     /// step (math §4.6).
     Reseeded,
-    /// The update direction held a NaN or an infinity (or overflowed `f32`, or `sigma` was so
-    /// small that `eta s / sigma` overflows): `W`, `M` and the power vector were left
-    /// untouched (math §4.5.1, §5.4).
+    /// The update direction held a NaN or an infinity (or overflowed `f32`): `W`, `M` and the
+    /// power vector were left untouched (math §4.5.1). Also reported, with its `sigma`, when
+    /// `sigma` was so small that `eta s / sigma` overflows: then `W` and `M` are untouched but
+    /// the power vector, already normalised, keeps its new value (math §5.4).
     SkippedNonFinite,
 }
 

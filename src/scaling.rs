@@ -96,7 +96,9 @@ impl FromStr for Scale {
 
 /// Spectral initialisation (math §3a): `W = sigma0 * s * W' / ||W'||_*` with `W'` Gaussian,
 /// drawn from `seed`. `||W'||_*` is found by Lanczos iteration to convergence, so
-/// `||W||_* = sigma0 * s` up to that tolerance (and the rounding of `T`).
+/// `||W||_* = sigma0 * s` up to that tolerance (and the rounding of `T`). Errors, writing
+/// nothing, on a wrong length, a `sigma0` that is negative or not finite, an invalid scale,
+/// or a target whose entries would not fit `T`.
 ///
 /// ```
 /// use spectral_step::{MatrixShape, Scale, diagnostics, scaling::spectral_init};
@@ -137,7 +139,7 @@ pub fn spectral_init<T: Element>(
         )));
     }
     scale.validate()?;
-    let mut draw = vec![0.0f32; shape.len()];
+    let mut draw: Vec<f32> = crate::memory::zeroed(shape.len(), "the initial draw")?;
     crate::random::fill_gaussian(seed, 0, &mut draw);
     let sigma = spectral_norm_with(
         &draw,
@@ -148,6 +150,15 @@ pub fn spectral_init<T: Element>(
         },
     )?;
     let factor = f64::from(sigma0) * f64::from(scale.factor(shape)) / f64::from(sigma);
+    // Checked before anything is written: the largest entry must fit the element type.
+    let largest = draw.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs())) * factor;
+    if !T::from_f32_rne(largest as f32).to_f32().is_finite() {
+        return Err(Error::InvalidArgument(format!(
+            "sigma0 * s = {:e} gives entries up to {largest:e}, beyond the range of {}",
+            f64::from(sigma0) * f64::from(scale.factor(shape)),
+            T::DTYPE.name()
+        )));
+    }
     for (weight, &value) in weights.iter_mut().zip(&draw) {
         *weight = T::from_f32_rne((f64::from(value) * factor) as f32);
     }

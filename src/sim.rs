@@ -80,8 +80,15 @@ pub struct SimOptions {
     /// 232448 (227 KiB, an H100's or H200's).
     pub max_shared_bytes: u32,
     /// A launch that issues more warp-instructions than this is an error (a runaway loop).
-    /// Default 2^32.
+    /// The crate's kernels issue about two warp-instructions per element of the batch per
+    /// launch, so the default, 2^30, covers batches of hundreds of millions of elements
+    /// (which would take hours to simulate anyway) and stops a runaway kernel within
+    /// minutes.
     pub step_limit: u64,
+    /// Bytes the device's buffers (the optimizer's and the caller's) may hold in all; an
+    /// allocation past it is an [`Error::OutOfMemory`]. `None`: what the host grants.
+    /// Default 4 GiB (the simulator keeps two host bytes per device byte).
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for SimOptions {
@@ -89,7 +96,8 @@ impl Default for SimOptions {
         Self {
             cta_order: CtaOrder::Linear,
             max_shared_bytes: 227 * 1024,
-            step_limit: 1 << 32,
+            step_limit: 1 << 30,
+            memory_limit: Some(ptx_sim::limits::DEFAULT_MEMORY_LIMIT),
         }
     }
 }
@@ -106,6 +114,9 @@ pub struct SimStats {
     /// Global loads and stores of 2 or 4 elements, once per thread (the kernels' vector
     /// path).
     pub global_vector_accesses: u64,
+    /// Host-to-device copies into the backend's buffers (tables and state), through the
+    /// [`Device`] seam: a step on unchanged buffers makes none.
+    pub backend_uploads: u64,
 }
 
 struct SimState {
@@ -189,6 +200,18 @@ impl<T> Drop for SimSlice<T> {
     }
 }
 
+/// A zero-filled allocation, or [`Error::OutOfMemory`] past the memory limit or what the
+/// host grants.
+fn allocate(state: &mut SimState, bytes: usize) -> Result<DevicePtr> {
+    state
+        .memory
+        .try_alloc(bytes)
+        .map_err(|_| Error::OutOfMemory {
+            what: "simulated device memory",
+            bytes,
+        })
+}
+
 fn sim_error(context: &'static str) -> impl Fn(ptx_sim::SimError) -> Error {
     move |error| Error::Simulator {
         context,
@@ -225,7 +248,7 @@ impl SimDevice {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 kernels,
                 state: Mutex::new(SimState {
-                    memory: ptx_sim::Device::new(),
+                    memory: ptx_sim::Device::with_memory_limit(options.memory_limit),
                     options,
                     stats: SimStats::default(),
                     power_shared_bytes: DEFAULT_SHARED_BYTES,
@@ -246,9 +269,12 @@ impl SimDevice {
         Ok(self.state()?.options)
     }
 
-    /// Changes the options (for example the CTA order) for the launches that follow.
+    /// Changes the options (for example the CTA order) for the launches and allocations
+    /// that follow.
     pub fn set_options(&self, options: SimOptions) -> Result<()> {
-        self.state()?.options = options;
+        let mut state = self.state()?;
+        state.memory.set_memory_limit(options.memory_limit);
+        state.options = options;
         Ok(())
     }
 
@@ -291,7 +317,7 @@ impl SimDevice {
         }
         let bytes: &[u8] = bytemuck::cast_slice(values);
         let mut state = self.state()?;
-        let base = state.memory.alloc(byte_offset + bytes.len());
+        let base = allocate(&mut state, byte_offset + bytes.len())?;
         let ptr = base.offset(byte_offset as u64);
         state
             .memory
@@ -311,7 +337,7 @@ impl SimDevice {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| Error::InvalidArgument(format!("{len} elements do not fit")))?;
-        let base = self.state()?.memory.alloc(bytes);
+        let base = allocate(&mut *self.state()?, bytes)?;
         Ok(SimSlice {
             shared: Arc::clone(&self.shared),
             ptr: base,
@@ -404,7 +430,9 @@ impl Device for SimDevice {
     fn upload(&self, buffer: &mut SimSlice<u8>, offset: usize, bytes: &[u8]) -> Result<()> {
         self.check_own(buffer)?;
         checked_end(buffer.len, offset, bytes.len())?;
-        self.state()?
+        let mut state = self.state()?;
+        state.stats.backend_uploads += 1;
+        state
             .memory
             .write(buffer.ptr.offset(offset as u64), bytes)
             .map_err(sim_error("writing device memory"))

@@ -7,7 +7,7 @@
 //! CRC-32 of the other metadata and all tensor bytes, so that a flipped bit anywhere is
 //! caught, not trained on.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 
@@ -50,11 +50,12 @@ pub(crate) fn encode(
     steps: u64,
     state: &HostState,
 ) -> Result<Vec<u8>> {
+    state.check(layout)?;
     let shapes = shapes_bytes(layout);
     let warm: Vec<u8> = state.warm.iter().map(|&w| u8::from(w)).collect();
     let momentum: &[u8] = bytemuck::cast_slice(&state.momentum);
     let vectors: &[u8] = bytemuck::cast_slice(&state.power_vectors);
-    let mut metadata: HashMap<String, String> = [
+    let mut metadata: BTreeMap<String, String> = [
         ("format", FORMAT.to_owned()),
         ("version", VERSION.to_owned()),
         ("steps", steps.to_string()),
@@ -74,38 +75,76 @@ pub(crate) fn encode(
     .into_iter()
     .map(|(key, value)| (key.to_owned(), value))
     .collect();
-    let crc = checksum(&metadata, [momentum, vectors, &warm, &shapes]);
+    let crc = checksum(
+        metadata.iter(),
+        [momentum, vectors, warm.as_slice(), shapes.as_slice()],
+    );
     metadata.insert("crc32".to_owned(), crc);
     let matrices = layout.len();
-    let view = |dtype, shape: Vec<usize>, data| {
-        TensorView::new(dtype, shape, data)
-            .map_err(|e| format_error(format!("cannot describe tensor: {e}")))
-    };
-    let tensors = [
-        (
-            "momentum",
-            view(StDtype::F32, vec![state.momentum.len()], momentum)?,
-        ),
+    // Tensors in descending alignment, so that each lies naturally aligned after the
+    // 8-byte-aligned header (the order safetensors itself would choose).
+    let tensors: [(&str, &str, Vec<usize>, &[u8]); 4] = [
+        ("shapes", "U64", vec![matrices, 2], &shapes),
+        ("momentum", "F32", vec![state.momentum.len()], momentum),
         (
             "power_vectors",
-            view(StDtype::F32, vec![state.power_vectors.len()], vectors)?,
+            "F32",
+            vec![state.power_vectors.len()],
+            vectors,
         ),
-        ("power_warm", view(StDtype::U8, vec![matrices], &warm)?),
-        ("shapes", view(StDtype::U64, vec![matrices, 2], &shapes)?),
+        ("power_warm", "U8", vec![matrices], &warm),
     ];
-    safetensors::serialize(tensors, Some(metadata))
-        .map_err(|e| format_error(format!("cannot serialize: {e}")))
+    Ok(serialize(&metadata, &tensors))
+}
+
+/// A safetensors file with its header written in one fixed order (metadata keys sorted, then
+/// the tensors as given), so that the same state always gives the same bytes; the
+/// `safetensors` crate reads it back and checks it.
+fn serialize(
+    metadata: &BTreeMap<String, String>,
+    tensors: &[(&str, &str, Vec<usize>, &[u8])],
+) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".to_owned(),
+        serde_json::Value::Object(
+            metadata
+                .iter()
+                .map(|(key, value)| (key.clone(), serde_json::Value::String(value.clone())))
+                .collect(),
+        ),
+    );
+    let mut offset = 0;
+    for (name, dtype, shape, data) in tensors {
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({
+                "dtype": dtype,
+                "shape": shape,
+                "data_offsets": [offset, offset + data.len()],
+            }),
+        );
+        offset += data.len();
+    }
+    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut bytes = Vec::with_capacity(8 + header.len() + offset);
+    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&header);
+    for (_, _, _, data) in tensors {
+        bytes.extend_from_slice(data);
+    }
+    bytes
 }
 
 /// CRC-32 of every metadata entry but `crc32` (sorted by key) and of the tensor bytes in
 /// file order, as 8 hex digits.
-fn checksum<'a>(
-    metadata: &HashMap<String, String>,
+fn checksum<'a, 'm>(
+    metadata: impl Iterator<Item = (&'m String, &'m String)>,
     tensors: impl IntoIterator<Item = &'a [u8]>,
 ) -> String {
     let mut crc = crc32fast::Hasher::new();
     let mut entries: Vec<_> = metadata
-        .iter()
         .filter(|(key, _)| key.as_str() != "crc32")
         .collect();
     entries.sort();
@@ -155,6 +194,13 @@ pub(crate) fn decode(
     bytes: &[u8],
     layout: &BatchLayout,
 ) -> Result<(SpectralSgdConfig, u64, HostState)> {
+    let limit = max_file_bytes(layout);
+    if bytes.len() as u64 > limit {
+        return Err(format_error(format!(
+            "{} bytes is larger than any state for these shapes (at most {limit})",
+            bytes.len()
+        )));
+    }
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format_error(e.to_string()))?;
     let file = SafeTensors::deserialize(bytes).map_err(|e| format_error(e.to_string()))?;
     let metadata = header
@@ -179,7 +225,7 @@ pub(crate) fn decode(
         );
     }
     let stored_crc: String = field(metadata, "crc32")?;
-    if stored_crc != checksum(metadata, tensors.iter().map(|t| t.data())) {
+    if stored_crc != checksum(metadata.iter(), tensors.iter().map(|t| t.data())) {
         return Err(format_error("checksum mismatch: the file is corrupted"));
     }
 
@@ -236,34 +282,153 @@ pub(crate) fn decode(
         cold_iterations: field(metadata, "cold_iterations")?,
         seed: field(metadata, "seed")?,
     };
-    config.validate().map_err(|e| format_error(e.to_string()))?;
+    config
+        .validate_for(layout)
+        .map_err(|e| format_error(e.to_string()))?;
     let steps = field(metadata, "steps")?;
+    if let Some(flag) = warm.iter().find(|&&w| w > 1) {
+        return Err(format_error(format!(
+            "power_warm holds {flag}; a warm flag is 0 or 1"
+        )));
+    }
     let state = HostState {
         momentum: f32s(momentum),
         power_vectors: f32s(vectors),
-        warm: warm.iter().map(|&w| w != 0).collect(),
+        warm: warm.iter().map(|&w| w == 1).collect(),
     };
+    check_values(layout, &state)?;
     Ok((config, steps, state))
 }
 
-/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
+/// How far from 1 a stored power vector's length may be: every vector this crate writes is
+/// normalised in `f64` and rounded to `f32` per entry, so its length is within a few `f32`
+/// units of 1 (`n` roundings of relative `2^-24` at most); 1e-3 leaves a wide margin and
+/// still rejects a vector that would make the first update a fraction of its target.
+const UNIT_LENGTH_TOLERANCE: f64 = 1e-3;
+
+/// The values a state may hold (math §4.8): finite momentum, and finite power vectors of unit
+/// length, whatever the CRC says (a file can be written by other code).
+pub(crate) fn check_values(layout: &BatchLayout, state: &HostState) -> Result<()> {
+    if let Some(position) = state.momentum.iter().position(|m| !m.is_finite()) {
+        return Err(format_error(format!(
+            "momentum value {position} is {}; momentum must be finite",
+            state.momentum[position]
+        )));
+    }
+    let mut start = 0;
+    for (index, shape) in layout.shapes().enumerate() {
+        let vector = &state.power_vectors[start..start + shape.fan_in];
+        start += shape.fan_in;
+        let length = vector
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt();
+        if !(length - 1.0).abs().le(&UNIT_LENGTH_TOLERANCE) {
+            return Err(format_error(format!(
+                "the power vector of matrix {index} has length {length}; it must be a unit vector"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The largest header this crate reads: its own headers are about 1 KiB plus 100 bytes per
+/// tensor, so 1 MiB is far beyond any state file it writes.
+const MAX_HEADER_BYTES: u64 = 1 << 20;
+
+/// The most bytes a state file for `layout` can hold: the header bound, the length prefix,
+/// and the four tensors. Reading stops there, so a wrong path (a device, a huge file) costs
+/// at most this much memory.
+pub(crate) fn max_file_bytes(layout: &BatchLayout) -> u64 {
+    let matrices = layout.len() as u64;
+    let data = 16 * matrices
+        + 4 * layout.packed_elements() as u64
+        + 4 * layout.packed_vector_len() as u64
+        + matrices;
+    8 + MAX_HEADER_BYTES + data
+}
+
+/// Reads a state file of at most [`max_file_bytes`] bytes.
+pub(crate) fn read_bounded(path: &Path, layout: &BatchLayout) -> Result<Vec<u8>> {
+    use std::io::Read;
     let io_error = |source| Error::Io {
         path: path.to_owned(),
         source,
     };
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".partial");
-    let temporary = std::path::PathBuf::from(temporary);
+    let limit = max_file_bytes(layout);
+    let file = std::fs::File::open(path).map_err(io_error)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
+    if bytes.len() as u64 > limit {
+        return Err(format_error(format!(
+            "{} is larger than any state file for these shapes (at most {limit} bytes)",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Writes `bytes` to a new temporary file beside `path` (a name no other save uses: the
+/// process id, a per-process counter and the time), syncs it to disk, renames it over
+/// `path`, and syncs the directory, so that `path` always holds a complete file: the old one
+/// or the new one, after a crash too, and whatever other threads or processes save there at
+/// the same time.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SAVES: AtomicU64 = AtomicU64::new(0);
+    let io_error = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file_name = path.file_name().ok_or_else(|| {
+        io_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path names no file",
+        ))
+    })?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut temporary_name = file_name.to_owned();
+    temporary_name.push(format!(
+        ".{}.{}.{nanos}.partial",
+        std::process::id(),
+        SAVES.fetch_add(1, Ordering::Relaxed)
+    ));
+    let temporary = path.with_file_name(temporary_name);
     let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&temporary)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temporary)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        std::fs::rename(&temporary, path)
+        drop(file);
+        std::fs::rename(&temporary, path)?;
+        sync_directory(path)
     };
     write().map_err(|error| {
         let _ = std::fs::remove_file(&temporary);
         io_error(error)
     })
+}
+
+/// Makes a rename in `path`'s directory durable (on Unix; elsewhere the rename is all the
+/// platform offers).
+fn sync_directory(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let directory = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(directory)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }

@@ -114,8 +114,9 @@ fn power_iteration_is_identical_for_any_thread_count() {
             pool.install(|| {
                 let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
                 let mut power =
-                    BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap());
-                let mut vectors = power.cold_vectors(1);
+                    BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap())
+                        .unwrap();
+                let mut vectors = power.cold_vectors(1).unwrap();
                 let mut estimates = Vec::new();
                 for _ in 0..4 {
                     estimates = power.fused(&views, &mut vectors).unwrap();

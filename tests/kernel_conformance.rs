@@ -311,42 +311,106 @@ fn step_kernels_bf16_match_cpu_and_reference() {
     step_conformance::<bf16>();
 }
 
-/// The kernels take their 4-wide path exactly when a matrix allows it: `fan_in % 4 == 0`
-/// and 16-byte aligned buffers. Vector loads and stores are counted by the simulator; a
-/// misaligned copy of the same batch takes the scalar path and gives the same result (up to
-/// nothing: the per-thread sums are formed in the same order either way, within 1e-6).
+/// Global vector accesses (per thread) a one-round step makes for a matrix on the 4-wide
+/// path, counted from the kernels: the power step pass loads `G`, `M` and `v` per quad per
+/// row in its first sweep and `G`, `M` in its second (5), and stores its partial per quad
+/// (1 per block); the update loads `G`, `M`, `W` and stores `M`, `W` per quad (5). The finish
+/// has no vector accesses.
+fn step_vector_accesses(layout: &BatchLayout, matrix: usize) -> u64 {
+    let entry = layout.matrix(matrix);
+    let quads_per_row = (entry.shape.fan_in / 4) as u64;
+    let rows = entry.shape.fan_out as u64;
+    5 * quads_per_row * rows + quads_per_row * entry.block_count as u64 + 5 * quads_per_row * rows
+}
+
+/// The same for one plain power iteration: `W` and `v` per quad per row, then `W` again, and
+/// the partial's store per quad per block.
+fn plain_vector_accesses(layout: &BatchLayout, matrix: usize) -> u64 {
+    let entry = layout.matrix(matrix);
+    let quads_per_row = (entry.shape.fan_in / 4) as u64;
+    3 * quads_per_row * entry.shape.fan_out as u64 + quads_per_row * entry.block_count as u64
+}
+
+/// The kernels take their 4-wide path exactly when a matrix allows it: `fan_in % 4 == 0` and
+/// `W`, `G` (16 bytes for `f32`, 8 for 16-bit types) and the state aligned for it. The
+/// simulator counts vector loads and stores per thread, and the count must be exactly what
+/// the eligible matrices' 4-wide code makes, in the step (power pass and update) and in the
+/// plain power pass; misaligned buffers take the scalar path and give the same result
+/// within 1e-6 (only the per-thread order of the sums differs).
 #[test]
 fn the_four_wide_path_is_taken_exactly_when_the_buffers_allow_it() {
     let config = SpectralSgdConfig {
-        cold_iterations: 2,
+        cold_iterations: 1,
         ..SpectralSgdConfig::default()
     };
-    let run = |shapes: &[MatrixShape], byte_offset: usize| {
+    // 40x36 and 9x64 are eligible, 40x35 is not (fan_in % 4 != 0).
+    let shapes = [
+        MatrixShape::new(40, 36),
+        MatrixShape::new(9, 64),
+        MatrixShape::new(40, 35),
+    ];
+    let layout = BatchLayout::new(&shapes, SMALL_BLOCKS).unwrap();
+    let eligible = [0, 1];
+    fn run<T: Element>(
+        shapes: &[MatrixShape],
+        config: SpectralSgdConfig,
+        weight_offset: usize,
+        grad_offset: usize,
+    ) -> (StepReport, Vec<Vec<T>>, u64, u64) {
         let device = SimDevice::new().unwrap();
         let mut sim = sim_optimizer(&device, shapes, config);
-        let place = |values: &[Vec<f32>]| -> Vec<SimSlice<f32>> {
+        let place = |values: &[Vec<T>], offset: usize| -> Vec<SimSlice<T>> {
             values
                 .iter()
-                .map(|v| device.upload_at_offset(v, byte_offset).unwrap())
+                .map(|v| device.upload_at_offset(v, offset).unwrap())
                 .collect()
         };
-        let mut weights = place(&random_batch(shapes, 0.5, 6));
-        let grads = place(&random_batch(shapes, 1.0, 5));
+        let mut weights = place(&random_batch(shapes, 0.5, 6), weight_offset);
+        let grads = place(&random_batch(shapes, 1.0, 5), grad_offset);
         sim.step(&mut weights, &grads).unwrap();
+        let step_vectors = device.stats().global_vector_accesses;
+        let layout = BatchLayout::new(shapes, SMALL_BLOCKS).unwrap();
+        let mut power = SimPowerIteration::with_layout(layout, device.clone()).unwrap();
+        device.reset_stats().unwrap();
+        power.iterate(&weights, 1).unwrap();
+        let plain_vectors = device.stats().global_vector_accesses;
         (
             sim.report().unwrap(),
             download(&device, &weights),
-            device.stats().global_vector_accesses,
+            step_vectors,
+            plain_vectors,
         )
-    };
-    let quad_shapes = [MatrixShape::new(40, 36), MatrixShape::new(9, 64)];
-    let (aligned_report, aligned_weights, aligned_vectors) = run(&quad_shapes, 0);
-    assert!(
-        aligned_vectors > 0,
-        "aligned buffers with fan_in % 4 == 0 must use vector accesses"
+    }
+    let expected_step: u64 = eligible
+        .iter()
+        .map(|&j| step_vector_accesses(&layout, j))
+        .sum();
+    let expected_plain: u64 = eligible
+        .iter()
+        .map(|&j| plain_vector_accesses(&layout, j))
+        .sum();
+    let (aligned_report, aligned_weights, step, plain) = run::<f32>(&shapes, config, 0, 0);
+    assert_eq!(
+        (step, plain),
+        (expected_step, expected_plain),
+        "f32, aligned"
     );
-    let (misaligned_report, misaligned_weights, misaligned_vectors) = run(&quad_shapes, 4);
-    assert_eq!(misaligned_vectors, 0, "4-byte offset: scalar path only");
+    let (misaligned_report, misaligned_weights, step, plain) = run::<f32>(&shapes, config, 4, 4);
+    assert_eq!((step, plain), (0, 0), "f32, 4 bytes off: scalar path only");
+    let (_, _, step, plain) = run::<f32>(&shapes, config, 0, 4);
+    assert_eq!((step, plain), (0, expected_plain), "f32, only G misaligned");
+    let (_, _, step, plain) = run::<bf16>(&shapes, config, 8, 8);
+    assert_eq!(
+        (step, plain),
+        (expected_step, expected_plain),
+        "bf16, 8-byte aligned"
+    );
+    let (_, _, step, plain) = run::<bf16>(&shapes, config, 4, 4);
+    assert_eq!(
+        (step, plain),
+        (0, 0),
+        "bf16, 4 bytes off an 8-byte boundary"
+    );
     compare_reports(
         "misaligned",
         &misaligned_report.matrices,
@@ -362,8 +426,6 @@ fn the_four_wide_path_is_taken_exactly_when_the_buffers_allow_it() {
             );
         }
     }
-    let (_, _, odd_vectors) = run(&[MatrixShape::new(40, 35), MatrixShape::new(9, 66)], 0);
-    assert_eq!(odd_vectors, 0, "fan_in % 4 != 0: scalar path only");
 }
 
 /// A NaN, an infinity and a zero gradient in a batch: the non-finite matrices are skipped
@@ -535,9 +597,9 @@ fn plain_power_kernels_match_the_cpu_power_iteration() {
     let iterations = 4;
     fn run<T: Element>(shapes: &[MatrixShape], iterations: u32) {
         let cpu_layout = BatchLayout::new(shapes, BlockPolicy::CPU).unwrap();
-        let mut power = BatchPowerIteration::new(cpu_layout);
+        let mut power = BatchPowerIteration::new(cpu_layout).unwrap();
         // The device's power iteration seeds its vectors with seed 0.
-        let mut cpu_vectors = power.cold_vectors(0);
+        let mut cpu_vectors = power.cold_vectors(0).unwrap();
         let matrices: Vec<Vec<T>> = random_batch(shapes, 1.0, 200);
         let views: Vec<&[T]> = matrices.iter().map(Vec::as_slice).collect();
         let mut estimates = Vec::new();
@@ -910,6 +972,7 @@ fn the_matrix_table_follows_moved_buffers() {
     sim.step(&mut sim_weights, &grads).unwrap();
     cpu.step(&mut weights, &download(&device, &grads)).unwrap();
     let held = device.allocated_bytes().unwrap();
+    let uploads = device.stats().backend_uploads;
     for step in 1..3 {
         let before = weights.clone();
         let host_grads = random_batch::<f32>(&shapes, 1.0, 100 * step);
@@ -935,11 +998,17 @@ fn the_matrix_table_follows_moved_buffers() {
         held,
         "no device allocation per step"
     );
+    assert_eq!(
+        device.stats().backend_uploads,
+        uploads,
+        "no table upload for unchanged buffers"
+    );
 
     // New weight buffers holding the same values: the kernels must write the new ones.
     let mut sim_weights = upload(&device, &download(&device, &sim_weights));
     let host_grads = random_batch::<f32>(&shapes, 1.0, 999);
     let what = "moved buffers";
+    let uploads = device.stats().backend_uploads;
     step_both(
         what,
         &device,
@@ -948,6 +1017,11 @@ fn the_matrix_table_follows_moved_buffers() {
         &mut cpu,
         &mut weights,
         &host_grads,
+    );
+    assert_eq!(
+        device.stats().backend_uploads,
+        uploads + 1,
+        "one table upload for moved buffers"
     );
 
     // The same optimizer stepping bf16 buffers: the table is rebuilt for the element type.
@@ -967,4 +1041,118 @@ fn the_matrix_table_follows_moved_buffers() {
         &mut cpu_bf16,
         &host_grads,
     );
+}
+
+/// A caller's buffer type whose `Borrow` and `BorrowMut` disagree (a large buffer one way, a
+/// small one the other).
+struct TwoFaced<B> {
+    large: B,
+    small: B,
+}
+
+impl<B> std::borrow::Borrow<B> for TwoFaced<B> {
+    fn borrow(&self) -> &B {
+        &self.large
+    }
+}
+
+impl<B> std::borrow::BorrowMut<B> for TwoFaced<B> {
+    fn borrow_mut(&mut self) -> &mut B {
+        &mut self.small
+    }
+}
+
+impl std::borrow::Borrow<[f32]> for TwoFaced<Vec<f32>> {
+    fn borrow(&self) -> &[f32] {
+        &self.large
+    }
+}
+
+impl std::borrow::BorrowMut<[f32]> for TwoFaced<Vec<f32>> {
+    fn borrow_mut(&mut self) -> &mut [f32] {
+        &mut self.small
+    }
+}
+
+/// Disagreeing borrows cannot make a step touch more than the buffer it writes: both
+/// backends check the lengths of the very borrows whose memory they use, and refuse before
+/// anything runs.
+#[test]
+fn inconsistent_borrows_are_length_errors_not_overruns() {
+    let shapes = [MatrixShape::new(16, 8)];
+    let device = SimDevice::new().unwrap();
+    let mut sim = sim_optimizer(&device, &shapes, SpectralSgdConfig::default());
+    let mut weights = vec![TwoFaced {
+        large: device.upload(&[0.5f32; 128]).unwrap(),
+        small: device.upload(&[0.5f32; 16]).unwrap(),
+    }];
+    let grads = upload(&device, &[vec![1.0f32; 128]]);
+    assert!(matches!(
+        sim.step(&mut weights, &grads),
+        Err(Error::LengthMismatch { got: 16, .. })
+    ));
+    assert_eq!(device.stats().launches, 0);
+    let mut cpu = cpu_optimizer(&shapes, SpectralSgdConfig::default());
+    let mut cpu_weights = vec![TwoFaced {
+        large: vec![0.5f32; 128],
+        small: vec![0.5f32; 16],
+    }];
+    assert!(matches!(
+        cpu.step(&mut cpu_weights, &[vec![1.0f32; 128]]),
+        Err(Error::LengthMismatch { got: 16, .. })
+    ));
+    assert_eq!(cpu.steps(), 0);
+}
+
+/// `eta s / sigma` overflowing `f32` (a huge learning rate on a tiny direction): both
+/// backends skip the matrix with its `sigma`, leave `W` and `M` untouched, and keep the
+/// normalised power vector, warm (math §5.4).
+#[test]
+fn an_overflowing_coefficient_skips_the_matrix_alike_on_both_backends() {
+    let shapes = vec![MatrixShape::new(12, 8), MatrixShape::new(6, 4)];
+    let config = SpectralSgdConfig {
+        learning_rate: 1e30,
+        cold_iterations: 3,
+        ..SpectralSgdConfig::default()
+    };
+    let device = SimDevice::new().unwrap();
+    let mut sim = sim_optimizer(&device, &shapes, config);
+    let mut cpu = cpu_optimizer(&shapes, config);
+    let before: Vec<Vec<f32>> = random_batch(&shapes, 0.5, 20);
+    let mut grads: Vec<Vec<f32>> = random_batch(&shapes, 1e-12, 21);
+    // The second matrix's direction is large enough that eta s / sigma stays finite (and small
+    // enough that its squares do too): it updates.
+    grads[1] = random_batch(&shapes[1..], 1e15, 22).remove(0);
+    let mut weights = upload(&device, &before);
+    let mut cpu_weights = before.clone();
+    let (report, _) = sim_step(&device, &mut sim, &mut weights, &grads);
+    let cpu_report = cpu.step(&mut cpu_weights, &grads).unwrap();
+    compare_reports("overflow", &report.matrices, &cpu_report.matrices);
+    assert_eq!(report.matrices[0].status, MatrixStatus::SkippedNonFinite);
+    assert!(
+        report.matrices[0].sigma.is_some_and(|s| s > 0.0),
+        "sigma reported"
+    );
+    assert_eq!(report.matrices[1].status, MatrixStatus::Updated);
+    assert_eq!(
+        bits(&download(&device, &weights)[0]),
+        bits(&before[0]),
+        "W untouched"
+    );
+    assert_eq!(bits(&cpu_weights[0]), bits(&before[0]));
+    assert!(
+        sim.momentum_to_host(0).unwrap().iter().all(|&m| m == 0.0),
+        "M untouched"
+    );
+    assert!(cpu.momentum(0).iter().all(|&m| m == 0.0));
+    assert_eq!(
+        sim.state().unwrap().warm,
+        vec![true, true],
+        "normalised, so warm"
+    );
+    assert_eq!(cpu.state().unwrap().warm, vec![true, true]);
+    let v = sim.power_vector_to_host(0).unwrap();
+    for (k, (&s, &c)) in v.iter().zip(cpu.power_vector(0)).enumerate() {
+        assert_close(&format!("v[{k}]"), f64::from(s), f64::from(c), 1e-4);
+    }
 }

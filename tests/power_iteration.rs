@@ -9,7 +9,7 @@ use spectral_step::{BatchLayout, BlockPolicy, Element, Error, MatrixShape};
 use spectral_step_reference as reference;
 
 fn power_for(shapes: &[MatrixShape]) -> BatchPowerIteration {
-    BatchPowerIteration::new(BatchLayout::new(shapes, BlockPolicy::CPU).unwrap())
+    BatchPowerIteration::new(BatchLayout::new(shapes, BlockPolicy::CPU).unwrap()).unwrap()
 }
 
 fn f32s(values: &[f64]) -> Vec<f32> {
@@ -42,7 +42,7 @@ fn converges_to_a_known_spectrum_from_cold_start() {
     }
     let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
     let mut power = power_for(&shapes);
-    let mut vectors = power.cold_vectors(1);
+    let mut vectors = power.cold_vectors(1).unwrap();
     let mut previous = vec![0.0f32; shapes.len()];
     for iteration in 0..30 {
         let estimates = power.fused(&views, &mut vectors).unwrap();
@@ -84,7 +84,7 @@ fn gaussian_matrices_converge_to_exact_norm() {
         .collect();
     let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
     let mut power = power_for(&shapes);
-    let mut vectors = power.cold_vectors(2);
+    let mut vectors = power.cold_vectors(2).unwrap();
     let mut estimates = Vec::new();
     for _ in 0..2000 {
         estimates = power.fused(&views, &mut vectors).unwrap();
@@ -116,7 +116,7 @@ fn one_iteration_matches_the_oracle() {
     for path in kernel_paths() {
         let mut power = power_for(&shapes);
         power.set_kernel_path(path).unwrap();
-        let mut vectors = power.cold_vectors(3);
+        let mut vectors = power.cold_vectors(3).unwrap();
         let before = vectors.clone();
         let estimates = power.fused(&views, &mut vectors).unwrap();
         check_one_iteration(
@@ -191,7 +191,7 @@ fn fused_and_two_pass_agree<T: Element>() {
     for path in kernel_paths() {
         let mut power = power_for(&shapes);
         power.set_kernel_path(path).unwrap();
-        let mut fused_vectors = power.cold_vectors(4);
+        let mut fused_vectors = power.cold_vectors(4).unwrap();
         let mut two_pass_vectors = fused_vectors.clone();
         for _ in 0..3 {
             let fused = power.fused(&views, &mut fused_vectors).unwrap();
@@ -214,7 +214,7 @@ fn warm_start_tracks_a_slowly_changing_matrix() {
     let base = reference::matrix_with_spectrum(48, 32, &spectrum, 9);
     let drift = reference::gaussian(shape.len(), 10);
     let mut power = power_for(&[shape]);
-    let mut vector = power.cold_vectors(5);
+    let mut vector = power.cold_vectors(5).unwrap();
     for step in 0..60 {
         let matrix: Vec<f64> = base
             .iter()
@@ -256,7 +256,7 @@ fn vectors_are_exact_in_one_iteration() {
         .collect();
     let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
     let mut power = power_for(&shapes);
-    let mut vectors = power.cold_vectors(6);
+    let mut vectors = power.cold_vectors(6).unwrap();
     let estimates = power.fused(&views, &mut vectors).unwrap();
     for (j, matrix) in matrices.iter().enumerate() {
         let exact = reference::norm(&to_f64(matrix));
@@ -284,7 +284,7 @@ fn zero_and_non_finite_matrices() {
     with_inf[23] = f32::NEG_INFINITY;
     let huge = [1e30f32; 24];
     let mut power = power_for(&shapes);
-    let mut vectors = power.cold_vectors(7);
+    let mut vectors = power.cold_vectors(7).unwrap();
     let before = vectors.clone();
     let estimates = power
         .fused(
@@ -312,7 +312,7 @@ fn zero_and_non_finite_matrices() {
 fn wrong_lengths_are_errors() {
     let shapes = [MatrixShape::new(4, 6)];
     let mut power = power_for(&shapes);
-    let mut vectors = power.cold_vectors(0);
+    let mut vectors = power.cold_vectors(0).unwrap();
     let short = [1.0f32; 23];
     assert!(matches!(
         power.fused(&[&short[..]], &mut vectors),
@@ -387,7 +387,8 @@ fn lanczos_meets_its_tolerance_against_the_exact_svd() {
         .map(|m| m.iter().map(|&x| x as f32).collect())
         .collect();
     let views: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
-    let mut power = BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap());
+    let mut power =
+        BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap()).unwrap();
     for tolerance in [1e-3, 1e-5] {
         let results = power.lanczos(&views, 5, tolerance, 300).unwrap();
         for (j, (result, shape)) in results.iter().zip(&shapes).enumerate() {
@@ -427,7 +428,8 @@ fn lanczos_reports_zero_and_non_finite_matrices() {
         .map(|&x| x as f32)
         .collect();
     nan[7] = f32::NAN;
-    let mut power = BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap());
+    let mut power =
+        BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap()).unwrap();
     let results = power.lanczos(&[&zero[..], &nan[..]], 1, 1e-3, 20).unwrap();
     assert_eq!(results[0].estimate, Estimate::Zero);
     assert_eq!(results[1].estimate, Estimate::NonFinite);
@@ -483,10 +485,13 @@ fn aligned_layouts_give_the_same_bits_as_packed_ones() {
             .collect()
     };
     let mut power = [
-        BatchPowerIteration::new(packed.clone()),
-        BatchPowerIteration::new(aligned.clone()),
+        BatchPowerIteration::new(packed.clone()).unwrap(),
+        BatchPowerIteration::new(aligned.clone()).unwrap(),
     ];
-    let mut vectors = [power[0].cold_vectors(9), power[1].cold_vectors(9)];
+    let mut vectors = [
+        power[0].cold_vectors(9).unwrap(),
+        power[1].cold_vectors(9).unwrap(),
+    ];
     assert_eq!(
         vectors_of(&packed, &vectors[0]),
         vectors_of(&aligned, &vectors[1])

@@ -1,14 +1,78 @@
 //! How fast the simulator runs a realistic kernel: the plain fused power pass of
 //! `tests/fixtures/power_pass.ptx` over a 512x512 matrix (it should take well under a
-//! second). Prints the median of 5 runs and the simulated instruction rate.
+//! second). Prints the median of 5 runs and the simulated instruction rate. Then how long
+//! runaway loops take to reach the default step limit (`ptx_sim::DEFAULT_STEP_LIMIT`), from
+//! the cheapest warp-instruction (one lane branching) to the dearest measured (a full warp
+//! loading and storing 32 bytes of shared memory per lane).
 //!
 //! Run: `cargo bench -p ptx-sim --bench sim_speed`.
 
 use std::time::Instant;
 
-use ptx_sim::{Arg, Device, LaunchConfig, parse};
+use ptx_sim::{Arg, DEFAULT_STEP_LIMIT, Device, Fault, LaunchConfig, parse};
 
 fn main() {
+    power_pass();
+    runaway_loops();
+}
+
+/// Each loop under `LaunchConfig::linear`: the time to its `RunAway` fault.
+fn runaway_loops() {
+    let loops = [
+        ("one lane, bra", 1, "$L:\n bra $L;"),
+        (
+            "full warp, add + bra",
+            32,
+            "$L:\n add.u32 %r1, %r1, 1;\n bra $L;",
+        ),
+        (
+            "full warp, shfl.sync + bra",
+            32,
+            "$L:\n shfl.sync.bfly.b32 %r1, %r1, 1, 31, -1;\n bra $L;",
+        ),
+        (
+            "full warp, 16-byte global ld + st + bra",
+            32,
+            "$L:\n ld.global.v4.f32 {%f1, %f2, %f3, %f4}, [%rd3];\n st.global.v4.f32 [%rd3], {%f1, %f2, %f3, %f4};\n bra $L;",
+        ),
+        (
+            "full warp, 32-byte shared ld + st + bra",
+            32,
+            "st.shared.v4.b64 [%rd6], {%rd1, %rd1, %rd1, %rd1};\n$L:\n ld.shared.v4.b64 {%rd8, %rd9, %rd10, %rd11}, [%rd6];\n st.shared.v4.b64 [%rd6], {%rd8, %rd9, %rd10, %rd11};\n bra $L;",
+        ),
+    ];
+    println!(
+        "runaway loops under the default step limit ({DEFAULT_STEP_LIMIT} warp-instructions):"
+    );
+    for (name, block, body) in loops {
+        let text = format!(
+            ".version 7.8\n.target sm_80\n.address_size 64\n.visible .entry spin(.param .u64 out) {{\n\
+             .reg .b32 %r<4>;\n.reg .b64 %rd<12>;\n.reg .f32 %f<5>;\n.shared .align 32 .b8 sh[1024];\n\
+             ld.param.u64 %rd1, [out];\nmov.u32 %r3, %tid.x;\nmul.wide.u32 %rd5, %r3, 16;\n\
+             add.s64 %rd3, %rd1, %rd5;\nmul.wide.u32 %rd5, %r3, 32;\nmov.u64 %rd6, sh;\n\
+             add.s64 %rd6, %rd6, %rd5;\n{body}\nret;\n}}\n"
+        );
+        let module = parse(&text).expect("loop parses");
+        let mut device = Device::new();
+        let out = device.alloc(32 * 16);
+        let start = Instant::now();
+        let error = device
+            .launch(
+                &module.kernels[0],
+                &LaunchConfig::linear(1, block),
+                &[Arg::Ptr(out)],
+            )
+            .expect_err("the loop never ends");
+        let seconds = start.elapsed().as_secs_f64();
+        assert_eq!(error.fault(), Some(Fault::RunAway), "{error}");
+        println!(
+            "  {name}: {seconds:.2} s, {:.1} M warp-instructions/s",
+            DEFAULT_STEP_LIMIT as f64 / seconds / 1e6
+        );
+    }
+}
+
+fn power_pass() {
     let module = parse(include_str!("../tests/fixtures/power_pass.ptx")).expect("fixture parses");
     let kernel = module.kernel("power_pass").expect("kernel present");
     let (rows, cols, rows_per_cta) = (512usize, 512usize, 64usize);

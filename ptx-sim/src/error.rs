@@ -22,7 +22,9 @@ pub enum Fault {
     DivisionByZero,
     /// A value or form the simulator does not implement at run time.
     Unsupported,
-    /// Execution ran past the last instruction (no `ret`/`exit`), or past the step limit.
+    /// Execution ran past the last instruction (no `ret`/`exit`), or the launch past its
+    /// step limit ([`LaunchConfig::step_limit`](crate::LaunchConfig::step_limit): its
+    /// warp-instructions plus the cost of setting up its CTAs).
     RunAway,
 }
 

@@ -6,11 +6,15 @@
 //! a time, until every lane has exited or waits at a barrier. When all warps are blocked, a
 //! barrier where every live thread waits is released; anything else is a deadlock.
 
-use crate::device::{Device, LaunchConfig, LaunchStats, NC_READ, WRITTEN};
+use crate::device::{Device, LaunchConfig, LaunchStats, NC_READ, Shape, WRITTEN};
 use crate::error::{Fault, Result, SimError};
 use crate::ir::*;
+use crate::limits::SETUP_BYTES_PER_STEP;
 
 const WARP: usize = 32;
+
+/// The most bytes one thread's access moves: four elements of 8 bytes (`.v4.b64`).
+const MAX_ACCESS: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -53,6 +57,8 @@ struct Cta<'a> {
     history: Vec<WordHistory>,
     epoch: u32,
     warp_syncs: Vec<u32>,
+    /// Steps the launch has taken so far, against `config.step_limit`.
+    steps: u64,
 }
 
 fn mask(bits: u32) -> u64 {
@@ -195,16 +201,19 @@ impl<'a> Cta<'a> {
                     .clone()
                     .filter(|&t| self.states[t] == State::Running && self.pcs[t] == pc),
             );
+            // Counters of u64 cannot overflow: that takes 2^59 steps, centuries at this speed.
             stats.warp_instructions += 1;
             stats.thread_instructions += active.len() as u64;
-            if stats.warp_instructions > self.config.step_limit {
+            self.steps += 1;
+            if self.steps > self.config.step_limit {
+                // run_cta runs no kernel without instructions.
                 let instruction =
                     &self.kernel.instructions[pc.min(self.kernel.instructions.len() - 1)];
                 return Err(self.fault(
                     active[0],
                     instruction,
                     Fault::RunAway,
-                    "step limit exceeded",
+                    format!("step limit of {} exceeded", self.config.step_limit),
                 ));
             }
             let Some(instruction) = self.kernel.instructions.get(pc) else {
@@ -212,7 +221,7 @@ impl<'a> Cta<'a> {
                     .kernel
                     .instructions
                     .last()
-                    .expect("kernels have instructions");
+                    .expect("run_cta runs no kernel without instructions");
                 return Err(self.fault(
                     active[0],
                     last,
@@ -318,6 +327,7 @@ impl<'a> Cta<'a> {
         mask_bits: u32,
         instruction: &Instruction,
     ) -> Result<()> {
+        // Callers return early when no lane participates.
         let first = participants[0];
         let warp_size = self.lanes_of(warp).len();
         if warp_size < WARP && mask_bits >> warp_size != 0 {
@@ -360,6 +370,7 @@ impl<'a> Cta<'a> {
         operand: &Operand,
         instruction: &Instruction,
     ) -> Result<u32> {
+        // Callers return early when no lane participates.
         let first = participants[0];
         let mask_bits = self.read(first, operand, Type::B32, instruction)? as u32;
         for &t in participants {
@@ -387,7 +398,15 @@ impl<'a> Cta<'a> {
         }
         let mask_bits = self.uniform_mask(participants, mask, instruction)?;
         self.check_mask(warp, participants, mask_bits, instruction)?;
-        self.warp_syncs[warp] += 1;
+        // The race detector tells warp-sync intervals apart by this count: it must not wrap.
+        self.warp_syncs[warp] = self.warp_syncs[warp].checked_add(1).ok_or_else(|| {
+            self.fault(
+                participants[0],
+                instruction,
+                Fault::Unsupported,
+                "more than 2^32 bar.warp.sync in one warp",
+            )
+        })?;
         Ok(())
     }
 
@@ -584,13 +603,15 @@ impl<'a> Cta<'a> {
                 dst,
                 addr,
             } => {
-                let size = ty.bytes() as u64;
-                let total = size * dst.len() as u64;
-                let bytes = self.load(t, *space, *non_coherent, addr, total, instruction)?;
-                for (reg, chunk) in dst.iter().zip(bytes.chunks_exact(size as usize)) {
-                    let mut raw = [0u8; 8];
-                    raw[..chunk.len()].copy_from_slice(chunk);
-                    self.set(t, *reg, u64::from_le_bytes(raw));
+                // The parser admits one, two or four elements of at most 8 bytes.
+                let size = ty.bytes() as usize;
+                let mut buffer = [0u8; MAX_ACCESS];
+                let bytes = &mut buffer[..size * dst.len()];
+                self.load(t, *space, *non_coherent, addr, bytes, instruction)?;
+                for (reg, chunk) in dst.iter().zip(bytes.chunks_exact(size)) {
+                    // Little-endian, byte by byte (a copy into a u64 buffer stalls the load).
+                    let value = chunk.iter().rev().fold(0, |v, &b| (v << 8) | u64::from(b));
+                    self.set(t, *reg, value);
                 }
             }
             Op::St {
@@ -599,17 +620,19 @@ impl<'a> Cta<'a> {
                 addr,
                 src,
             } => {
+                // As for loads: at most four elements of 8 bytes.
                 let size = ty.bytes() as usize;
-                let mut bytes = Vec::with_capacity(size * src.len());
-                for operand in src {
-                    bytes.extend_from_slice(&read(self, operand, *ty)?.to_le_bytes()[..size]);
+                let mut buffer = [0u8; MAX_ACCESS];
+                for (operand, chunk) in src.iter().zip(buffer.chunks_exact_mut(size)) {
+                    chunk.copy_from_slice(&read(self, operand, *ty)?.to_le_bytes()[..size]);
                 }
-                self.store(t, *space, addr, &bytes, instruction)?;
+                self.store(t, *space, addr, &buffer[..size * src.len()], instruction)?;
             }
             Op::AtomAdd { ty, dst, addr, src } => {
                 let addend = read(self, src, *ty)?;
-                let old = self.load(t, Space::Global, false, addr, 4, instruction)?;
-                let old = u64::from(u32::from_le_bytes([old[0], old[1], old[2], old[3]]));
+                let mut old = [0u8; 4];
+                self.load(t, Space::Global, false, addr, &mut old, instruction)?;
+                let old = u64::from(u32::from_le_bytes(old));
                 let new = match ty {
                     Type::F32 => of_f32(f32_of(old) + f32_of(addend)),
                     _ => (old + addend) & mask(32),
@@ -656,7 +679,15 @@ impl<'a> Cta<'a> {
                 ));
             }
         };
-        Ok(base.wrapping_add(addr.offset as u64))
+        // An address that wraps past either end of the 64-bit space points nowhere.
+        base.checked_add_signed(addr.offset).ok_or_else(|| {
+            self.fault(
+                t,
+                instruction,
+                Fault::OutOfBounds,
+                format!("address {base:#x} {:+} overflows 64 bits", addr.offset),
+            )
+        })
     }
 
     fn check_alignment(
@@ -786,15 +817,17 @@ impl<'a> Cta<'a> {
         Ok(())
     }
 
+    /// Loads `out.len()` bytes (at most [`MAX_ACCESS`]) at `addr` into `out`.
     fn load(
         &mut self,
         t: usize,
         space: Space,
         non_coherent: bool,
         addr: &Address,
-        len: u64,
+        out: &mut [u8],
         instruction: &Instruction,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<()> {
+        let len = out.len() as u64;
         let address = self.address(t, space, addr, instruction)?;
         match space {
             Space::Param => {
@@ -809,7 +842,8 @@ impl<'a> Cta<'a> {
                         format!("parameter read of {len} bytes at offset {address}"),
                     ));
                 }
-                Ok(self.params[address as usize..(address + len) as usize].to_vec())
+                out.copy_from_slice(&self.params[address as usize..(address + len) as usize]);
+                Ok(())
             }
             Space::Shared => {
                 self.check_alignment(t, address, len, instruction)?;
@@ -823,7 +857,8 @@ impl<'a> Cta<'a> {
                     ));
                 }
                 self.track_shared(t, range.clone(), false, instruction)?;
-                Ok(self.shared[range].to_vec())
+                out.copy_from_slice(&self.shared[range]);
+                Ok(())
             }
             Space::Global => {
                 let (index, range) = self.global_range(t, address, len, instruction)?;
@@ -842,7 +877,8 @@ impl<'a> Cta<'a> {
                         .iter_mut()
                         .for_each(|f| *f |= NC_READ);
                 }
-                Ok(allocation.bytes[range].to_vec())
+                out.copy_from_slice(&allocation.bytes[range]);
+                Ok(())
             }
         }
     }
@@ -1085,22 +1121,66 @@ fn convert(rounding: Option<Rounding>, to: Type, from: Type, value: u64) -> Opti
     })
 }
 
-/// Runs one CTA of a launch to completion.
+/// `len` copies of `value`, or a launch error if the host cannot hold them.
+fn filled<T: Clone>(kernel: &Kernel, len: usize, value: T, what: &str) -> Result<Vec<T>> {
+    let mut items = Vec::new();
+    items
+        .try_reserve_exact(len)
+        .map_err(|error| SimError::Launch {
+            kernel: kernel.name.clone(),
+            message: format!("cannot allocate the {what} of a CTA ({len} entries): {error}"),
+        })?;
+    items.resize(len, value);
+    Ok(items)
+}
+
+/// Runs one CTA of a launch to completion. `shape` is the launch's, checked against CUDA's
+/// limits; `steps` counts the launch's steps so far (see [`LaunchConfig::step_limit`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_cta(
     device: &mut Device,
     kernel: &Kernel,
     config: &LaunchConfig,
     params: &[u8],
     cta: [u32; 3],
+    shape: Shape,
+    steps: &mut u64,
     stats: &mut LaunchStats,
 ) -> Result<()> {
-    let threads = config.block.iter().product::<u32>() as usize;
-    let shared_bytes = match kernel.shared.iter().find(|s| s.size == 0) {
-        Some(dynamic) => (dynamic.offset + config.dynamic_shared_bytes) as usize,
-        None => kernel.static_shared_bytes as usize,
-    };
+    let Shape {
+        threads,
+        shared_bytes,
+    } = shape;
     let warps = threads.div_ceil(WARP);
     let registers = kernel.registers.len();
+    // Setting the CTA up costs steps in proportion to its state, charged before any of it is
+    // allocated. For a parsed kernel that is at most 1024 threads x MAX_KERNEL_REGISTERS x 8
+    // bytes (512 MiB) plus 227 KiB of shared memory and its shadow state; saturating all the
+    // same.
+    let per_thread = (registers as u64)
+        .saturating_mul(size_of::<u64>() as u64)
+        .saturating_add((size_of::<usize>() + size_of::<State>()) as u64);
+    let state_bytes = (threads as u64)
+        .saturating_mul(per_thread)
+        .saturating_add(
+            (shared_bytes * 2 + shared_bytes.div_ceil(4) * size_of::<WordHistory>()) as u64,
+        )
+        .saturating_add((warps * size_of::<u32>()) as u64);
+    *steps = steps.saturating_add(1 + state_bytes / SETUP_BYTES_PER_STEP);
+    if *steps > config.step_limit {
+        return Err(SimError::Fault {
+            kernel: kernel.name.clone(),
+            fault: Fault::RunAway,
+            cta,
+            thread: [0; 3],
+            line: kernel.instructions.first().map_or(0, |i| i.line),
+            opcode: "(CTA setup)".into(),
+            message: format!(
+                "step limit of {} exceeded setting up this CTA ({state_bytes} bytes of state)",
+                config.step_limit
+            ),
+        });
+    }
     let mut state = Cta {
         device,
         kernel,
@@ -1109,21 +1189,34 @@ pub(crate) fn run_cta(
         cta,
         threads,
         registers,
-        regs: vec![0; threads * registers],
-        pcs: vec![0; threads],
-        states: vec![State::Running; threads],
-        shared: vec![0; shared_bytes],
-        shared_written: vec![false; shared_bytes],
-        history: vec![WordHistory::default(); shared_bytes.div_ceil(4)],
+        regs: filled(
+            kernel,
+            threads.saturating_mul(registers),
+            0,
+            "register file",
+        )?,
+        pcs: filled(kernel, threads, 0, "program counters")?,
+        states: filled(kernel, threads, State::Running, "thread states")?,
+        shared: filled(kernel, shared_bytes, 0, "shared memory")?,
+        shared_written: filled(kernel, shared_bytes, false, "shared memory")?,
+        history: filled(
+            kernel,
+            shared_bytes.div_ceil(4),
+            WordHistory::default(),
+            "race detector",
+        )?,
         epoch: 0,
-        warp_syncs: vec![0; warps],
+        warp_syncs: filled(kernel, warps, 0, "warp state")?,
+        steps: *steps,
     };
     if kernel.instructions.is_empty() {
         return Ok(());
     }
     loop {
         for warp in 0..warps {
-            state.run_warp(warp, stats)?;
+            let ran = state.run_warp(warp, stats);
+            *steps = state.steps;
+            ran?;
         }
         // Every live thread now waits at a barrier, or all have exited.
         let waiting: Vec<usize> = (0..threads)
@@ -1137,6 +1230,7 @@ pub(crate) fn run_cta(
             cta,
             message,
         };
+        // A waiting thread has executed its bar.sync, so its program counter is past it (>= 1).
         let exited = state.states.iter().filter(|&&s| s == State::Exited).count();
         if exited > 0 {
             return Err(deadlock(format!(
@@ -1154,10 +1248,20 @@ pub(crate) fn run_cta(
                 "threads wait at different bar.sync instructions (lines {lines:?})"
             )));
         }
+        // The race detector tells barrier intervals apart by this count: it must not wrap.
+        let Some(epoch) = state.epoch.checked_add(1) else {
+            let barrier = &kernel.instructions[state.pcs[waiting[0]] - 1];
+            return Err(state.fault(
+                waiting[0],
+                barrier,
+                Fault::Unsupported,
+                "more than 2^32 barrier intervals in one CTA",
+            ));
+        };
+        state.epoch = epoch;
         for t in waiting {
             state.states[t] = State::Running;
         }
-        state.epoch += 1;
     }
 }
 

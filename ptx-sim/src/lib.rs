@@ -11,7 +11,8 @@
 //! collectives, and the checks a GPU sanitizer would make (bounds and alignment of every
 //! access, uninitialised shared reads, shared-memory races between barriers, `.nc` loads of
 //! written bytes, divergent barriers, deadlocks, bad member masks). `README.md` lists exactly
-//! what is supported.
+//! what is supported, and [`limits`] what text and launches may ask for: hostile input is a
+//! typed error, never a panic, an abort or a hang.
 //!
 //! ```
 //! let module = ptx_sim::parse(r#"
@@ -45,9 +46,11 @@ mod device;
 mod error;
 mod exec;
 pub mod ir;
+pub mod limits;
 mod parse;
 
 pub use device::{Arg, Device, DevicePtr, LaunchConfig, LaunchStats};
 pub use error::{Fault, Result, SimError};
 pub use ir::{Kernel, Module};
+pub use limits::DEFAULT_STEP_LIMIT;
 pub use parse::parse;

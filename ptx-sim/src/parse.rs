@@ -5,10 +5,13 @@
 //! opcode, modifier or type this simulator does not implement is an error naming its line,
 //! never a silent no-op.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Result, parse_error};
 use crate::ir::*;
+use crate::limits::{
+    MAX_KERNEL_REGISTERS, MAX_MODULE_REGISTERS, MAX_MODULE_SHARED_VARIABLES, MAX_PARAM_BYTES,
+};
 
 #[derive(Clone, Debug, PartialEq)]
 enum Tok {
@@ -229,7 +232,23 @@ impl Parser {
             )
     }
 
+    /// An operand; a `{a, b, ...}` vector holds scalar operands only, so the parser never
+    /// recurses more than one level, whatever the text.
     fn operand(&mut self) -> Result<Raw> {
+        if !self.peek_punct('{') {
+            return self.scalar_operand();
+        }
+        self.pos += 1;
+        let mut elements = vec![self.scalar_operand()?];
+        while self.peek_punct(',') {
+            self.pos += 1;
+            elements.push(self.scalar_operand()?);
+        }
+        self.expect_punct('}')?;
+        Ok(Raw::Vector(elements))
+    }
+
+    fn scalar_operand(&mut self) -> Result<Raw> {
         let line = self.line();
         match self.next()? {
             Tok::Word(w) => {
@@ -259,15 +278,7 @@ impl Parser {
                 self.expect_punct(']')?;
                 Ok(Raw::Address { base, offset })
             }
-            Tok::Punct('{') => {
-                let mut elements = vec![self.operand()?];
-                while self.peek_punct(',') {
-                    self.pos += 1;
-                    elements.push(self.operand()?);
-                }
-                self.expect_punct('}')?;
-                Ok(Raw::Vector(elements))
-            }
+            Tok::Punct('{') => parse_error(line, "a { } vector cannot hold another vector"),
             other => parse_error(line, format!("unexpected {other:?} in an operand")),
         }
     }
@@ -450,6 +461,11 @@ fn check_type(ok: bool, ty: Type, raw: &RawInstruction) -> Result<()> {
     }
 }
 
+/// The input types of `mul.wide` and `mad.wide`, whose results are twice as wide.
+fn is_widenable(ty: Type) -> bool {
+    matches!(ty, Type::U16 | Type::U32 | Type::S16 | Type::S32)
+}
+
 fn decode(raw: &RawInstruction, scope: &Scope) -> Result<Op> {
     let line = raw.line;
     let mut parts = raw.opcode.split('.');
@@ -584,9 +600,11 @@ fn decode(raw: &RawInstruction, scope: &Scope) -> Result<Op> {
                     ty.is_integer() || float_ok
                 }
                 BinaryOp::Div => ty.is_integer() || float_ok,
-                BinaryOp::MulHi | BinaryOp::MulWide | BinaryOp::Rem => {
+                BinaryOp::MulHi | BinaryOp::Rem => {
                     ty.is_integer() && !matches!(ty, Type::B8 | Type::B16 | Type::B32 | Type::B64)
                 }
+                // The product is twice as wide as the inputs, so at most 64 bits.
+                BinaryOp::MulWide => is_widenable(ty),
                 BinaryOp::Shl | BinaryOp::Shr => ty.is_integer(),
                 BinaryOp::And | BinaryOp::Or | BinaryOp::Xor => {
                     matches!(ty, Type::B16 | Type::B32 | Type::B64 | Type::Pred)
@@ -635,7 +653,8 @@ fn decode(raw: &RawInstruction, scope: &Scope) -> Result<Op> {
                 (false, Some(wide))
                     if base == "mad"
                         && !rounded
-                        && !matches!(ty, Type::B8 | Type::B16 | Type::B32 | Type::B64) =>
+                        && !matches!(ty, Type::B8 | Type::B16 | Type::B32 | Type::B64)
+                        && (!wide || is_widenable(ty)) =>
                 {
                     Op::Mad {
                         wide,
@@ -926,63 +945,139 @@ fn decode(raw: &RawInstruction, scope: &Scope) -> Result<Op> {
     Ok(op)
 }
 
-fn align_up(value: u32, align: u32) -> u32 {
-    value.div_ceil(align) * align
+/// `value` rounded up to a multiple of `align` (a power of two), or `None` past `u32`.
+fn align_up(value: u32, align: u32) -> Option<u32> {
+    value.checked_next_multiple_of(align)
 }
 
-/// `.shared [.align N] .type name[SIZE];` or, with `dynamic`, `name[]`.
-fn shared_declaration(
-    parser: &mut Parser,
-    dynamic: bool,
-    shared: &mut Vec<SharedVar>,
-    next: &mut u32,
-) -> Result<()> {
-    let line = parser.line();
-    let mut align = 1;
-    if parser.peek() == Some(&Tok::Word(".align".into())) {
-        parser.pos += 1;
-        align = u32::try_from(parser.integer()?)
-            .or_else(|_| parse_error(line, "alignment out of range"))?;
-        if !align.is_power_of_two() {
-            return parse_error(line, format!("alignment {align} is not a power of two"));
+/// The shared variables of a module or kernel declared so far, and where the next one goes.
+#[derive(Clone, Default)]
+struct SharedLayout {
+    /// Static variables, in declaration order.
+    vars: Vec<SharedVar>,
+    /// The `extern` (dynamic) array, if declared: placed after every static variable.
+    dynamic: Option<SharedVar>,
+    /// Every name declared, static or dynamic.
+    names: HashSet<String>,
+    /// Bytes of the static variables, with their alignment padding.
+    end: u32,
+}
+
+impl SharedLayout {
+    /// `.shared [.align N] .type name[SIZE];` or, with `dynamic` (after `.extern .shared`),
+    /// `name[]`. Offsets are 32-bit: a layout past 4 GiB is an error naming the line (a launch
+    /// checks the much smaller per-CTA limit).
+    fn declare(&mut self, parser: &mut Parser, dynamic: bool) -> Result<()> {
+        let line = parser.line();
+        let mut align = 1;
+        if parser.peek() == Some(&Tok::Word(".align".into())) {
+            parser.pos += 1;
+            align = u32::try_from(parser.integer()?)
+                .or_else(|_| parse_error(line, "alignment out of range"))?;
+            if !align.is_power_of_two() {
+                return parse_error(line, format!("alignment {align} is not a power of two"));
+            }
         }
+        let ty = parser.type_directive()?;
+        align = align.max(ty.bytes());
+        let name = parser.word()?;
+        parser.expect_punct('[')?;
+        let size = if dynamic {
+            0
+        } else {
+            let count = u32::try_from(parser.integer()?)
+                .or_else(|_| parse_error(line, "array too large"))?;
+            if count == 0 {
+                // Size 0 marks the dynamic array in the decoded kernel.
+                return parse_error(line, format!("shared array {name} has no elements"));
+            }
+            count
+                .checked_mul(ty.bytes())
+                .map_or_else(|| parse_error(line, "array too large"), Ok)?
+        };
+        parser.expect_punct(']')?;
+        parser.expect_punct(';')?;
+        if self.names.contains(&name) {
+            return parse_error(line, format!("shared variable {name} declared twice"));
+        }
+        if dynamic {
+            if self.dynamic.is_some() {
+                return parse_error(line, "only one extern .shared array is supported");
+            }
+            self.names.insert(name.clone());
+            // Its offset is known once every static variable is: see `finish`.
+            self.dynamic = Some(SharedVar {
+                name,
+                offset: 0,
+                size: 0,
+                align,
+            });
+            return Ok(());
+        }
+        let Some((offset, end)) =
+            align_up(self.end, align).and_then(|offset| Some((offset, offset.checked_add(size)?)))
+        else {
+            return parse_error(
+                line,
+                format!("shared variable {name} would end past 4 GiB of shared memory"),
+            );
+        };
+        self.end = end;
+        self.names.insert(name.clone());
+        self.vars.push(SharedVar {
+            name,
+            offset,
+            size,
+            align,
+        });
+        Ok(())
     }
-    let ty = parser.type_directive()?;
-    align = align.max(ty.bytes());
-    let name = parser.word()?;
-    parser.expect_punct('[')?;
-    let size = if dynamic {
-        0
-    } else {
-        let count =
-            u32::try_from(parser.integer()?).or_else(|_| parse_error(line, "array too large"))?;
-        count
-            .checked_mul(ty.bytes())
-            .map_or_else(|| parse_error(line, "array too large"), Ok)?
-    };
-    parser.expect_punct(']')?;
-    parser.expect_punct(';')?;
-    if shared.iter().any(|var| var.name == name) {
-        return parse_error(line, format!("shared variable {name} declared twice"));
+
+    /// Entries a kernel's list will hold.
+    fn len(&self) -> usize {
+        self.vars.len() + usize::from(self.dynamic.is_some())
     }
-    if dynamic && shared.iter().any(|var| var.size == 0) {
-        return parse_error(line, "only one extern .shared array is supported");
+
+    /// The kernel's shared variables (the static ones, then the dynamic one aligned to at
+    /// least 16) and its bytes of static shared memory.
+    fn finish(self, line: usize) -> Result<(Vec<SharedVar>, u32)> {
+        let mut vars = self.vars;
+        if let Some(mut var) = self.dynamic {
+            var.offset = align_up(self.end, var.align.max(16)).map_or_else(
+                || {
+                    parse_error(
+                        line,
+                        format!(
+                            "the extern .shared array {} would start past 4 GiB",
+                            var.name
+                        ),
+                    )
+                },
+                Ok,
+            )?;
+            vars.push(var);
+        }
+        Ok((vars, self.end))
     }
-    let offset = align_up(*next, align);
-    *next = offset + size;
-    shared.push(SharedVar {
-        name,
-        offset,
-        size,
-        align,
-    });
-    Ok(())
 }
 
-fn parse_entry(parser: &mut Parser, module_shared: &[SharedVar]) -> Result<Kernel> {
+/// What the kernels of a module hold together so far, against the module-wide limits.
+#[derive(Default)]
+struct ModuleTotals {
+    registers: u64,
+    shared_variables: u64,
+}
+
+fn parse_entry(
+    parser: &mut Parser,
+    module_shared: &SharedLayout,
+    totals: &mut ModuleTotals,
+) -> Result<Kernel> {
+    let entry_line = parser.line();
     let name = parser.word()?;
     parser.expect_punct('(')?;
     let (mut params, mut param_bytes) = (Vec::new(), 0u32);
+    let mut param_names = HashSet::new();
     while !parser.peek_punct(')') {
         if !params.is_empty() {
             parser.expect_punct(',')?;
@@ -991,11 +1086,20 @@ fn parse_entry(parser: &mut Parser, module_shared: &[SharedVar]) -> Result<Kerne
         let ty = parser.type_directive()?;
         let line = parser.line();
         let param_name = parser.word()?;
-        if params.iter().any(|p: &Param| p.name == param_name) {
+        if !param_names.insert(param_name.clone()) {
             return parse_error(line, format!("parameter {param_name} declared twice"));
         }
-        let offset = align_up(param_bytes, ty.bytes());
+        // Cannot overflow: param_bytes <= MAX_PARAM_BYTES before, and a type is <= 8 bytes.
+        let offset = param_bytes.next_multiple_of(ty.bytes());
         param_bytes = offset + ty.bytes();
+        if param_bytes > MAX_PARAM_BYTES {
+            return parse_error(
+                line,
+                format!(
+                    "the parameters of {name} take more than {MAX_PARAM_BYTES} bytes (CUDA's limit)"
+                ),
+            );
+        }
         params.push(Param {
             name: param_name,
             ty,
@@ -1013,12 +1117,18 @@ fn parse_entry(parser: &mut Parser, module_shared: &[SharedVar]) -> Result<Kerne
     }
 
     let mut registers: Vec<RegDecl> = Vec::new();
-    let mut shared: Vec<SharedVar> = Vec::new();
-    let mut static_end = 0u32;
-    for var in module_shared.iter().filter(|var| var.size > 0) {
-        shared_declaration_copy(var, &mut shared, &mut static_end);
+    let mut register_ids: HashMap<String, RegId> = HashMap::new();
+    // Every kernel holds its own copy of the module's shared variables: bound their product.
+    if totals.shared_variables + module_shared.len() as u64 > MAX_MODULE_SHARED_VARIABLES {
+        return parse_error(
+            entry_line,
+            format!(
+                "the module's kernels would hold more than {MAX_MODULE_SHARED_VARIABLES} shared variables in all"
+            ),
+        );
     }
-    let mut dynamic: Option<SharedVar> = module_shared.iter().find(|var| var.size == 0).cloned();
+    // The module's variables come first, at the offsets the module gave them.
+    let mut shared = module_shared.clone();
     let mut labels: HashMap<String, usize> = HashMap::new();
     let mut raws: Vec<RawInstruction> = Vec::new();
     loop {
@@ -1031,16 +1141,44 @@ fn parse_entry(parser: &mut Parser, module_shared: &[SharedVar]) -> Result<Kerne
                 loop {
                     let line = parser.line();
                     let base = parser.word()?;
-                    let names: Vec<String> = if parser.peek_punct('<') {
+                    let count = if parser.peek_punct('<') {
                         parser.pos += 1;
                         let count = parser.integer()?;
                         parser.expect_punct('>')?;
-                        (0..count).map(|i| format!("{base}{i}")).collect()
+                        Some(count)
                     } else {
-                        vec![base]
+                        None
+                    };
+                    // Checked before a single name is made.
+                    let total = (registers.len() as u64).saturating_add(count.unwrap_or(1));
+                    if total > MAX_KERNEL_REGISTERS {
+                        return parse_error(
+                            line,
+                            format!(
+                                "{base}<{}> would give kernel {name} {total} registers, over the limit of {MAX_KERNEL_REGISTERS} registers per kernel",
+                                count.unwrap_or(1)
+                            ),
+                        );
+                    }
+                    if totals.registers + total > MAX_MODULE_REGISTERS {
+                        return parse_error(
+                            line,
+                            format!(
+                                "the module's kernels would declare more than {MAX_MODULE_REGISTERS} registers in all"
+                            ),
+                        );
+                    }
+                    if !base.starts_with('%') {
+                        return parse_error(line, format!("bad register name {base}"));
+                    }
+                    let names: Box<dyn Iterator<Item = String>> = match count {
+                        Some(count) => Box::new((0..count).map(|i| format!("{base}{i}"))),
+                        None => Box::new(std::iter::once(base)),
                     };
                     for name in names {
-                        if !name.starts_with('%') || registers.iter().any(|r| r.name == name) {
+                        // At most MAX_KERNEL_REGISTERS (checked above): fits a u32.
+                        let id = RegId(registers.len() as u32);
+                        if register_ids.insert(name.clone(), id).is_some() {
                             return parse_error(
                                 line,
                                 format!("bad or repeated register name {name}"),
@@ -1056,18 +1194,10 @@ fn parse_entry(parser: &mut Parser, module_shared: &[SharedVar]) -> Result<Kerne
                 }
                 parser.expect_punct(';')?;
             }
-            Tok::Word(word) if word == ".shared" => {
-                shared_declaration(parser, false, &mut shared, &mut static_end)?;
-            }
+            Tok::Word(word) if word == ".shared" => shared.declare(parser, false)?,
             Tok::Word(word) if word == ".extern" => {
                 parser.expect_word(".shared")?;
-                let mut list = Vec::new();
-                let mut unused = 0;
-                shared_declaration(parser, true, &mut list, &mut unused)?;
-                if dynamic.is_some() {
-                    return parse_error(line, "only one extern .shared array is supported");
-                }
-                dynamic = list.pop();
+                shared.declare(parser, true)?;
             }
             Tok::Word(word) if word.starts_with('.') => {
                 return parse_error(line, format!("unsupported directive {word}"));
@@ -1111,16 +1241,19 @@ fn parse_entry(parser: &mut Parser, module_shared: &[SharedVar]) -> Result<Kerne
         }
     }
 
-    if let Some(mut var) = dynamic {
-        var.offset = align_up(static_end, var.align.max(16));
-        shared.push(var);
+    totals.registers += registers.len() as u64;
+    totals.shared_variables += shared.len() as u64;
+    if totals.shared_variables > MAX_MODULE_SHARED_VARIABLES {
+        return parse_error(
+            entry_line,
+            format!(
+                "the module's kernels would hold more than {MAX_MODULE_SHARED_VARIABLES} shared variables in all"
+            ),
+        );
     }
+    let (shared, static_shared_bytes) = shared.finish(entry_line)?;
     let scope = Scope {
-        registers: registers
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.clone(), RegId(i as u32)))
-            .collect(),
+        registers: register_ids,
         register_types: registers.iter().map(|r| r.ty).collect(),
         params: params.iter().map(|p| (p.name.clone(), p.offset)).collect(),
         shared: shared.iter().map(|s| (s.name.clone(), s.offset)).collect(),
@@ -1150,18 +1283,9 @@ fn parse_entry(parser: &mut Parser, module_shared: &[SharedVar]) -> Result<Kerne
         param_bytes,
         registers,
         shared,
-        static_shared_bytes: static_end,
+        static_shared_bytes,
         instructions,
     })
-}
-
-fn shared_declaration_copy(var: &SharedVar, shared: &mut Vec<SharedVar>, next: &mut u32) {
-    let offset = align_up(*next, var.align);
-    *next = offset + var.size;
-    shared.push(SharedVar {
-        offset,
-        ..var.clone()
-    });
 }
 
 /// Parses and decodes a PTX module.
@@ -1181,8 +1305,8 @@ pub fn parse(text: &str) -> Result<Module> {
     };
     let (mut version, mut target) = (None, None);
     let mut kernels = Vec::new();
-    let mut module_shared = Vec::new();
-    let mut module_shared_end = 0u32;
+    let mut module_shared = SharedLayout::default();
+    let mut totals = ModuleTotals::default();
     while parser.peek().is_some() {
         let line = parser.line();
         let directive = parser.word()?;
@@ -1211,23 +1335,13 @@ pub fn parse(text: &str) -> Result<Module> {
             }
             ".visible" => {
                 parser.expect_word(".entry")?;
-                kernels.push(parse_entry(&mut parser, &module_shared)?);
+                kernels.push(parse_entry(&mut parser, &module_shared, &mut totals)?);
             }
-            ".entry" => kernels.push(parse_entry(&mut parser, &module_shared)?),
-            ".shared" => shared_declaration(
-                &mut parser,
-                false,
-                &mut module_shared,
-                &mut module_shared_end,
-            )?,
+            ".entry" => kernels.push(parse_entry(&mut parser, &module_shared, &mut totals)?),
+            ".shared" => module_shared.declare(&mut parser, false)?,
             ".extern" => {
                 parser.expect_word(".shared")?;
-                shared_declaration(
-                    &mut parser,
-                    true,
-                    &mut module_shared,
-                    &mut module_shared_end,
-                )?;
+                module_shared.declare(&mut parser, true)?;
             }
             other => return parse_error(line, format!("unsupported directive {other}")),
         }

@@ -55,7 +55,7 @@ impl BatchPowerIteration {
     /// // diag(3, 2.9, 1) in a 3x4 matrix: close top singular values, still few passes.
     /// let a = [3.0f32, 0.0, 0.0, 0.0, 0.0, 2.9, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0];
     /// let layout = BatchLayout::new(&[MatrixShape::new(3, 4)], BlockPolicy::CPU)?;
-    /// let mut power = BatchPowerIteration::new(layout);
+    /// let mut power = BatchPowerIteration::new(layout)?;
     /// let result = power.lanczos(&[&a[..]], 7, 1e-4, 50)?;
     /// let Estimate::Sigma(sigma) = result[0].estimate else { panic!() };
     /// assert!((sigma - 3.0).abs() < 3e-4 && result[0].iterations <= 4);
@@ -73,7 +73,7 @@ impl BatchPowerIteration {
                 "Lanczos needs a positive tolerance and at least one iteration, got {tolerance} and {max_iterations}"
             )));
         }
-        let start = self.cold_vectors(seed);
+        let start = self.cold_vectors(seed)?;
         let mut vectors = start.clone();
         let mut products = vec![0.0f32; start.len()];
         let layout = self.layout().clone();

@@ -31,13 +31,13 @@ use crate::element::Element;
 use crate::error::Result;
 use crate::kernels::records::MatrixResult;
 use crate::layout::{BatchLayout, BlockPolicy};
+use crate::memory::zeroed;
 use crate::report::StepReport;
 use power::BlockSums;
 
 /// The CPU backend. Its state is plain host memory laid out by its [`BatchLayout`] (alignment
 /// gaps included, when the layout asks for them); scratch space is allocated once, when the
 /// optimizer is built.
-#[derive(Debug)]
 pub struct Cpu {
     layout: BatchLayout,
     momentum: Vec<f32>,
@@ -51,12 +51,23 @@ pub struct Cpu {
 }
 
 /// Per-step working space, sized by the layout.
-#[derive(Debug)]
 struct Scratch {
     partials: Vec<f32>,
     sums: Vec<BlockSums>,
     results: Vec<MatrixResult>,
     active: Vec<bool>,
+}
+
+impl std::fmt::Debug for Cpu {
+    /// A summary: the state itself can be gigabytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cpu")
+            .field("matrices", &self.layout.len())
+            .field("elements", &self.layout.packed_elements())
+            .field("warm", &self.warm.iter().filter(|&&w| w).count())
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Cpu {
@@ -94,18 +105,19 @@ impl Backend for Cpu {
 
     /// Any layout works on the CPU, aligned or not.
     fn create(layout: BatchLayout, config: &SpectralSgdConfig) -> Result<Self> {
+        config.validate_for(&layout)?;
         let matrices = layout.len();
         Ok(Cpu {
-            momentum: vec![0.0; layout.total_elements()],
-            power_vectors: crate::random::cold_power_vectors(&layout, config.seed),
-            warm: vec![false; matrices],
+            momentum: zeroed(layout.total_elements(), "momentum")?,
+            power_vectors: crate::random::cold_power_vectors(&layout, config.seed)?,
+            warm: zeroed(matrices, "warm flags")?,
             host_knows_cold: true,
             path: KernelPath::detect(),
             scratch: Scratch {
-                partials: vec![0.0; layout.total_partial_len()],
-                sums: vec![BlockSums::default(); layout.blocks().len()],
-                results: vec![MatrixResult::default(); matrices],
-                active: vec![false; matrices],
+                partials: zeroed(layout.total_partial_len(), "partials")?,
+                sums: zeroed(layout.blocks().len(), "block sums")?,
+                results: zeroed(matrices, "results")?,
+                active: zeroed(matrices, "scratch flags")?,
             },
             layout,
         })
@@ -150,7 +162,7 @@ impl Backend for Cpu {
     }
 
     fn reset_power_vectors(&mut self, seed: u64) -> Result<()> {
-        self.power_vectors = crate::random::cold_power_vectors(&self.layout, seed);
+        self.power_vectors = crate::random::cold_power_vectors(&self.layout, seed)?;
         self.warm.fill(false);
         self.host_knows_cold = true;
         Ok(())

@@ -17,6 +17,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::kernels::records::{MatrixResult, Status, VectorAction};
 use crate::layout::{BatchLayout, RowBlock};
+use crate::memory::zeroed;
 use crate::policy::{self, IterationSums};
 use crate::scaling::Scale;
 
@@ -231,12 +232,14 @@ pub(crate) struct FinishSettings {
 
 /// Per active matrix: sums its block partials in block order into `w` (in `f32`, kept in the
 /// first partial), `|w|` in `f64`, then [`policy::decide`] and its effect on `v` and the warm
-/// flag, as the finish kernel does. Inactive matrices keep their vector, flag and record;
-/// each record's `iterations_needed` is kept.
+/// flag, as the finish kernel does, in round `round` of a step. Inactive matrices keep their
+/// vector, flag and record; each record keeps its `iterations_needed` unless the estimate
+/// has converged ([`policy::iterations_after`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn finish(
     layout: &BatchLayout,
     settings: &FinishSettings,
+    round: u32,
     active: &[bool],
     partials: &mut [f32],
     sums: &[BlockSums],
@@ -290,7 +293,9 @@ pub(crate) fn finish(
                 VectorAction::Reseed => policy::reseed_vector(settings.reseed_step, index, vector),
             }
             *warm = policy::warm_after(decision.vector, *warm);
-            *result = decision.result;
+            let mut decided = decision.result;
+            decided.iterations_needed = policy::iterations_after(round, result, &decided);
+            *result = decided;
         });
 }
 
@@ -307,8 +312,8 @@ pub(crate) fn finish(
 /// // diag(3, 1) embedded in a 2x3 matrix: ||A||_* = 3.
 /// let a = [3.0f32, 0.0, 0.0, 0.0, 1.0, 0.0];
 /// let layout = BatchLayout::new(&[MatrixShape::new(2, 3)], BlockPolicy::CPU)?;
-/// let mut power = BatchPowerIteration::new(layout);
-/// let mut v = power.cold_vectors(7);
+/// let mut power = BatchPowerIteration::new(layout)?;
+/// let mut v = power.cold_vectors(7)?;
 /// let mut estimates = Vec::new();
 /// for _ in 0..30 {
 ///     estimates = power.fused(&[&a[..]], &mut v)?;
@@ -316,7 +321,6 @@ pub(crate) fn finish(
 /// assert!((estimates[0].sigma() - 3.0).abs() < 1e-5);
 /// # Ok::<(), spectral_step::Error>(())
 /// ```
-#[derive(Debug)]
 pub struct BatchPowerIteration {
     layout: BatchLayout,
     partials: Vec<f32>,
@@ -336,19 +340,33 @@ const PLAIN_FINISH: FinishSettings = FinishSettings {
     reseed_step: 0,
 };
 
+impl std::fmt::Debug for BatchPowerIteration {
+    /// A summary, without the scratch buffers.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchPowerIteration")
+            .field("matrices", &self.layout.len())
+            .field("elements", &self.layout.packed_elements())
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
 impl BatchPowerIteration {
     /// Scratch space for `layout`, running the fastest [`KernelPath`] this CPU supports.
-    pub fn new(layout: BatchLayout) -> Self {
-        Self {
+    /// Errors ([`Error::OutOfMemory`]) if the scratch space cannot be allocated.
+    pub fn new(layout: BatchLayout) -> Result<Self> {
+        let mut active = zeroed(layout.len(), "scratch flags")?;
+        active.fill(true);
+        Ok(Self {
             path: KernelPath::detect(),
-            partials: vec![0.0; layout.total_partial_len()],
-            sums: vec![BlockSums::default(); layout.blocks().len()],
+            partials: zeroed(layout.total_partial_len(), "partials")?,
+            sums: zeroed(layout.blocks().len(), "block sums")?,
             row_products: Vec::new(),
-            active: vec![true; layout.len()],
-            warm: vec![false; layout.len()],
-            results: vec![MatrixResult::default(); layout.len()],
+            active,
+            warm: zeroed(layout.len(), "warm flags")?,
+            results: zeroed(layout.len(), "results")?,
             layout,
-        }
+        })
     }
 
     /// The batch this was built for.
@@ -369,7 +387,7 @@ impl BatchPowerIteration {
 
     /// Seeded random unit vectors for every matrix (the cold start), concatenated in layout
     /// order (at the layout's vector offsets). Matrix `j`'s vector depends only on `(seed, j)`.
-    pub fn cold_vectors(&self, seed: u64) -> Vec<f32> {
+    pub fn cold_vectors(&self, seed: u64) -> Result<Vec<f32>> {
         crate::random::cold_power_vectors(&self.layout, seed)
     }
 
@@ -438,6 +456,7 @@ impl BatchPowerIteration {
         finish(
             &self.layout,
             &PLAIN_FINISH,
+            0,
             &self.active,
             &mut self.partials,
             &self.sums,
@@ -487,7 +506,9 @@ impl BatchPowerIteration {
         self.check(matrices, vectors)?;
         let layout = &self.layout;
         let blocks = layout.blocks();
-        self.row_products.resize(layout.total_rows(), 0.0);
+        if self.row_products.len() != layout.total_rows() {
+            self.row_products = zeroed(layout.total_rows(), "row products")?;
+        }
         let rows: Vec<_> = layout
             .matrices()
             .iter()

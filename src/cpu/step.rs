@@ -56,12 +56,15 @@ where
     W: BorrowMut<[T]> + Send,
     G: Borrow<[T]> + Sync,
 {
-    cpu.layout
-        .check_lengths("weight", weights.iter().map(|w| w.borrow().len()))?;
-    cpu.layout
-        .check_lengths("gradient", grads.iter().map(|g| g.borrow().len()))?;
-    let rule = config.momentum_rule();
+    config.validate_for(&cpu.layout)?;
+    // Borrowed once: the slices whose lengths are checked are the slices the passes use.
+    let mut weights: Vec<&mut [T]> = weights.iter_mut().map(BorrowMut::borrow_mut).collect();
     let grads: Vec<&[T]> = grads.iter().map(Borrow::borrow).collect();
+    cpu.layout
+        .check_lengths("weight", weights.iter().map(|w| w.len()))?;
+    cpu.layout
+        .check_lengths("gradient", grads.iter().map(|g| g.len()))?;
+    let rule = config.momentum_rule();
     estimate_sigmas(cpu, config, step, rule, &grads);
     cpu.host_knows_cold = false;
 
@@ -76,7 +79,7 @@ where
         &cpu.layout,
         rule,
         &updates,
-        weights,
+        &mut weights,
         &grads,
         &mut cpu.momentum,
     );
@@ -140,6 +143,7 @@ fn estimate_sigmas<T: Element>(
         finish(
             layout,
             &settings,
+            round,
             &scratch.active,
             &mut scratch.partials,
             &scratch.sums,
@@ -152,18 +156,15 @@ fn estimate_sigmas<T: Element>(
 
 /// Pass B of math §5.2 over the whole batch: `M <- M_new`,
 /// `W <- (1 - eta*lambda) W - (eta s / sigma) U`.
-fn update_pass<T, W>(
+fn update_pass<T: Element>(
     path: KernelPath,
     layout: &BatchLayout,
     rule: MomentumRule,
     updates: &[Update],
-    weights: &mut [W],
+    weights: &mut [&mut [T]],
     grads: &[&[T]],
     momentum: &mut [f32],
-) where
-    T: Element,
-    W: BorrowMut<[T]> + Send,
-{
+) {
     let momenta = layout.split_elements_mut(momentum);
     weights
         .par_iter_mut()
@@ -171,7 +172,6 @@ fn update_pass<T, W>(
         .zip(momenta)
         .zip(updates.par_iter())
         .for_each(|(((weights, grads), momentum), &update)| {
-            let weights = weights.borrow_mut();
             let chunks = weights
                 .par_chunks_mut(UPDATE_CHUNK)
                 .zip(grads.par_chunks(UPDATE_CHUNK))

@@ -150,7 +150,9 @@ impl CudaDevice {
     }
 
     fn check_same_context<T>(&self, slice: &CudaSlice<T>) -> Result<()> {
-        if Arc::ptr_eq(slice.context(), &self.context) {
+        // The same driver context, even through another `CudaContext` handle of it
+        // (`CudaContext::new` returns a new handle each time it opens the primary context).
+        if **slice.context() == *self.context {
             Ok(())
         } else {
             Err(Error::InvalidArgument(format!(

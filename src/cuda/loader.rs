@@ -59,8 +59,8 @@ pub(super) struct LoadedKernels {
 }
 
 impl LoadedKernels {
-    /// Loads every module for a device of compute capability `arch`. A module that falls
-    /// back to the JIT is named on stderr once, with the reason: the JIT costs start-up time
+    /// Loads every module for a device of compute capability `arch`. Modules that fall back
+    /// to the JIT are named on stderr, once per device opened, with the reason: the JIT costs start-up time
     /// and its code is not what CI assembled and checked for spills.
     pub fn load(context: &Arc<CudaContext>, arch: u32) -> Result<Self> {
         let functions = KernelId::ALL

@@ -3,7 +3,7 @@
 //! (`cudarc::driver::CudaSlice`, the buffer type candle's CUDA tensors use), running the PTX
 //! kernels of `kernels/`.
 //!
-//! Everything above the four device calls is [`DeviceBackend`], the code CI runs on the
+//! Everything above the [`Device`](crate::device::Device) implementation is [`DeviceBackend`], the code CI runs on the
 //! simulated device ([`crate::sim`]): a warm step is three launches for the whole model,
 //! enqueued on the device's stream without waiting, and nothing is allocated after the first
 //! step, so a step can be captured in a CUDA graph. Reading what happened is a separate

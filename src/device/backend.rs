@@ -134,7 +134,7 @@ impl<D: Device> Tables<D> {
         layout: &BatchLayout,
         seed: u64,
     ) -> Result<()> {
-        let vectors = crate::random::cold_power_vectors(layout, seed);
+        let vectors = crate::random::cold_power_vectors(layout, seed)?;
         device.upload(&mut self.power_vectors, 0, bytemuck::cast_slice(&vectors))?;
         device.upload(&mut self.warm, 0, &vec![0u8; 4 * layout.len()])
     }
@@ -160,7 +160,6 @@ impl<D: Device> Tables<D> {
 /// after the first step. A cold step (the first, or after a reset or a state load) runs
 /// `cold_iterations` rounds of power pass and finish before the update (math §4.7). Reading
 /// what happened is a separate call, [`SpectralSgd::report`], which waits.
-#[derive(Debug)]
 pub struct DeviceBackend<D: Device> {
     device: D,
     layout: BatchLayout,
@@ -171,10 +170,22 @@ pub struct DeviceBackend<D: Device> {
     last_step: Option<u64>,
 }
 
+impl<D: Device> std::fmt::Debug for DeviceBackend<D> {
+    /// A summary: which device, how much state, which step.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBackend")
+            .field("device", &self.device.describe())
+            .field("matrices", &self.layout.len())
+            .field("elements", &self.layout.packed_elements())
+            .field("last_step", &self.last_step)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<D: Device> DeviceBackend<D> {
     /// Fresh state for `layout` on `device`.
     pub fn create_on(device: D, layout: BatchLayout, config: &SpectralSgdConfig) -> Result<Self> {
-        config.validate()?;
+        config.validate_for(&layout)?;
         plan::check_layout(&layout, device.max_shared_bytes())?;
         // The momentum buffer's address goes into the matrix table, so it is allocated
         // first; `Tables::new` repeats the layout check for its own callers.
@@ -233,18 +244,23 @@ impl<D: Device> Backend for DeviceBackend<D> {
         W: BorrowMut<D::Slice<T>> + Send,
         G: Borrow<D::Slice<T>> + Sync,
     {
-        config.validate()?;
+        config.validate_for(&self.layout)?;
         let layout = &self.layout;
-        layout.check_lengths("weight", weights.iter().map(|w| D::slice_len(w.borrow())))?;
-        layout.check_lengths("gradient", grads.iter().map(|g| D::slice_len(g.borrow())))?;
+        // Borrowed once: the buffers whose lengths are checked are the buffers whose
+        // addresses go to the kernels, whatever the caller's `Borrow` impls do.
+        let mut weights: Vec<&mut D::Slice<T>> =
+            weights.iter_mut().map(|w| w.borrow_mut()).collect();
+        let grads: Vec<&D::Slice<T>> = grads.iter().map(|g| g.borrow()).collect();
+        layout.check_lengths("weight", weights.iter().map(|w| D::slice_len(w)))?;
+        layout.check_lengths("gradient", grads.iter().map(|g| D::slice_len(g)))?;
         let device = &self.device;
         // The guards order this step's launches after pending work on the caller's buffers,
         // and record their use when dropped, once the launches are enqueued.
         let mut guards = Vec::with_capacity(2 * layout.len());
         let mut addresses = Vec::with_capacity(layout.len());
-        for (weight, grad) in weights.iter_mut().zip(grads) {
-            let (weight_address, weight_guard) = device.write_address(weight.borrow_mut())?;
-            let (grad_address, grad_guard) = device.read_address(grad.borrow())?;
+        for (weight, grad) in weights.iter_mut().zip(&grads) {
+            let (weight_address, weight_guard) = device.write_address(weight)?;
+            let (grad_address, grad_guard) = device.read_address(grad)?;
             addresses.push((weight_address, grad_address));
             guards.push(weight_guard);
             guards.push(grad_guard);
@@ -260,9 +276,10 @@ impl<D: Device> Backend for DeviceBackend<D> {
             // every launch there). Every address it passes was derived from `self.layout`,
             // the one layout this backend exists for: the tables and state were allocated
             // from it in `create_on` (check_layout bounds every count and the shared
-            // memory), and the caller's buffers were checked above to hold exactly
-            // `fan_out * fan_in` elements each and to belong to this device. The caller's
-            // buffers stay borrowed, and their guards alive, until every launch is enqueued.
+            // memory), and the caller's buffers, borrowed once above, were checked to hold
+            // exactly `fan_out * fan_in` elements each and to belong to this device; the
+            // addresses are those of the same borrows. The caller's buffers stay borrowed,
+            // and their guards alive, until every launch is enqueued.
             unsafe { device.launch(launch)? };
         }
         drop(guards);
@@ -292,6 +309,9 @@ impl<D: Device> Backend for DeviceBackend<D> {
         let vectors = self.layout.unpack_vectors(&state.power_vectors)?;
         let warm: Vec<u32> = state.warm.iter().map(|&w| u32::from(w)).collect();
         let device = &self.device;
+        // A copy that fails half-way leaves a mixture the host cannot know: the next step
+        // then runs the cold rounds, whatever the flags say.
+        self.host_knows_cold = true;
         device.upload(&mut self.momentum, 0, bytemuck::cast_slice(&momentum))?;
         device.upload(
             &mut self.tables.power_vectors,

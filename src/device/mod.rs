@@ -8,8 +8,8 @@
 //! device, re-uploads the matrix table when the caller's buffers move, and enqueues each step
 //! as one launch per pass for the whole batch ([`crate::kernels::plan`]). Because the CUDA
 //! path and the simulated path are the same code, a test suite that runs on the simulator
-//! (as this crate's CI does) runs the GPU path's orchestration too; only the four calls of
-//! the trait differ.
+//! (as this crate's CI does) runs the GPU path's orchestration too; only the
+//! implementations of the trait differ.
 //!
 //! ```
 //! # #[cfg(feature = "sim")] {

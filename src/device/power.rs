@@ -2,6 +2,7 @@
 
 use super::Device;
 use super::backend::Tables;
+use crate::config::MAX_POWER_ITERATIONS;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::kernels::plan;
@@ -12,12 +13,21 @@ use crate::scaling::Scale;
 /// Batched power iteration on stored matrices on a device: `sigma` estimates of weight
 /// matrices for diagnostics, and the kernel the GPU benchmark times. Its power vectors are
 /// its own, seeded like the optimizer's (seed 0).
-#[derive(Debug)]
 pub struct PowerIteration<D: Device> {
     device: D,
     layout: BatchLayout,
     tables: Tables<D>,
     iterated: bool,
+}
+
+impl<D: Device> std::fmt::Debug for PowerIteration<D> {
+    /// A summary, without the buffers.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PowerIteration")
+            .field("device", &self.device.describe())
+            .field("matrices", &self.layout.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<D: Device> PowerIteration<D> {
@@ -49,15 +59,16 @@ impl<D: Device> PowerIteration<D> {
     }
 
     /// Enqueues `iterations` power iterations on `matrices` (one per shape, row-major),
-    /// continuing from the current vectors. Does not wait. A vector orthogonal to its matrix
-    /// is re-seeded (math §4.6) and reported as such.
+    /// continuing from the current vectors, at most [`MAX_POWER_ITERATIONS`]; a matrix stops
+    /// early once its estimate has converged (math §4.7). Does not wait. A vector orthogonal
+    /// to its matrix is re-seeded (math §4.6) and reported as such.
     pub fn iterate<T: Element>(&mut self, matrices: &[D::Slice<T>], iterations: u32) -> Result<()> {
         self.layout
             .check_lengths("matrix", matrices.iter().map(D::slice_len))?;
-        if iterations == 0 {
-            return Err(Error::InvalidArgument(
-                "iterations must be at least 1".into(),
-            ));
+        if !(1..=MAX_POWER_ITERATIONS).contains(&iterations) {
+            return Err(Error::InvalidArgument(format!(
+                "iterations must be between 1 and {MAX_POWER_ITERATIONS}, got {iterations}"
+            )));
         }
         let device = &self.device;
         let mut guards = Vec::with_capacity(self.layout.len());

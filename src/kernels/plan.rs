@@ -16,12 +16,17 @@ pub const THREADS_PER_BLOCK: u32 = 256;
 const _: () =
     assert!(THREADS_PER_BLOCK as usize <= MAX_THREADS && THREADS_PER_BLOCK.is_multiple_of(32));
 
+/// The largest dimension, and the most elements of one row block, the kernels take: their
+/// loop counters are 32-bit and step by up to `MAX_THREADS` past their bound, so the bound
+/// must stay that far below 2^32; 2^31 - 1 leaves ample room.
+pub const MAX_DIMENSION: usize = i32::MAX as usize;
+
 /// Checks that `layout` fits the kernels: offsets aligned to 4 elements (as
-/// [`BlockPolicy::CUDA`](crate::BlockPolicy::CUDA) does), dimensions, counts and each block's
-/// element count in 32 bits, and a partial that fits in `max_shared_bytes` of shared memory
-/// per CTA.
+/// [`BlockPolicy::CUDA`](crate::BlockPolicy::CUDA) does), dimensions and each block's
+/// element count at most [`MAX_DIMENSION`], counts within a CUDA grid, and a partial that
+/// fits in `max_shared_bytes` of shared memory per CTA.
 pub fn check_layout(layout: &BatchLayout, max_shared_bytes: u32) -> Result<()> {
-    if !layout.policy().align_elements.is_multiple_of(4) {
+    if !layout.policy().align_elements.max(1).is_multiple_of(4) {
         return Err(Error::DeviceLimit(
             "the layout must align offsets to a multiple of 4 elements (BlockPolicy::CUDA)".into(),
         ));
@@ -37,13 +42,13 @@ pub fn check_layout(layout: &BatchLayout, max_shared_bytes: u32) -> Result<()> {
     for (index, entry) in layout.matrices().iter().enumerate() {
         let shape = entry.shape;
         let block_elements = entry.rows_per_block.checked_mul(shape.fan_in);
-        if shape.fan_out > u32::MAX as usize
-            || shape.fan_in > u32::MAX as usize
-            || block_elements.is_none_or(|n| n > u32::MAX as usize)
+        if shape.fan_out > MAX_DIMENSION
+            || shape.fan_in > MAX_DIMENSION
+            || block_elements.is_none_or(|n| n > MAX_DIMENSION)
         {
             return Err(Error::DeviceLimit(format!(
                 "matrix {index} is {}x{}: dimensions and the elements of one row block must \
-                 fit in 32 bits",
+                 be at most {MAX_DIMENSION}",
                 shape.fan_out, shape.fan_in
             )));
         }

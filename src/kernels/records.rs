@@ -101,8 +101,12 @@ record! {
     /// What the finish kernel decided for one matrix (math §4.4–4.7): the update pass and
     /// the host read it; the CPU path writes the same record.
     pub struct MatrixResult {
-        /// The estimate of `||U||_*` (NaN when the matrix is skipped as non-finite).
+        /// The estimate of `||U||_*` the update divides by (NaN when the matrix is skipped as
+        /// non-finite).
         pub sigma: f32,
+        /// The power-iteration estimate `sqrt(|w|)` before the Frobenius floor (0 where none
+        /// was formed): what the convergence test compares between rounds.
+        pub power_estimate: f32,
         /// A [`Status`] code.
         pub status: u32,
         /// `1 - eta lambda`, rounded once from `f64`.
@@ -188,7 +192,8 @@ pub enum Status {
     Reseeded = 2,
     /// `U` holds a NaN or an infinity (or its norms overflow): nothing is written.
     NonFinite = 3,
-    /// `eta s / sigma` overflows `f32`: nothing is written, as for a non-finite `U`.
+    /// `eta s / sigma` overflows `f32`: `W` and `M` are untouched, as for a non-finite `U`;
+    /// the power vector keeps its normalised new value and is warm.
     SigmaTooSmall = 4,
 }
 

@@ -1,0 +1,17 @@
+//! Allocation that fails with an error instead of aborting: every buffer whose size comes
+//! from the caller's shapes is allocated here.
+
+use crate::error::{Error, Result};
+
+/// `len` copies of `T::default()`, or [`Error::OutOfMemory`] naming `what`.
+pub(crate) fn zeroed<T: Clone + Default>(len: usize, what: &'static str) -> Result<Vec<T>> {
+    let mut values = Vec::new();
+    values
+        .try_reserve_exact(len)
+        .map_err(|_| Error::OutOfMemory {
+            what,
+            bytes: len.saturating_mul(std::mem::size_of::<T>()),
+        })?;
+    values.resize(len, T::default());
+    Ok(values)
+}
