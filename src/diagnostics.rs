@@ -17,7 +17,8 @@ pub struct Convergence {
     /// below a few `f32` epsilons are raised to that.
     pub tolerance: f32,
     /// Give up refining after this many passes (the estimate is then a lower bound that may
-    /// be short of the tolerance). Default 1000.
+    /// be short of the tolerance), at most
+    /// [`MAX_POWER_ITERATIONS`](crate::MAX_POWER_ITERATIONS). Default 1000.
     pub max_iterations: u32,
     /// Seed of the starting vector. Default 0.
     pub seed: u64,

@@ -342,11 +342,10 @@ const MAX_HEADER_BYTES: u64 = 1 << 20;
 /// at most this much memory.
 pub(crate) fn max_file_bytes(layout: &BatchLayout) -> u64 {
     let matrices = layout.len() as u64;
-    let data = 16 * matrices
-        + 4 * layout.packed_elements() as u64
-        + 4 * layout.packed_vector_len() as u64
-        + matrices;
-    8 + MAX_HEADER_BYTES + data
+    let f32s = (layout.packed_elements() as u64).saturating_add(layout.packed_vector_len() as u64);
+    (17 * matrices)
+        .saturating_add(f32s.saturating_mul(4))
+        .saturating_add(8 + MAX_HEADER_BYTES)
 }
 
 /// Reads a state file of at most [`max_file_bytes`] bytes.

@@ -579,6 +579,34 @@ fn configurations_out_of_range_are_errors() {
     );
 }
 
+/// Lanczos (the diagnostics' cold start) takes at most `MAX_POWER_ITERATIONS` passes: more is
+/// an error, not a basis that grows without bound.
+#[test]
+fn lanczos_iteration_counts_are_bounded() {
+    let shape = MatrixShape::new(8, 8);
+    let matrix = random_matrix::<f32>(shape, 1.0, 4);
+    let convergence = diagnostics::Convergence {
+        max_iterations: u32::MAX,
+        ..diagnostics::Convergence::default()
+    };
+    assert!(matches!(
+        diagnostics::spectral_norm_with(&matrix, shape, convergence),
+        Err(Error::InvalidArgument(_))
+    ));
+    let layout = BatchLayout::new(&[shape], BlockPolicy::CPU).unwrap();
+    let mut power = spectral_step::cpu::BatchPowerIteration::new(layout).unwrap();
+    assert!(
+        power
+            .lanczos(&[&matrix[..]], 0, 1e-6, MAX_POWER_ITERATIONS + 1)
+            .is_err()
+    );
+    assert!(
+        power
+            .lanczos(&[&matrix[..]], 0, 1e-6, MAX_POWER_ITERATIONS)
+            .is_ok()
+    );
+}
+
 /// The largest iteration count a config may ask for ends as soon as the estimate has
 /// converged, on both backends alike: a cold step of a rank-one matrix is quick and exact.
 #[test]

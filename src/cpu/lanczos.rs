@@ -20,6 +20,7 @@
 //! `tolerance` relative.
 
 use super::power::{BatchPowerIteration, Estimate};
+use crate::config::MAX_POWER_ITERATIONS;
 use crate::element::Element;
 use crate::error::{Error, Result};
 
@@ -46,7 +47,9 @@ struct Krylov {
 impl BatchPowerIteration {
     /// `||U||_*` of every matrix to relative `tolerance`, from a seeded cold start, by Lanczos
     /// on `U^T U` (see the module docs). Each iteration is one fused pass over the matrices
-    /// still running; at most `max_iterations` passes.
+    /// still running; at most `max_iterations` passes, which must lie between 1 and
+    /// [`MAX_POWER_ITERATIONS`] (the Krylov basis keeps one `f64` vector per pass, so the
+    /// bound also bounds memory: `8 * fan_in` bytes per pass and matrix).
     ///
     /// ```
     /// use spectral_step::{BatchLayout, BlockPolicy, MatrixShape};
@@ -68,9 +71,13 @@ impl BatchPowerIteration {
         tolerance: f64,
         max_iterations: u32,
     ) -> Result<Vec<LanczosEstimate>> {
-        if !(tolerance.is_finite() && tolerance > 0.0) || max_iterations == 0 {
+        let usable = tolerance.is_finite()
+            && tolerance > 0.0
+            && (1..=MAX_POWER_ITERATIONS).contains(&max_iterations);
+        if !usable {
             return Err(Error::InvalidArgument(format!(
-                "Lanczos needs a positive tolerance and at least one iteration, got {tolerance} and {max_iterations}"
+                "Lanczos needs a positive tolerance and between 1 and {MAX_POWER_ITERATIONS} \
+                 iterations, got {tolerance} and {max_iterations}"
             )));
         }
         let start = self.cold_vectors(seed)?;
