@@ -317,3 +317,20 @@ fn sanitizer_workload() {
     steps::<bf16>(&shapes);
     steps::<f16>(&shapes);
 }
+
+/// Buffers allocated through another handle of the same device (another `CudaDevice::open(0)`,
+/// which opens the same primary context) are accepted: the same-device check compares the
+/// driver context, not the handle.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn buffers_of_another_handle_of_the_same_device_are_accepted() {
+    let shapes = [MatrixShape::new(16, 8)];
+    let mut gpu =
+        SpectralSgd::<Cuda>::on_device(&shapes, SpectralSgdConfig::default(), device()).unwrap();
+    let other = device();
+    let mut weights = upload(&other, &[vec![0.5f32; 128]]);
+    let grads = upload(&other, &[random_matrix::<f32>(shapes[0], 1.0, 3)]);
+    gpu.step(&mut weights, &grads).unwrap();
+    assert!(gpu.report().unwrap().all_updated());
+    assert_ne!(download(&other, &weights)[0], vec![0.5f32; 128]);
+}
