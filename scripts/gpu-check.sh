@@ -7,7 +7,7 @@
 #                                        # fail with NoCudaDriver, the bench says NOT RUN)
 #
 # On the GPU machine, from the repository root (target/gpu-bundle carried along):
-#   bash target/gpu-bundle/run.sh        # under 4 minutes on an H200
+#   bash target/gpu-bundle/run.sh        # at most 4 minutes, by its timeouts
 #
 # The bundle holds release builds of tests/gpu.rs (device tests, run with --include-ignored,
 # then a short workload of them under compute-sanitizer's memcheck, racecheck, initcheck and
@@ -54,9 +54,10 @@ cat > "$bundle/run.sh" <<'RUN'
 set -uo pipefail
 cd "$(dirname "$0")"
 status=0
-# Every section has a timeout, and none starts after 200 s, so the bundle ends within 4 minutes.
+# Every section has a timeout of at most 45 s, and none starts after 190 s, so the bundle
+# ends within 4 minutes whatever happens (a bound by construction, not a measurement).
 within_budget() {
-    if (( SECONDS > 200 )); then echo "NOT RUN: $1 (the bundle's 4-minute budget is spent)"; return 1; fi
+    if (( SECONDS > 190 )); then echo "NOT RUN: $1 (the bundle's 4-minute budget is spent)"; return 1; fi
 }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 echo "== device tests (tests/gpu.rs, ignored ones included)"

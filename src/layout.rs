@@ -169,15 +169,7 @@ impl BatchLayout {
         }
         let target = policy.target_elements.max(1);
         let align = policy.align_elements.max(1);
-        let mut matrices = Vec::new();
-        matrices
-            .try_reserve_exact(shapes.len())
-            .map_err(|_| Error::OutOfMemory {
-                what: "the layout's matrix table",
-                bytes: shapes
-                    .len()
-                    .saturating_mul(std::mem::size_of::<MatrixEntry>()),
-            })?;
+        let mut matrices = crate::memory::with_capacity(shapes.len(), "the layout's matrix table")?;
         let (mut element_offset, mut vector_offset, mut partial_offset) = (0usize, 0usize, 0usize);
         let mut total_blocks = 0usize;
         for (index, &shape) in shapes.iter().enumerate() {
@@ -237,13 +229,7 @@ impl BatchLayout {
                 .checked_mul(4)
                 .ok_or(Error::LayoutOverflow { index: last, what })?;
         }
-        let mut blocks = Vec::new();
-        blocks
-            .try_reserve_exact(total_blocks)
-            .map_err(|_| Error::OutOfMemory {
-                what: "the layout's block table",
-                bytes: total_blocks.saturating_mul(std::mem::size_of::<RowBlock>()),
-            })?;
+        let mut blocks = crate::memory::with_capacity(total_blocks, "the layout's block table")?;
         for (index, entry) in matrices.iter().enumerate() {
             let shape = entry.shape;
             for block in 0..entry.block_count {
@@ -500,8 +486,7 @@ fn pack(
             padded.len()
         )));
     }
-    let mut packed = crate::memory::zeroed(packed_len, "packed state")?;
-    packed.clear();
+    let mut packed = crate::memory::with_capacity(packed_len, "packed state")?;
     for range in ranges {
         packed.extend_from_slice(&padded[range]);
     }

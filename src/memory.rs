@@ -3,8 +3,8 @@
 
 use crate::error::{Error, Result};
 
-/// `len` copies of `T::default()`, or [`Error::OutOfMemory`] naming `what`.
-pub(crate) fn zeroed<T: Clone + Default>(len: usize, what: &'static str) -> Result<Vec<T>> {
+/// An empty vector with room for `len` values, or [`Error::OutOfMemory`] naming `what`.
+pub(crate) fn with_capacity<T>(len: usize, what: &'static str) -> Result<Vec<T>> {
     let mut values = Vec::new();
     values
         .try_reserve_exact(len)
@@ -12,6 +12,12 @@ pub(crate) fn zeroed<T: Clone + Default>(len: usize, what: &'static str) -> Resu
             what,
             bytes: len.saturating_mul(std::mem::size_of::<T>()),
         })?;
+    Ok(values)
+}
+
+/// `len` copies of `T::default()`, or [`Error::OutOfMemory`] naming `what`.
+pub(crate) fn zeroed<T: Clone + Default>(len: usize, what: &'static str) -> Result<Vec<T>> {
+    let mut values = with_capacity(len, what)?;
     values.resize(len, T::default());
     Ok(values)
 }

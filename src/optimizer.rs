@@ -118,6 +118,7 @@ impl<B: Backend> SpectralSgd<B> {
         config: SpectralSgdConfig,
         create: impl FnOnce(BatchLayout, &SpectralSgdConfig) -> Result<B>,
     ) -> Result<Self> {
+        // Before `create`: a bad config is that error, not whatever opening a device says.
         config.validate()?;
         let backend = create(layout, &config)?;
         Ok(Self {
@@ -179,7 +180,6 @@ impl<B: Backend> SpectralSgd<B> {
     /// range: non-finite momentum, or power vectors that are not finite unit vectors
     /// ([`Error::StateFormat`](crate::Error::StateFormat)).
     pub fn set_state(&mut self, state: HostState) -> Result<()> {
-        state.check(self.backend.layout())?;
         crate::state::check_values(self.backend.layout(), &state)?;
         self.backend.import_state(state)
     }

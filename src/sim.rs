@@ -80,10 +80,12 @@ pub struct SimOptions {
     /// 232448 (227 KiB, an H100's or H200's).
     pub max_shared_bytes: u32,
     /// A launch that issues more warp-instructions than this is an error (a runaway loop).
-    /// The crate's kernels issue about two warp-instructions per element of the batch per
-    /// launch, so the default, 2^30, covers batches of hundreds of millions of elements
-    /// (which would take hours to simulate anyway) and stops a runaway kernel within
-    /// minutes.
+    /// The crate's kernels issue about one warp-instruction per element of the batch per
+    /// launch (`cargo bench --bench sim_step`: 96 thread-instructions per parameter over a
+    /// warm step's three launches), so the default, 2^28, covers launches over some
+    /// 250 million elements, and stops a runaway kernel within 1.4 to 5 minutes (at the
+    /// 0.9 to 3.2 M warp-instructions/s of full-warp loops that
+    /// `cargo bench -p ptx-sim --bench sim_speed` measures).
     pub step_limit: u64,
     /// Bytes the device's buffers (the optimizer's and the caller's) may hold in all; an
     /// allocation past it is an [`Error::OutOfMemory`]. `None`: what the host grants.
@@ -96,7 +98,7 @@ impl Default for SimOptions {
         Self {
             cta_order: CtaOrder::Linear,
             max_shared_bytes: 227 * 1024,
-            step_limit: 1 << 30,
+            step_limit: 1 << 28,
             memory_limit: Some(ptx_sim::limits::DEFAULT_MEMORY_LIMIT),
         }
     }
@@ -323,13 +325,17 @@ impl SimDevice {
             .memory
             .write(ptr, bytes)
             .map_err(sim_error("writing a buffer"))?;
-        Ok(SimSlice {
+        Ok(self.slice(base, ptr, values.len()))
+    }
+
+    fn slice<T>(&self, base: DevicePtr, ptr: DevicePtr, len: usize) -> SimSlice<T> {
+        SimSlice {
             shared: Arc::clone(&self.shared),
             ptr,
             base,
-            len: values.len(),
+            len,
             _element: PhantomData,
-        })
+        }
     }
 
     /// A new zero-filled buffer of `len` elements.
@@ -338,13 +344,7 @@ impl SimDevice {
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| Error::InvalidArgument(format!("{len} elements do not fit")))?;
         let base = allocate(&mut *self.state()?, bytes)?;
-        Ok(SimSlice {
-            shared: Arc::clone(&self.shared),
-            ptr: base,
-            base,
-            len,
-            _element: PhantomData,
-        })
+        Ok(self.slice(base, base, len))
     }
 
     /// The contents of `slice`.
@@ -355,10 +355,7 @@ impl SimDevice {
             .memory
             .read(slice.ptr, std::mem::size_of::<T>() * slice.len)
             .map_err(sim_error("reading a buffer"))?;
-        Ok(bytes
-            .chunks_exact(std::mem::size_of::<T>().max(1))
-            .map(bytemuck::pod_read_unaligned)
-            .collect())
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Overwrites `slice` with `values` (of the same length).

@@ -182,14 +182,6 @@ fn checked<'a>(
     Ok(tensor.data())
 }
 
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    // Tensor data inside a file buffer need not be 4-byte aligned, so no cast.
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
 pub(crate) fn decode(
     bytes: &[u8],
     layout: &BatchLayout,
@@ -238,11 +230,7 @@ pub(crate) fn decode(
         )));
     }
     if shapes.data() != shapes_bytes(layout).as_slice() {
-        let file_shapes: Vec<(u64, u64)> = shapes
-            .data()
-            .chunks_exact(8)
-            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-            .collect::<Vec<_>>()
+        let file_shapes: Vec<(u64, u64)> = bytemuck::pod_collect_to_vec::<u8, u64>(shapes.data())
             .chunks_exact(2)
             .map(|pair| (pair[0], pair[1]))
             .collect();
@@ -292,8 +280,8 @@ pub(crate) fn decode(
         )));
     }
     let state = HostState {
-        momentum: f32s(momentum),
-        power_vectors: f32s(vectors),
+        momentum: bytemuck::pod_collect_to_vec(momentum),
+        power_vectors: bytemuck::pod_collect_to_vec(vectors),
         warm: warm.iter().map(|&w| w == 1).collect(),
     };
     check_values(layout, &state)?;
@@ -309,6 +297,7 @@ const UNIT_LENGTH_TOLERANCE: f64 = 1e-3;
 /// The values a state may hold (math §4.8): finite momentum, and finite power vectors of unit
 /// length, whatever the CRC says (a file can be written by other code).
 pub(crate) fn check_values(layout: &BatchLayout, state: &HostState) -> Result<()> {
+    state.check(layout)?;
     if let Some(position) = state.momentum.iter().position(|m| !m.is_finite()) {
         return Err(format_error(format!(
             "momentum value {position} is {}; momentum must be finite",

@@ -513,10 +513,17 @@ fn zero_direction_leaves_weights_untouched() {
     grads[0].fill(bf16::ZERO);
     grads[1].fill(bf16::ZERO);
     let mut weights = upload(&device, &before);
-    let (report, _) = sim_step(&device, &mut sim, &mut weights, &grads);
     let mut cpu_weights = before.clone();
-    let cpu_report = cpu.step(&mut cpu_weights, &grads).unwrap();
-    compare_reports("zero", &report.matrices, &cpu_report.matrices);
+    step_both(
+        "zero",
+        &device,
+        &mut sim,
+        &mut weights,
+        &mut cpu,
+        &mut cpu_weights,
+        &grads,
+    );
+    let report = sim.report().unwrap();
     let after = download(&device, &weights);
     for j in [0, 1] {
         assert_eq!(
@@ -777,9 +784,16 @@ fn orthogonal_start_vector_is_reseeded_alike_on_both_backends() {
     grads[0].iter_mut().step_by(8).for_each(|g| *g = 0.0);
     let mut weights = upload(&device, &before);
     let mut cpu_weights = before.clone();
-    let (report, _) = sim_step(&device, &mut sim, &mut weights, &grads);
-    let cpu_report = cpu.step(&mut cpu_weights, &grads).unwrap();
-    compare_reports("re-seed", &report.matrices, &cpu_report.matrices);
+    step_both(
+        "re-seed",
+        &device,
+        &mut sim,
+        &mut weights,
+        &mut cpu,
+        &mut cpu_weights,
+        &grads,
+    );
+    let report = sim.report().unwrap();
     assert_eq!(report.matrices[0].status, MatrixStatus::Reseeded);
     assert_eq!(report.matrices[1].status, MatrixStatus::Updated);
     assert_eq!(
@@ -1125,9 +1139,16 @@ fn an_overflowing_coefficient_skips_the_matrix_alike_on_both_backends() {
     grads[1] = random_batch(&shapes[1..], 1e15, 22).remove(0);
     let mut weights = upload(&device, &before);
     let mut cpu_weights = before.clone();
-    let (report, _) = sim_step(&device, &mut sim, &mut weights, &grads);
-    let cpu_report = cpu.step(&mut cpu_weights, &grads).unwrap();
-    compare_reports("overflow", &report.matrices, &cpu_report.matrices);
+    step_both(
+        "overflow",
+        &device,
+        &mut sim,
+        &mut weights,
+        &mut cpu,
+        &mut cpu_weights,
+        &grads,
+    );
+    let report = sim.report().unwrap();
     assert_eq!(report.matrices[0].status, MatrixStatus::SkippedNonFinite);
     assert!(
         report.matrices[0].sigma.is_some_and(|s| s > 0.0),

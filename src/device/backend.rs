@@ -3,7 +3,7 @@
 
 use std::borrow::{Borrow, BorrowMut};
 
-use super::Device;
+use super::{Device, download_f32};
 use crate::backend::{Backend, HostState};
 use crate::config::SpectralSgdConfig;
 use crate::element::{Dtype, Element};
@@ -52,23 +52,20 @@ struct TableKey {
     addresses: Vec<(u64, u64)>,
 }
 
-fn f32_bytes(values: usize) -> Result<usize> {
-    values
-        .checked_mul(4)
-        .ok_or_else(|| Error::DeviceLimit(format!("{values} f32 values do not fit in memory")))
-}
-
 impl<D: Device> Tables<D> {
-    /// Allocates everything `layout` needs and uploads the block table. `momentum` is the
-    /// address of the optimizer's momentum buffer (0 when there is none).
-    pub fn new(device: &D, layout: &BatchLayout, momentum: u64) -> Result<Self> {
+    /// Checks that the kernels can run `layout`, allocates everything it needs and uploads
+    /// the block table. The matrix table points at no momentum until
+    /// [`set_momentum`](Self::set_momentum). The byte sizes cannot overflow: `BatchLayout`
+    /// checked them for 4-byte state, and the per-matrix and per-block records are no
+    /// larger than the layout's own entries, which exist.
+    pub fn new(device: &D, layout: &BatchLayout) -> Result<Self> {
         plan::check_layout(layout, device.max_shared_bytes())?;
         device.prepare_power_shared(plan::power_shared_bytes(layout)?)?;
-        let power_vectors = device.alloc(f32_bytes(layout.total_vector_len())?)?;
-        let partials = device.alloc(f32_bytes(layout.total_partial_len())?)?;
-        let block_sums = device.alloc(f32_bytes(layout.blocks().len())?)?;
+        let power_vectors = device.alloc(4 * layout.total_vector_len())?;
+        let partials = device.alloc(4 * layout.total_partial_len())?;
+        let block_sums = device.alloc(4 * layout.blocks().len())?;
         let results = device.alloc(layout.len() * MatrixResult::SIZE)?;
-        let warm = device.alloc(f32_bytes(layout.len())?)?;
+        let warm = device.alloc(4 * layout.len())?;
         let block_table = plan::block_descriptors(layout);
         let block_bytes: &[u8] = bytemuck::cast_slice(&block_table);
         let mut blocks = device.alloc(block_bytes.len())?;
@@ -83,7 +80,7 @@ impl<D: Device> Tables<D> {
             warm: device.buffer_address(&warm),
         };
         let state = StatePointers {
-            momentum,
+            momentum: 0,
             power_vectors: device.buffer_address(&power_vectors),
             partials: device.buffer_address(&partials),
         };
@@ -99,6 +96,12 @@ impl<D: Device> Tables<D> {
             state,
             uploaded: None,
         })
+    }
+
+    /// Points the matrix table at the momentum buffer at `address` (before the first upload).
+    pub fn set_momentum(&mut self, address: u64) {
+        self.state.momentum = address;
+        self.uploaded = None;
     }
 
     /// Uploads the matrix table for these buffers unless it is already on the device.
@@ -156,8 +159,8 @@ impl<D: Device> Tables<D> {
 /// [`Simulated`](crate::sim::Simulated).
 ///
 /// A warm step is three launches for the whole model (power pass, finish, update; math
-/// §5.2): `sigma` and the per-matrix decisions stay on the device, and nothing is allocated
-/// after the first step. A cold step (the first, or after a reset or a state load) runs
+/// §5.2): `sigma` and the per-matrix decisions stay on the device, and no device memory is
+/// allocated after the first step (the host builds the launch list, a few small vectors). A cold step (the first, or after a reset or a state load) runs
 /// `cold_iterations` rounds of power pass and finish before the update (math §4.7). Reading
 /// what happened is a separate call, [`SpectralSgd::report`], which waits.
 pub struct DeviceBackend<D: Device> {
@@ -186,11 +189,9 @@ impl<D: Device> DeviceBackend<D> {
     /// Fresh state for `layout` on `device`.
     pub fn create_on(device: D, layout: BatchLayout, config: &SpectralSgdConfig) -> Result<Self> {
         config.validate_for(&layout)?;
-        plan::check_layout(&layout, device.max_shared_bytes())?;
-        // The momentum buffer's address goes into the matrix table, so it is allocated
-        // first; `Tables::new` repeats the layout check for its own callers.
-        let momentum = device.alloc(f32_bytes(layout.total_elements())?)?;
-        let mut tables = Tables::new(&device, &layout, device.buffer_address(&momentum))?;
+        let mut tables = Tables::new(&device, &layout)?;
+        let momentum = device.alloc(4 * layout.total_elements())?;
+        tables.set_momentum(device.buffer_address(&momentum));
         tables.reset_power_vectors(&device, &layout, config.seed)?;
         Ok(Self {
             device,
@@ -205,16 +206,6 @@ impl<D: Device> DeviceBackend<D> {
     /// The device the state lives on.
     pub fn device(&self) -> &D {
         &self.device
-    }
-
-    fn download_f32(&self, buffer: &D::Buffer, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        let bytes = self
-            .device
-            .download(buffer, 4 * range.start, 4 * range.len())?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
     }
 }
 
@@ -290,9 +281,12 @@ impl<D: Device> Backend for DeviceBackend<D> {
 
     fn export_state(&self) -> Result<HostState> {
         let layout = &self.layout;
-        let momentum = self.download_f32(&self.momentum, 0..layout.total_elements())?;
-        let vectors =
-            self.download_f32(&self.tables.power_vectors, 0..layout.total_vector_len())?;
+        let momentum = download_f32(&self.device, &self.momentum, 0..layout.total_elements())?;
+        let vectors = download_f32(
+            &self.device,
+            &self.tables.power_vectors,
+            0..layout.total_vector_len(),
+        )?;
         let warm = self
             .device
             .download(&self.tables.warm, 0, 4 * layout.len())?;
@@ -377,7 +371,7 @@ impl<D: Device> SpectralSgd<DeviceBackend<D>> {
     pub fn momentum_to_host(&self, index: usize) -> Result<Vec<f32>> {
         let backend = self.backend();
         let range = backend.layout.matrix(index).element_range();
-        backend.download_f32(&backend.momentum, range)
+        download_f32(&backend.device, &backend.momentum, range)
     }
 
     /// The power vector of matrix `index`, copied to the host (waits for the device). Panics
@@ -385,6 +379,6 @@ impl<D: Device> SpectralSgd<DeviceBackend<D>> {
     pub fn power_vector_to_host(&self, index: usize) -> Result<Vec<f32>> {
         let backend = self.backend();
         let range = backend.layout.matrix(index).vector_range();
-        backend.download_f32(&backend.tables.power_vectors, range)
+        download_f32(&backend.device, &backend.tables.power_vectors, range)
     }
 }

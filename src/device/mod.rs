@@ -132,3 +132,14 @@ pub(crate) fn checked_end(buffer_len: usize, offset: usize, len: usize) -> Resul
             ))
         })
 }
+
+/// `f32` values `range` (in values, not bytes) of one of `device`'s own buffers, after all
+/// enqueued work.
+pub(crate) fn download_f32<D: Device>(
+    device: &D,
+    buffer: &D::Buffer,
+    range: std::ops::Range<usize>,
+) -> Result<Vec<f32>> {
+    let bytes = device.download(buffer, 4 * range.start, 4 * range.len())?;
+    Ok(bytemuck::pod_collect_to_vec(&bytes))
+}

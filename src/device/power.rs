@@ -1,7 +1,7 @@
 //! Batched power iteration on stored matrices on a device (math §4.2; the plain power pass).
 
-use super::Device;
 use super::backend::Tables;
+use super::{Device, download_f32};
 use crate::config::MAX_POWER_ITERATIONS;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -38,7 +38,7 @@ impl<D: Device> PowerIteration<D> {
 
     /// Buffers for a layout built by the caller (its alignment a multiple of 4 elements).
     pub fn with_layout(layout: BatchLayout, device: D) -> Result<Self> {
-        let mut tables = Tables::new(&device, &layout, 0)?;
+        let mut tables = Tables::new(&device, &layout)?;
         tables.reset_power_vectors(&device, &layout, 0)?;
         Ok(Self {
             device,
@@ -113,12 +113,6 @@ impl<D: Device> PowerIteration<D> {
     /// out of range.
     pub fn power_vector_to_host(&self, index: usize) -> Result<Vec<f32>> {
         let range = self.layout.matrix(index).vector_range();
-        let bytes =
-            self.device
-                .download(&self.tables.power_vectors, 4 * range.start, 4 * range.len())?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+        download_f32(&self.device, &self.tables.power_vectors, range)
     }
 }

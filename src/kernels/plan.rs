@@ -310,7 +310,7 @@ pub fn power_launches(
 
 /// The finish's settings for plain power iteration: every matrix takes `iterations`, warm or
 /// not, and no update coefficient is needed (`eta = 0`).
-pub(crate) fn plain_power_config(iterations: u32) -> SpectralSgdConfig {
+fn plain_power_config(iterations: u32) -> SpectralSgdConfig {
     SpectralSgdConfig {
         learning_rate: 0.0,
         warm_iterations: iterations,
