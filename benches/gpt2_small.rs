@@ -1,6 +1,11 @@
 //! GPT-2-small matrix set (12 layers x {2304x768, 768x768, 3072x768, 768x3072}, 85M
 //! parameters): one warm power iteration (fused and two-matvec) and the full warm step, in
-//! `f32` and `bf16`, each beside a memory-copy baseline of the same byte count.
+//! `f32`, `bf16` and `f16`, each beside a memory-copy baseline of the same byte count.
+//!
+//! For 16-bit weights the warm step runs twice per round, with stochastic rounding (the
+//! default) and with round-to-nearest, and the cost of stochastic rounding is printed as the
+//! median of their per-round time ratios (math §5a: it adds no memory traffic, only the
+//! Philox arithmetic).
 //!
 //! Run: `cargo bench --bench gpt2_small` (add `-- --rounds 15` for more rounds).
 //!
@@ -22,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use spectral_step::cpu::BatchPowerIteration;
-use spectral_step::half::bf16;
-use spectral_step::{BatchLayout, BlockPolicy, Element, SpectralSgd, SpectralSgdConfig};
+use spectral_step::half::{bf16, f16};
+use spectral_step::{BatchLayout, BlockPolicy, Element, Rounding, SpectralSgd, SpectralSgdConfig};
 
 use common::{gpt2_small, hashed};
 
@@ -177,14 +182,24 @@ fn bench_dtype<T: Element>(rounds: usize) {
     {
         let model_bytes = (n * (3 * b + 12)) as f64;
         let actual_bytes = (n * (4 * b + 16)) as f64;
+        let low_precision = T::DTYPE.is_low_precision();
         let mut optimizer = SpectralSgd::new(&shapes, SpectralSgdConfig::default()).unwrap();
-        optimizer.step(&mut weights, &grads).unwrap(); // the cold start is not what is measured
+        let nearest_config = SpectralSgdConfig {
+            rounding: Rounding::Nearest,
+            ..SpectralSgdConfig::default()
+        };
+        let mut nearest = SpectralSgd::new(&shapes, nearest_config).unwrap();
+        let mut nearest_weights = weights.clone();
+        // The cold start is not what is measured.
+        optimizer.step(&mut weights, &grads).unwrap();
+        nearest.step(&mut nearest_weights, &grads).unwrap();
         let half = (model_bytes / 2.0) as usize;
         let mut src = vec![1u8; half];
         let (mut dst, mut dst_parallel) = (vec![0u8; half], vec![0u8; half]);
         src.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
         let (src, dst, dst_parallel) = (&src, &mut dst, &mut dst_parallel);
         let (weights, grads, optimizer) = (&mut weights, &grads, &mut optimizer);
+        let (nearest, nearest_weights) = (&mut nearest, &mut nearest_weights);
         let mut variants = vec![
             Variant {
                 name: "copy, 1 thread (baseline)",
@@ -200,13 +215,27 @@ fn bench_dtype<T: Element>(rounds: usize) {
             },
         ];
         variants.push(Variant {
-            name: "step, warm (math §5)",
+            name: if low_precision {
+                "step, warm, stochastic rounding"
+            } else {
+                "step, warm (math §5)"
+            },
             model_bytes,
             run: Box::new(|| {
                 black_box(optimizer.step(weights, grads).unwrap());
             }),
             times: Vec::new(),
         });
+        if low_precision {
+            variants.push(Variant {
+                name: "step, warm, round to nearest",
+                model_bytes,
+                run: Box::new(|| {
+                    black_box(nearest.step(nearest_weights, grads).unwrap());
+                }),
+                times: Vec::new(),
+            });
+        }
         compare(
             &format!(
                 "{dtype} step: {:.0} MB under math §5's model, {:.0} MB actually moved",
@@ -222,6 +251,21 @@ fn bench_dtype<T: Element>(rounds: usize) {
             "  step bandwidth counting the bytes it actually moves: {:.2} GB/s",
             actual_bytes / step_time / 1e9
         );
+        if low_precision {
+            let mut ratios: Vec<f64> = variants[2]
+                .times
+                .iter()
+                .zip(&variants[3].times)
+                .map(|(stochastic, nearest)| stochastic.as_secs_f64() / nearest.as_secs_f64())
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            println!(
+                "  stochastic rounding / round to nearest, warm step: {:.3}x (median of per-round ratios, range {:.3}x to {:.3}x)",
+                ratios[ratios.len() / 2],
+                ratios[0],
+                ratios[ratios.len() - 1]
+            );
+        }
     }
 }
 
@@ -239,4 +283,5 @@ fn main() {
     }
     bench_dtype::<f32>(rounds);
     bench_dtype::<bf16>(rounds);
+    bench_dtype::<f16>(rounds);
 }

@@ -69,7 +69,7 @@ pub fn expand(
         }
         let indent = &line[..line.len() - trimmed.len()];
         let body = substitute(body, element, variant, values).map_err(at_line)?;
-        let lines = match expand_macro(&body, element) {
+        let lines = match expand_macro(&body, element, values) {
             Some(lines) => lines.map_err(at_line)?,
             None => vec![body],
         };
@@ -150,19 +150,26 @@ fn substitute(
 }
 
 /// The pseudo-instructions.
-const MACROS: [&str; 8] = [
+const MACROS: [&str; 11] = [
     "LOAD_ELEM",
     "LOAD_ELEM.nc",
     "LOAD_ELEM4",
     "LOAD_ELEM4.nc",
     "STORE_ELEM",
     "STORE_ELEM4",
+    "STORE_ELEM_SR",
+    "STORE_ELEM4_SR",
     "MOMENTUM",
     "WARP_SUM",
+    "PHILOX",
 ];
 
 /// `Some` when the line is one of the pseudo-instructions.
-fn expand_macro(line: &str, element: Option<&ElementType>) -> Option<Result<Vec<String>, String>> {
+fn expand_macro(
+    line: &str,
+    element: Option<&ElementType>,
+    values: &HashMap<String, u64>,
+) -> Option<Result<Vec<String>, String>> {
     let (op, args) = line.split_once(char::is_whitespace)?;
     if !MACROS.contains(&op) {
         return None;
@@ -170,7 +177,135 @@ fn expand_macro(line: &str, element: Option<&ElementType>) -> Option<Result<Vec<
     let Some(args) = args.trim().strip_suffix(';') else {
         return Some(Err(format!("{op}: missing `;`")));
     };
-    Some(expand_known(op, args.trim(), element))
+    Some(expand_known(op, args.trim(), element, values))
+}
+
+/// A named value of `src/kernels/records.rs`, for the pseudo-instructions that need one.
+fn value(values: &HashMap<String, u64>, name: &str) -> Result<u64, String> {
+    values
+        .get(name)
+        .copied()
+        .ok_or_else(|| format!("no value named {name}"))
+}
+
+/// Philox4x32 on the counter `(group_lo, group_hi, %matrix, %step_lo)` with the key
+/// `(%key0, %key1)` (math §5a, `src/rounding.rs::philox4x32_10`), into `%rand0..3`.
+fn philox(group: &str, values: &HashMap<String, u64>) -> Result<Vec<String>, String> {
+    let [m0, m1, w0, w1] =
+        ["PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1"].map(|name| value(values, name));
+    let (m0, m1, w0, w1) = (m0?, m1?, w0?, w1?);
+    let rounds = value(values, "PHILOX_ROUNDS")?;
+    let mut lines = vec![
+        format!("cvt.u32.u64 %rand0, {group};"),
+        format!("shr.u64 %philox_wide, {group}, 32;"),
+        "cvt.u32.u64 %rand1, %philox_wide;".to_string(),
+        "mov.b32 %rand2, %matrix;".to_string(),
+        "mov.b32 %rand3, %step_lo;".to_string(),
+        "mov.b32 %philox_k0, %key0;".to_string(),
+        "mov.b32 %philox_k1, %key1;".to_string(),
+    ];
+    for round in 0..rounds {
+        if round > 0 {
+            lines.push(format!("add.u32 %philox_k0, %philox_k0, {w0};"));
+            lines.push(format!("add.u32 %philox_k1, %philox_k1, {w1};"));
+        }
+        lines.extend([
+            format!("mul.hi.u32 %philox_hi0, %rand0, {m0};"),
+            format!("mul.lo.u32 %philox_lo0, %rand0, {m0};"),
+            format!("mul.hi.u32 %philox_hi1, %rand2, {m1};"),
+            format!("mul.lo.u32 %philox_lo1, %rand2, {m1};"),
+            "xor.b32 %rand0, %philox_hi1, %rand1;".to_string(),
+            "xor.b32 %rand0, %rand0, %philox_k0;".to_string(),
+            "mov.b32 %rand1, %philox_lo1;".to_string(),
+            "xor.b32 %rand2, %philox_hi0, %rand3;".to_string(),
+            "xor.b32 %rand2, %rand2, %philox_k1;".to_string(),
+            "mov.b32 %rand3, %philox_lo0;".to_string(),
+        ]);
+    }
+    Ok(lines)
+}
+
+/// Stochastic rounding of the `f32` register `src` to the 16-bit type `half`, with the 16
+/// random bits in `%sr_rand`, into the `.b16` register `dst` (math §5a, the steps of
+/// `src/rounding.rs::{bf16_stochastic, f16_stochastic}`).
+fn stochastic_round(
+    half: &str,
+    src: &str,
+    dst: &str,
+    values: &HashMap<String, u64>,
+) -> Result<Vec<String>, String> {
+    let mut lines = vec![
+        format!("mov.b32 %sr_bits, {src};"),
+        "and.b32 %sr_mag, %sr_bits, 0x7FFFFFFF;".to_string(),
+        "shr.u32 %sr_sign, %sr_bits, 16;".to_string(),
+        "and.b32 %sr_sign, %sr_sign, 0x8000;".to_string(),
+    ];
+    if half == "bf16" {
+        let max = value(values, "BF16_MAX_BITS")?;
+        lines.extend([
+            // Add the random bits below the kept half, truncate.
+            "add.u32 %sr_out, %sr_bits, %sr_rand;".to_string(),
+            "shr.u32 %sr_out, %sr_out, 16;".to_string(),
+            // A finite value that carried into the exponent of infinity saturates.
+            "and.b32 %sr_tmp, %sr_out, 0x7FFF;".to_string(),
+            "setp.eq.u32 %sr_p, %sr_tmp, 0x7F80;".to_string(),
+            "setp.lt.u32 %sr_q, %sr_mag, 0x7F800000;".to_string(),
+            "and.pred %sr_p, %sr_p, %sr_q;".to_string(),
+            format!("or.b32 %sr_tmp, %sr_sign, {max};"),
+            "selp.b32 %sr_out, %sr_tmp, %sr_out, %sr_p;".to_string(),
+            // NaN: sign and upper payload, quiet bit set.
+            "shr.u32 %sr_tmp, %sr_bits, 16;".to_string(),
+            "or.b32 %sr_tmp, %sr_tmp, 0x0040;".to_string(),
+            "setp.gt.u32 %sr_p, %sr_mag, 0x7F800000;".to_string(),
+            "selp.b32 %sr_out, %sr_tmp, %sr_out, %sr_p;".to_string(),
+        ]);
+    } else {
+        let min_normal = value(values, "F16_MIN_NORMAL_BITS")?;
+        let max = value(values, "F16_MAX_BITS")?;
+        lines.extend([
+            // Normal range: the top 13 random bits below the kept 10 mantissa bits,
+            // truncate, re-bias the exponent (127 - 15 = 112), saturate.
+            "shr.u32 %sr_tmp, %sr_rand, 3;".to_string(),
+            "add.u32 %sr_out, %sr_mag, %sr_tmp;".to_string(),
+            "shr.u32 %sr_out, %sr_out, 13;".to_string(),
+            "sub.u32 %sr_out, %sr_out, 0x1C000;".to_string(),
+            format!("min.u32 %sr_out, %sr_out, {max};"),
+            // Subnormal range: k = floor(x) + [random < 2^16 frac(x)], x = |value| 2^24.
+            "mov.b32 %sr_units, %sr_mag;".to_string(),
+            "mul.rn.f32 %sr_units, %sr_units, 0f4B800000;".to_string(),
+            "cvt.rzi.u32.f32 %sr_sub, %sr_units;".to_string(),
+            "cvt.rn.f32.u32 %sr_frac, %sr_sub;".to_string(),
+            "sub.rn.f32 %sr_frac, %sr_units, %sr_frac;".to_string(),
+            "mul.rn.f32 %sr_frac, %sr_frac, 0f47800000;".to_string(),
+            "cvt.rn.f32.u32 %sr_randf, %sr_rand;".to_string(),
+            "setp.lt.f32 %sr_p, %sr_randf, %sr_frac;".to_string(),
+            "selp.u32 %sr_tmp, 1, 0, %sr_p;".to_string(),
+            "add.u32 %sr_sub, %sr_sub, %sr_tmp;".to_string(),
+            format!("setp.lt.u32 %sr_p, %sr_mag, {min_normal};"),
+            "selp.b32 %sr_out, %sr_sub, %sr_out, %sr_p;".to_string(),
+            // Infinity and NaN: as round-to-nearest (quiet bit for NaN, upper payload).
+            "and.b32 %sr_tmp, %sr_mag, 0x007FFFFF;".to_string(),
+            "shr.u32 %sr_tmp, %sr_tmp, 13;".to_string(),
+            "or.b32 %sr_tmp, %sr_tmp, 0x7C00;".to_string(),
+            "setp.gt.u32 %sr_p, %sr_mag, 0x7F800000;".to_string(),
+            "selp.b32 %sr_sub, 0x0200, 0, %sr_p;".to_string(),
+            "or.b32 %sr_tmp, %sr_tmp, %sr_sub;".to_string(),
+            "setp.ge.u32 %sr_p, %sr_mag, 0x7F800000;".to_string(),
+            "selp.b32 %sr_out, %sr_tmp, %sr_out, %sr_p;".to_string(),
+        ]);
+    }
+    lines.push("or.b32 %sr_out, %sr_out, %sr_sign;".to_string());
+    lines.push(format!("cvt.u16.u32 {dst}, %sr_out;"));
+    Ok(lines)
+}
+
+/// `%sr_rand = word >> (16 * odd) & 0xFFFF`: the random bits of one element of a word.
+fn random_half(word: &str, odd: bool) -> String {
+    if odd {
+        format!("shr.u32 %sr_rand, {word}, 16;")
+    } else {
+        format!("and.b32 %sr_rand, {word}, 0xFFFF;")
+    }
 }
 
 fn four_registers(op: &str, text: &str) -> Result<Vec<String>, String> {
@@ -191,6 +326,7 @@ fn expand_known(
     op: &str,
     args: &str,
     element: Option<&ElementType>,
+    values: &HashMap<String, u64>,
 ) -> Result<Vec<String>, String> {
     let need_element = || element.ok_or_else(|| format!("{op} in an untyped template"));
     let cache = if op.ends_with(".nc") { ".nc" } else { "" };
@@ -268,6 +404,68 @@ fn expand_known(
                 }
             }
         }
+        "STORE_ELEM_SR" => {
+            // `[addr], src, random`: random holds 16 bits.
+            let element = need_element()?;
+            let parts: Vec<&str> = args.split(',').map(str::trim).collect();
+            let [addr, src, random] = parts[..] else {
+                return Err(format!("{op}: expected `[addr], src, random`"));
+            };
+            match element.half {
+                None => vec![format!("st.global.f32 {addr}, {src};")],
+                Some(half) => {
+                    let mut lines = vec![format!("mov.b32 %sr_rand, {random};")];
+                    lines.extend(stochastic_round(half, src, "%half0", values)?);
+                    lines.push(format!("st.global.b16 {addr}, %half0;"));
+                    lines
+                }
+            }
+        }
+        "STORE_ELEM4_SR" => {
+            // `[addr], {a, b, c, d}, {word0, word1}`: element k takes half k % 2 of word k / 2.
+            let element = need_element()?;
+            let (addr, rest) = args
+                .split_once(',')
+                .ok_or_else(|| format!("{op}: expected `[addr], {{...}}, {{word0, word1}}`"))?;
+            let (regs, words) = rest
+                .split_once('}')
+                .ok_or_else(|| format!("{op}: expected `[addr], {{...}}, {{word0, word1}}`"))?;
+            let regs = four_registers(op, &format!("{regs}}}"))?;
+            let words: Vec<&str> = words
+                .trim()
+                .trim_start_matches(',')
+                .trim()
+                .strip_prefix('{')
+                .and_then(|w| w.strip_suffix('}'))
+                .map(|w| w.split(',').map(str::trim).collect())
+                .unwrap_or_default();
+            let [word0, word1] = words[..] else {
+                return Err(format!("{op}: expected two random words, got `{rest}`"));
+            };
+            let addr = addr.trim();
+            match element.half {
+                None => vec![format!("st.global.v4.f32 {addr}, {{{}}};", regs.join(", "))],
+                Some(half) => {
+                    let mut lines = Vec::new();
+                    for (k, reg) in regs.iter().enumerate() {
+                        let word = if k < 2 { word0 } else { word1 };
+                        lines.push(random_half(word, k % 2 == 1));
+                        lines.extend(stochastic_round(half, reg, &format!("%half{k}"), values)?);
+                    }
+                    lines.push(format!(
+                        "st.global.v4.b16 {addr}, {{%half0, %half1, %half2, %half3}};"
+                    ));
+                    lines
+                }
+            }
+        }
+        "PHILOX" => {
+            let group = args.trim();
+            if group.is_empty() || group.contains(',') {
+                return Err(format!("{op}: expected one 64-bit register, got `{args}`"));
+            }
+            philox(group, values)?
+        }
         "MOMENTUM" => {
             // math §5.3: m_new = beta m + (grad_coef g); u = nesterov ? beta m_new + (grad_coef g) : m_new.
             let regs: Vec<&str> = args.split(',').map(str::trim).collect();
@@ -321,6 +519,14 @@ mod tests {
         [
             ("Rec.field".to_string(), 24),
             ("Status.Done".to_string(), 3),
+            ("PHILOX_M0".to_string(), 0xD251_1F53),
+            ("PHILOX_M1".to_string(), 0xCD9E_8D57),
+            ("PHILOX_W0".to_string(), 0x9E37_79B9),
+            ("PHILOX_W1".to_string(), 0xBB67_AE85),
+            ("PHILOX_ROUNDS".to_string(), 10),
+            ("BF16_MAX_BITS".to_string(), 0x7F7F),
+            ("F16_MAX_BITS".to_string(), 0x7BFF),
+            ("F16_MIN_NORMAL_BITS".to_string(), 0x3880_0000),
         ]
         .into_iter()
         .collect()
@@ -445,5 +651,69 @@ mod tests {
             Some("power_step_f32")
         );
         assert_eq!(entry_name("// no entry here"), None);
+    }
+
+    #[test]
+    fn philox_is_ten_rounds_with_nine_key_bumps() {
+        let out = expand("PHILOX %group;\n", None, "", &values()).unwrap();
+        assert_eq!(out.matches("mul.hi.u32").count(), 20, "{out}");
+        assert_eq!(out.matches("add.u32 %philox_k0").count(), 9, "{out}");
+        assert!(out.contains(&format!("{}", 0xD251_1F53u32)), "{out}");
+        assert!(expand("PHILOX %a, %b;\n", None, "", &values()).is_err());
+    }
+
+    #[test]
+    fn stochastic_stores_round_16_bit_types_and_store_f32_as_is() {
+        let quad = "STORE_ELEM4_SR [%addr], {%w0, %w1, %w2, %w3}, {%word0, %word1};\n";
+        let f32_out = expand(quad, Some(f32_type()), "", &values()).unwrap();
+        assert_eq!(
+            f32_out.trim(),
+            "st.global.v4.f32 [%addr], {%w0, %w1, %w2, %w3};"
+        );
+        let bf16_out = expand(quad, Some(bf16_type()), "", &values()).unwrap();
+        // Elements 0 and 1 take the halves of word0, 2 and 3 those of word1.
+        for line in [
+            "and.b32 %sr_rand, %word0, 0xFFFF;",
+            "shr.u32 %sr_rand, %word0, 16;",
+            "and.b32 %sr_rand, %word1, 0xFFFF;",
+            "shr.u32 %sr_rand, %word1, 16;",
+            "cvt.u16.u32 %half3, %sr_out;",
+            "st.global.v4.b16 [%addr], {%half0, %half1, %half2, %half3};",
+        ] {
+            assert!(bf16_out.contains(line), "missing `{line}` in\n{bf16_out}");
+        }
+        let f16_out = expand(
+            "STORE_ELEM_SR [%addr], %w0, %word0;\n",
+            Some(&ELEMENT_TYPES[1]),
+            "",
+            &values(),
+        )
+        .unwrap();
+        assert!(
+            f16_out.contains("min.u32 %sr_out, %sr_out, 31743;"),
+            "{f16_out}"
+        );
+        assert!(
+            f16_out.contains("st.global.b16 [%addr], %half0;"),
+            "{f16_out}"
+        );
+        assert!(
+            expand(
+                "STORE_ELEM4_SR [%a], {%w0, %w1, %w2, %w3};\n",
+                Some(f32_type()),
+                "",
+                &values()
+            )
+            .is_err()
+        );
+        assert!(
+            expand(
+                "STORE_ELEM_SR [%a], %w0;\n",
+                Some(f32_type()),
+                "",
+                &values()
+            )
+            .is_err()
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The optimizer's settings (math §5) with documented defaults.
 
 use crate::error::{Error, Result};
+use crate::rounding::Rounding;
 use crate::scaling::Scale;
 
 /// The most power iterations a step (or a device power iteration) may run for one matrix. A
@@ -55,8 +56,11 @@ pub struct SpectralSgdConfig {
     /// Power iterations on a cold start (first step, after a reset), at most
     /// [`MAX_POWER_ITERATIONS`]; fewer run once the estimate has converged. Default 8.
     pub cold_iterations: u32,
-    /// Seed of the cold-start power vectors. Default 0.
+    /// Seed of the cold-start power vectors and of the stochastic-rounding stream. Default 0.
     pub seed: u64,
+    /// How new `f16`/`bf16` weights are rounded (math §5a). Default
+    /// [`Rounding::Stochastic`]; no effect on `f32` weights.
+    pub rounding: Rounding,
 }
 
 impl Default for SpectralSgdConfig {
@@ -71,6 +75,7 @@ impl Default for SpectralSgdConfig {
             warm_iterations: 1,
             cold_iterations: 8,
             seed: 0,
+            rounding: Rounding::Stochastic,
         }
     }
 }

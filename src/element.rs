@@ -23,6 +23,12 @@ impl Dtype {
         }
     }
 
+    /// Whether this is a 16-bit type, whose new weights the step rounds as
+    /// [`Rounding`](crate::Rounding) says.
+    pub const fn is_low_precision(self) -> bool {
+        !matches!(self, Dtype::F32)
+    }
+
     /// Short lower-case name (`"f32"`, `"f16"`, `"bf16"`), as used in benchmark ids.
     pub const fn name(self) -> &'static str {
         match self {
@@ -42,7 +48,8 @@ mod sealed {
 
 /// A weight or gradient element: `f32`, [`half::f16`] or [`half::bf16`].
 ///
-/// Values are widened to `f32` for arithmetic and narrowed back with round-to-nearest-even.
+/// Values are widened to `f32` for arithmetic and narrowed back with round-to-nearest-even
+/// or stochastic rounding ([`Rounding`](crate::Rounding)).
 ///
 /// ```
 /// use spectral_step::Element;
@@ -58,6 +65,10 @@ pub trait Element:
     fn to_f32(self) -> f32;
     /// Narrowing from `f32`, round to nearest, ties to even.
     fn from_f32_rne(value: f32) -> Self;
+    /// Narrowing from `f32` with stochastic rounding (math §5a), `random` being 16 uniform
+    /// random bits; exact (`value` itself) for `f32`.
+    #[doc(hidden)]
+    fn from_f32_stochastic(value: f32, random: u32) -> Self;
     /// The slice itself when the element type is `f32` (so hot loops read it in place),
     /// `None` otherwise.
     #[inline(always)]
@@ -85,6 +96,10 @@ impl Element for f32 {
         value
     }
     #[inline(always)]
+    fn from_f32_stochastic(value: f32, _random: u32) -> Self {
+        value
+    }
+    #[inline(always)]
     fn as_f32_slice(values: &[Self]) -> Option<&[f32]> {
         Some(values)
     }
@@ -99,6 +114,10 @@ impl Element for f16 {
     #[inline(always)]
     fn from_f32_rne(value: f32) -> Self {
         f16::from_f32(value)
+    }
+    #[inline(always)]
+    fn from_f32_stochastic(value: f32, random: u32) -> Self {
+        f16::from_bits(crate::rounding::f16_stochastic(value, random))
     }
 }
 
@@ -117,5 +136,9 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f32_rne(value: f32) -> Self {
         bf16::from_f32(value)
+    }
+    #[inline(always)]
+    fn from_f32_stochastic(value: f32, random: u32) -> Self {
+        bf16::from_bits(crate::rounding::bf16_stochastic(value, random))
     }
 }

@@ -50,6 +50,7 @@ mod optimizer;
 mod policy;
 mod random;
 mod report;
+mod rounding;
 pub mod scaling;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -62,6 +63,7 @@ pub use error::{Error, Result};
 pub use layout::{BatchLayout, BlockPolicy, MatrixEntry, MatrixShape, RowBlock};
 pub use optimizer::SpectralSgd;
 pub use report::{MatrixReport, MatrixStatus, StepReport};
+pub use rounding::Rounding;
 pub use scaling::Scale;
 
 /// Re-exported so that users can name the element types without adding `half` themselves.

@@ -17,6 +17,7 @@ use crate::backend::HostState;
 use crate::config::{MomentumKind, SpectralSgdConfig};
 use crate::error::{Error, Result};
 use crate::layout::BatchLayout;
+use crate::rounding::Rounding;
 use crate::scaling::Scale;
 
 #[cfg(target_endian = "big")]
@@ -71,6 +72,7 @@ pub(crate) fn encode(
         ("warm_iterations", config.warm_iterations.to_string()),
         ("cold_iterations", config.cold_iterations.to_string()),
         ("seed", config.seed.to_string()),
+        ("rounding", config.rounding.name().to_owned()),
     ]
     .into_iter()
     .map(|(key, value)| (key.to_owned(), value))
@@ -259,6 +261,12 @@ pub(crate) fn decode(
         other => return Err(format_error(format!("unknown momentum_kind {other:?}"))),
     };
     let scale_text: String = field(metadata, "scale")?;
+    // A state saved before the setting existed resumes as it ran: round to nearest.
+    let rounding = match metadata.get("rounding") {
+        None => Rounding::Nearest,
+        Some(name) => Rounding::from_name(name)
+            .ok_or_else(|| format_error(format!("unknown rounding {name:?}")))?,
+    };
     let config = SpectralSgdConfig {
         learning_rate: field(metadata, "learning_rate")?,
         momentum: field(metadata, "momentum")?,
@@ -269,6 +277,7 @@ pub(crate) fn decode(
         warm_iterations: field(metadata, "warm_iterations")?,
         cold_iterations: field(metadata, "cold_iterations")?,
         seed: field(metadata, "seed")?,
+        rounding,
     };
     config
         .validate_for(layout)

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use spectral_step::{
-    MatrixShape, MatrixStatus, MomentumKind, Scale, SpectralSgd, SpectralSgdConfig,
+    MatrixShape, MatrixStatus, MomentumKind, Rounding, Scale, SpectralSgd, SpectralSgdConfig,
 };
 use spectral_step_reference as reference;
 
@@ -19,23 +19,30 @@ fn config_strategy() -> impl Strategy<Value = SpectralSgdConfig> {
         0usize..3,
         1u32..4,
         1u32..10,
-        any::<u64>(),
+        (any::<u64>(), any::<bool>()),
     )
         .prop_map(
-            |(momentum, ema, nesterov, weight_decay, scale, warm, cold, seed)| SpectralSgdConfig {
-                learning_rate: 0.1,
-                momentum,
-                momentum_kind: if ema {
-                    MomentumKind::Ema
-                } else {
-                    MomentumKind::HeavyBall
-                },
-                nesterov,
-                weight_decay,
-                scale: [Scale::Spectral, Scale::MuonMax1, Scale::RmsMatch(0.2)][scale],
-                warm_iterations: warm,
-                cold_iterations: cold,
-                seed,
+            |(momentum, ema, nesterov, weight_decay, scale, warm, cold, (seed, nearest))| {
+                SpectralSgdConfig {
+                    learning_rate: 0.1,
+                    momentum,
+                    momentum_kind: if ema {
+                        MomentumKind::Ema
+                    } else {
+                        MomentumKind::HeavyBall
+                    },
+                    nesterov,
+                    weight_decay,
+                    scale: [Scale::Spectral, Scale::MuonMax1, Scale::RmsMatch(0.2)][scale],
+                    warm_iterations: warm,
+                    cold_iterations: cold,
+                    seed,
+                    rounding: if nearest {
+                        Rounding::Nearest
+                    } else {
+                        Rounding::Stochastic
+                    },
+                }
             },
         )
 }

@@ -3,7 +3,9 @@
 mod common;
 
 use common::*;
-use spectral_step::{Error, MatrixShape, MomentumKind, Scale, SpectralSgd, SpectralSgdConfig};
+use spectral_step::{
+    Error, MatrixShape, MomentumKind, Rounding, Scale, SpectralSgd, SpectralSgdConfig,
+};
 
 fn shapes() -> Vec<MatrixShape> {
     vec![
@@ -32,6 +34,7 @@ fn trained() -> (SpectralSgd, Vec<Vec<f32>>) {
         warm_iterations: 2,
         cold_iterations: 6,
         seed: 99,
+        rounding: Rounding::Nearest,
     };
     let mut optimizer = SpectralSgd::new(&shapes(), config).unwrap();
     let mut weights: Vec<Vec<f32>> = shapes()

@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use spectral_step::half::{bf16, f16};
 use spectral_step::{
-    Element, Error, MatrixShape, MatrixStatus, MomentumKind, Scale, SpectralSgd, SpectralSgdConfig,
+    Element, Error, MatrixShape, MatrixStatus, MomentumKind, Rounding, Scale, SpectralSgd,
+    SpectralSgdConfig,
 };
 use spectral_step_reference as reference;
 
@@ -196,6 +197,7 @@ fn all_configs() -> Vec<SpectralSgdConfig> {
                         warm_iterations: 1,
                         cold_iterations: 8,
                         seed: 11,
+                        rounding: Rounding::Stochastic,
                     });
                 }
             }

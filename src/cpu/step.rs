@@ -15,9 +15,12 @@ use crate::kernels::records::{MatrixResult, Status};
 use crate::layout::BatchLayout;
 use crate::policy;
 use crate::report::StepReport;
+use crate::rounding::{BATCH, BATCH_GROUPS, GROUP, Rounding, RoundingStream};
 
-/// Elements per parallel task in the update pass.
+/// Elements per parallel task in the update pass (a multiple of the rounding stream's
+/// [`BATCH`], so that every chunk starts a batch of groups).
 const UPDATE_CHUNK: usize = 1 << 16;
+const _: () = assert!(UPDATE_CHUNK.is_multiple_of(BATCH));
 
 /// What pass B does to one matrix, read from its result record as the update kernel reads it.
 #[derive(Clone, Copy, Debug)]
@@ -74,10 +77,15 @@ where
         .map(policy::report_of)
         .collect::<Result<Vec<_>>>()?;
     let updates: Vec<Update> = results.iter().map(Update::of).collect();
-    update_pass(
-        cpu.path,
-        &cpu.layout,
+    let stochastic = T::DTYPE.is_low_precision() && config.rounding == Rounding::Stochastic;
+    let settings = UpdateSettings {
+        path: cpu.path,
         rule,
+        stochastic: stochastic.then_some((config.seed, step)),
+    };
+    update_pass(
+        settings,
+        &cpu.layout,
         &updates,
         &mut weights,
         &grads,
@@ -154,28 +162,46 @@ fn estimate_sigmas<T: Element>(
     }
 }
 
+/// How pass B runs: the compiled loops, the momentum rule, and `(seed, step)` of the rounding
+/// stream when new 16-bit weights are rounded stochastically (math §5a), `None` for round to
+/// nearest.
+#[derive(Clone, Copy)]
+struct UpdateSettings {
+    path: KernelPath,
+    rule: MomentumRule,
+    stochastic: Option<(u64, u64)>,
+}
+
 /// Pass B of math §5.2 over the whole batch: `M <- M_new`,
 /// `W <- (1 - eta*lambda) W - (eta s / sigma) U`.
 fn update_pass<T: Element>(
-    path: KernelPath,
+    settings: UpdateSettings,
     layout: &BatchLayout,
-    rule: MomentumRule,
     updates: &[Update],
     weights: &mut [&mut [T]],
     grads: &[&[T]],
     momentum: &mut [f32],
 ) {
+    let UpdateSettings {
+        path,
+        rule,
+        stochastic,
+    } = settings;
     let momenta = layout.split_elements_mut(momentum);
     weights
         .par_iter_mut()
         .zip(grads.par_iter())
         .zip(momenta)
         .zip(updates.par_iter())
-        .for_each(|(((weights, grads), momentum), &update)| {
+        .enumerate()
+        .for_each(|(matrix, (((weights, grads), momentum), &update))| {
             let chunks = weights
                 .par_chunks_mut(UPDATE_CHUNK)
                 .zip(grads.par_chunks(UPDATE_CHUNK))
                 .zip(momentum.par_chunks_mut(UPDATE_CHUNK));
+            // Layouts hold at most 2^32 matrices (kernels::check_layout checks the same).
+            let stream =
+                stochastic.map(|(seed, step)| RoundingStream::new(seed, step, matrix as u32));
             match update {
                 Update::Skip => {}
                 Update::MomentumOnly => chunks.for_each(|((_, grads), momentum)| {
@@ -189,17 +215,24 @@ fn update_pass<T: Element>(
                     )
                 }),
                 Update::Full { decay, coefficient } => {
-                    chunks.for_each(|((weights, grads), momentum)| {
-                        let step = Step {
-                            rule,
-                            decay,
-                            coefficient,
-                            weights,
-                            grads,
-                            momentum,
-                        };
-                        on_path(path, step)
-                    })
+                    chunks
+                        .enumerate()
+                        .for_each(|(chunk, ((weights, grads), momentum))| {
+                            let rounding = stream.map(|stream| StochasticRounding {
+                                stream,
+                                first_group: (chunk * (UPDATE_CHUNK / GROUP)) as u64,
+                            });
+                            let step = Step {
+                                rounding,
+                                rule,
+                                decay,
+                                coefficient,
+                                weights,
+                                grads,
+                                momentum,
+                            };
+                            on_path(path, step)
+                        })
                 }
             }
         });
@@ -224,6 +257,8 @@ impl<T: Element> Kernel for StoreMomentum<'_, T> {
 
 /// Pass B over one chunk of one matrix.
 struct Step<'a, T> {
+    /// `Some` for stochastic rounding of the new weights (math §5a), `None` for nearest.
+    rounding: Option<StochasticRounding>,
     rule: MomentumRule,
     decay: f32,
     coefficient: f32,
@@ -236,10 +271,11 @@ impl<T: Element> Kernel for Step<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<const FMA: bool>(self) {
-        if self.rule.nesterov {
-            self.update::<true, FMA>()
-        } else {
-            self.update::<false, FMA>()
+        match (self.rule.nesterov, self.rounding) {
+            (true, None) => self.update::<true, FMA>(),
+            (false, None) => self.update::<false, FMA>(),
+            (true, Some(rounding)) => self.update_stochastic::<true, FMA>(rounding),
+            (false, Some(rounding)) => self.update_stochastic::<false, FMA>(rounding),
         }
     }
 }
@@ -256,11 +292,86 @@ impl<T: Element> Step<'_, T> {
             weights,
             grads,
             momentum,
+            ..
         } = self;
         for ((w, &g), m) in weights.iter_mut().zip(grads).zip(momentum.iter_mut()) {
             let (new_momentum, direction) = rule.apply::<NESTEROV, FMA>(*m, g.to_f32());
             *m = new_momentum;
             *w = T::from_f32_rne(madd::<FMA>(decay, w.to_f32(), -coefficient * direction));
+        }
+    }
+}
+
+/// The rounding stream of one matrix's step, and where a chunk starts in it.
+#[derive(Clone, Copy)]
+struct StochasticRounding {
+    stream: RoundingStream,
+    /// The group of the chunk's first element.
+    first_group: u64,
+}
+
+impl<T: Element> Step<'_, T> {
+    /// [`update`](Self::update) with stochastic rounding of the new weights (math §5a):
+    /// element `e` of the matrix takes the random bits of group `e / GROUP` of the stream.
+    #[inline(always)]
+    fn update_stochastic<const NESTEROV: bool, const FMA: bool>(
+        self,
+        rounding: StochasticRounding,
+    ) {
+        let StochasticRounding {
+            stream,
+            first_group,
+        } = rounding;
+        let Step {
+            rule,
+            decay,
+            coefficient,
+            weights,
+            grads,
+            momentum,
+            ..
+        } = self;
+        let element = |w: &mut T, g: T, m: &mut f32, random: u32| {
+            let (new_momentum, direction) = rule.apply::<NESTEROV, FMA>(*m, g.to_f32());
+            *m = new_momentum;
+            let new_weight = madd::<FMA>(decay, w.to_f32(), -coefficient * direction);
+            *w = T::from_f32_stochastic(new_weight, random);
+        };
+        let (weight_batches, weight_rest) = weights.as_chunks_mut::<BATCH>();
+        let (grad_batches, grad_rest) = grads.as_chunks::<BATCH>();
+        let (momentum_batches, momentum_rest) = momentum.as_chunks_mut::<BATCH>();
+        let batches = weight_batches
+            .iter_mut()
+            .zip(grad_batches)
+            .zip(momentum_batches.iter_mut());
+        let mut group = first_group;
+        for ((weights, grads), momentum) in batches {
+            let random = stream.batch(group);
+            for k in 0..BATCH {
+                element(
+                    &mut weights[k],
+                    grads[k],
+                    &mut momentum[k],
+                    u32::from(random[k]),
+                );
+            }
+            group += BATCH_GROUPS as u64;
+        }
+        let rest = weight_rest
+            .chunks_mut(GROUP)
+            .zip(grad_rest.chunks(GROUP))
+            .zip(momentum_rest.chunks_mut(GROUP));
+        for ((weights, grads), momentum) in rest {
+            let random = stream.group(group);
+            for (((w, &g), m), &random) in weights
+                .iter_mut()
+                .zip(grads)
+                .zip(momentum.iter_mut())
+                .zip(&random)
+            {
+                element(w, g, m, random);
+            }
+            group += 1;
         }
     }
 }

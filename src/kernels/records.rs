@@ -257,6 +257,28 @@ pub const RESEED_STEP: u32 = 97;
 /// See [`RESEED_COLUMN`].
 pub const RESEED_MIX: u32 = 0x2C1B_3C6D;
 
+/// Philox4x32 multipliers (Salmon et al., SC'11, table 2): the random bits of stochastic
+/// rounding (math §5a, `src/rounding.rs`).
+pub const PHILOX_M0: u32 = 0xD251_1F53;
+/// See [`PHILOX_M0`].
+pub const PHILOX_M1: u32 = 0xCD9E_8D57;
+/// Philox4x32 key increments (Weyl sequence) per round.
+pub const PHILOX_W0: u32 = 0x9E37_79B9;
+/// See [`PHILOX_W0`].
+pub const PHILOX_W1: u32 = 0xBB67_AE85;
+/// Rounds of the Philox network (Random123's default, with a margin over the 7 that pass
+/// BigCrush).
+pub const PHILOX_ROUNDS: u32 = 10;
+/// Elements sharing one Philox output: 128 bits, 16 per element.
+pub const ROUNDING_GROUP: usize = 8;
+/// The smallest normal f16, `2^-14`, as `f32` bits: below it stochastic rounding to f16 works
+/// on the subnormal grid.
+pub const F16_MIN_NORMAL_BITS: u32 = 0x3880_0000;
+/// The largest finite f16 (65504) as f16 bits: where a finite value saturates.
+pub const F16_MAX_BITS: u32 = 0x7BFF;
+/// The largest finite bf16 as bf16 bits: where a finite value saturates.
+pub const BF16_MAX_BITS: u32 = 0x7F7F;
+
 /// Every named value the kernel templates may use, as `(placeholder, value)`: record
 /// offsets (`MatrixDescriptor.fan_in`), sizes (`MatrixDescriptor.SIZE`), status and flag
 /// codes (`Status.NonFinite`, `Flag.Quads`, `VectorAction.Reseed`) and the constants
@@ -302,6 +324,15 @@ pub fn template_values() -> Vec<(String, u64)> {
         ("RESEED_MATRIX", u64::from(RESEED_MATRIX)),
         ("RESEED_STEP", u64::from(RESEED_STEP)),
         ("RESEED_MIX", u64::from(RESEED_MIX)),
+        ("PHILOX_M0", u64::from(PHILOX_M0)),
+        ("PHILOX_M1", u64::from(PHILOX_M1)),
+        ("PHILOX_W0", u64::from(PHILOX_W0)),
+        ("PHILOX_W1", u64::from(PHILOX_W1)),
+        ("PHILOX_ROUNDS", u64::from(PHILOX_ROUNDS)),
+        ("ROUNDING_GROUP", ROUNDING_GROUP as u64),
+        ("F16_MIN_NORMAL_BITS", u64::from(F16_MIN_NORMAL_BITS)),
+        ("F16_MAX_BITS", u64::from(F16_MAX_BITS)),
+        ("BF16_MAX_BITS", u64::from(BF16_MAX_BITS)),
     ] {
         values.push((name.into(), value));
     }

@@ -1,0 +1,397 @@
+//! How a new weight is narrowed to its storage type (math §5a): round to nearest, or
+//! stochastic rounding with random bits from Philox4x32-10 keyed on
+//! `(seed, step, matrix, element)`.
+//!
+//! Everything here is integer arithmetic or exact `f32` operations, so the update kernel
+//! (`kernels/update.ptx`, which states the same steps in PTX) produces the same bits on every
+//! device, thread count and CTA order.
+
+/// How the step writes `f16` and `bf16` weights (math §5a). `f32` weights are stored as
+/// computed either way.
+///
+/// ```
+/// use spectral_step::{Rounding, SpectralSgdConfig};
+/// assert_eq!(SpectralSgdConfig::default().rounding, Rounding::Stochastic);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Rounding {
+    /// Round up or down with probability proportional to the distance, so that the stored
+    /// weight equals the computed one in expectation and small updates survive on average.
+    /// The random bits are a pure function of the config's seed, the step, the matrix index
+    /// and the element index. The default.
+    #[default]
+    Stochastic,
+    /// Round to nearest, ties to even. An update far below half a unit in the last place of a
+    /// weight is lost entirely.
+    Nearest,
+}
+
+impl Rounding {
+    /// The name used in state files (`"stochastic"`, `"nearest"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Rounding::Stochastic => "stochastic",
+            Rounding::Nearest => "nearest",
+        }
+    }
+
+    /// The rounding named `name` ([`name`](Self::name)), if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Rounding::Stochastic, Rounding::Nearest]
+            .into_iter()
+            .find(|rounding| rounding.name() == name)
+    }
+}
+
+use crate::kernels::records::{
+    BF16_MAX_BITS, F16_MAX_BITS, F16_MIN_NORMAL_BITS, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS,
+    PHILOX_W0, PHILOX_W1, ROUNDING_GROUP,
+};
+
+/// Philox4x32-10: a keyed bijection on 128-bit counters.
+#[inline(always)]
+pub(crate) fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let [mut c0, mut c1, mut c2, mut c3] = counter;
+    let [mut k0, mut k1] = key;
+    for round in 0..PHILOX_ROUNDS {
+        if round > 0 {
+            k0 = k0.wrapping_add(PHILOX_W0);
+            k1 = k1.wrapping_add(PHILOX_W1);
+        }
+        let product0 = u64::from(PHILOX_M0) * u64::from(c0);
+        let product1 = u64::from(PHILOX_M1) * u64::from(c2);
+        let (hi0, lo0) = ((product0 >> 32) as u32, product0 as u32);
+        let (hi1, lo1) = ((product1 >> 32) as u32, product1 as u32);
+        (c0, c1, c2, c3) = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0);
+    }
+    [c0, c1, c2, c3]
+}
+
+/// Elements that share one Philox call: 128 random bits, 16 per element.
+pub(crate) const GROUP: usize = ROUNDING_GROUP;
+
+/// The key and the per-matrix part of the counter of the rounding stream of one step.
+///
+/// Element `e` of matrix `matrix` at step `step` takes 16 bits of
+/// `philox4x32_10([g_lo, g_hi, matrix, step_lo], [seed_lo, seed_hi ^ step_hi])` with
+/// `g = e / 8`: word `(e % 8) / 2`, its low half for even `e`, its high half for odd `e`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RoundingStream {
+    key: [u32; 2],
+    matrix: u32,
+    step_lo: u32,
+}
+
+impl RoundingStream {
+    pub(crate) fn new(seed: u64, step: u64, matrix: u32) -> Self {
+        Self {
+            key: [seed as u32, (seed >> 32) as u32 ^ (step >> 32) as u32],
+            matrix,
+            step_lo: step as u32,
+        }
+    }
+
+    /// The 16-bit random numbers of elements `8 g .. 8 g + 8`, in element order.
+    #[inline(always)]
+    pub(crate) fn group(&self, group: u64) -> [u32; GROUP] {
+        let words = philox4x32_10(
+            [
+                group as u32,
+                (group >> 32) as u32,
+                self.matrix,
+                self.step_lo,
+            ],
+            self.key,
+        );
+        std::array::from_fn(|lane| (words[lane / 2] >> (16 * (lane % 2))) & 0xFFFF)
+    }
+}
+
+/// Groups per [`RoundingStream::batch`]: eight Philox calls side by side, so that the
+/// multiplications run as vector instructions.
+pub(crate) const BATCH_GROUPS: usize = 8;
+
+/// Elements per [`RoundingStream::batch`].
+pub(crate) const BATCH: usize = GROUP * BATCH_GROUPS;
+
+impl RoundingStream {
+    /// The 16-bit random numbers of elements `8 g .. 8 g + 64` (groups `g .. g + 8`), in
+    /// element order: the same numbers as [`group`](Self::group), eight groups at a time.
+    #[inline(always)]
+    pub(crate) fn batch(&self, first_group: u64) -> [u16; BATCH] {
+        let groups: [u64; BATCH_GROUPS] = std::array::from_fn(|i| first_group + i as u64);
+        let mut c0 = groups.map(|g| g as u32);
+        let mut c1 = groups.map(|g| (g >> 32) as u32);
+        let mut c2 = [self.matrix; BATCH_GROUPS];
+        let mut c3 = [self.step_lo; BATCH_GROUPS];
+        let [mut k0, mut k1] = self.key;
+        for round in 0..PHILOX_ROUNDS {
+            if round > 0 {
+                k0 = k0.wrapping_add(PHILOX_W0);
+                k1 = k1.wrapping_add(PHILOX_W1);
+            }
+            for i in 0..BATCH_GROUPS {
+                let product0 = u64::from(PHILOX_M0) * u64::from(c0[i]);
+                let product1 = u64::from(PHILOX_M1) * u64::from(c2[i]);
+                c0[i] = (product1 >> 32) as u32 ^ c1[i] ^ k0;
+                c1[i] = product1 as u32;
+                c2[i] = (product0 >> 32) as u32 ^ c3[i] ^ k1;
+                c3[i] = product0 as u32;
+            }
+        }
+        // Group i's words side by side; on a little-endian machine the low half of word w is
+        // element 2w, as `group` has it (the cast below reads memory order).
+        let mut words = [0u32; 4 * BATCH_GROUPS];
+        for i in 0..BATCH_GROUPS {
+            words[4 * i..4 * i + 4].copy_from_slice(&[c0[i], c1[i], c2[i], c3[i]]);
+        }
+        let halves: [[u16; 2]; 4 * BATCH_GROUPS] = words.map(|w| [w as u16, (w >> 16) as u16]);
+        bytemuck::cast(halves)
+    }
+}
+
+/// The bf16 rounding of `value` with 16 random bits `random` (`< 2^16`).
+///
+/// A bf16 is the upper half of an `f32`: adding `random` to the lower half and truncating
+/// rounds the magnitude up with probability `lower half / 2^16`, which is the distance to the
+/// grid point below over the grid spacing, exactly. NaN keeps its sign and upper payload with
+/// the quiet bit set (as round-to-nearest does); a finite value never rounds to infinity.
+#[inline(always)]
+pub(crate) fn bf16_stochastic(value: f32, random: u32) -> u16 {
+    // Written with selects rather than early returns, so that the update loop vectorises.
+    let bits = value.to_bits();
+    let magnitude = bits & 0x7FFF_FFFF;
+    let sign = (bits >> 16) & 0x8000;
+    let rounded = bits.wrapping_add(random) >> 16;
+    // Carried into the exponent of infinity: the largest finite bf16 instead.
+    let saturated = magnitude < 0x7F80_0000 && rounded & 0x7FFF == 0x7F80;
+    let rounded = if saturated {
+        sign | BF16_MAX_BITS
+    } else {
+        rounded
+    };
+    let out = if magnitude > 0x7F80_0000 {
+        (bits >> 16) | 0x0040
+    } else {
+        rounded
+    };
+    out as u16
+}
+
+/// `2^24`: one unit of the f16 subnormal grid is `2^-24`.
+const F16_SUBNORMAL_UNITS: f32 = 16_777_216.0;
+
+/// The f16 rounding of `value` with 16 random bits `random` (`< 2^16`).
+///
+/// At or above `2^-14` an f16 keeps the top 10 of the 23 mantissa bits of an `f32` with the
+/// same exponent: adding the top 13 random bits to the 13 discarded ones and truncating rounds
+/// up with probability exactly distance over spacing, as for bf16. Below, the grid is
+/// `k 2^-24`: with `x = |value| 2^24` (exact), `k = floor(x) + [random < 2^16 (x - floor(x))]`,
+/// which rounds up with probability within `2^-16` of the distance. Values beyond 65504 round
+/// to 65504 or stay below (never to infinity); infinities stay; NaN keeps its sign and upper
+/// payload with the quiet bit set (as round-to-nearest does).
+#[inline(always)]
+pub(crate) fn f16_stochastic(value: f32, random: u32) -> u16 {
+    let bits = value.to_bits();
+    let sign = (bits >> 16) & 0x8000;
+    let magnitude = bits & 0x7FFF_FFFF;
+    let half_magnitude = if magnitude >= 0x7F80_0000 {
+        let quiet = if magnitude > 0x7F80_0000 { 0x0200 } else { 0 };
+        0x7C00 | quiet | ((magnitude & 0x007F_FFFF) >> 13)
+    } else if magnitude >= F16_MIN_NORMAL_BITS {
+        // f16 exponent = f32 exponent - 112: subtract 112 << 10 from the shifted bits.
+        let shifted = ((magnitude + (random >> 3)) >> 13) - (112 << 10);
+        shifted.min(F16_MAX_BITS)
+    } else {
+        // `units < 1024`: every conversion below is exact.
+        let units = f32::from_bits(magnitude) * F16_SUBNORMAL_UNITS;
+        let below = units as u32;
+        let threshold = (units - below as f32) * 65_536.0;
+        below + u32::from((random as f32) < threshold)
+    };
+    (sign | half_magnitude) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The three `philox4x32 10` lines of Random123's `tests/kat_vectors`
+    /// (github.com/DEShawResearch/random123): counter, key, expected output.
+    #[test]
+    fn philox_matches_the_random123_known_answers() {
+        let cases: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
+            (
+                [0; 4],
+                [0; 2],
+                [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8],
+            ),
+            (
+                [u32::MAX; 4],
+                [u32::MAX; 2],
+                [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd],
+            ),
+            (
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0],
+                [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1],
+            ),
+        ];
+        for (counter, key, expected) in cases {
+            assert_eq!(
+                philox4x32_10(counter, key),
+                expected,
+                "counter {counter:x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn batches_are_groups_side_by_side() {
+        let stream = RoundingStream::new(0xDEAD_BEEF_0123, 1 << 33 | 9, 4);
+        for first in [0u64, 8, (1 << 32) - 3] {
+            let batch = stream.batch(first);
+            for (i, chunk) in batch.chunks(GROUP).enumerate() {
+                let group = stream.group(first + i as u64);
+                let chunk: Vec<u32> = chunk.iter().map(|&r| u32::from(r)).collect();
+                assert_eq!(chunk, group, "group {}", first + i as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn stream_depends_on_every_key_part() {
+        let base = RoundingStream::new(7, 3, 2).group(5);
+        for other in [
+            RoundingStream::new(8, 3, 2).group(5),
+            RoundingStream::new(7 | 1 << 40, 3, 2).group(5),
+            RoundingStream::new(7, 4, 2).group(5),
+            RoundingStream::new(7, 3 | 1 << 33, 2).group(5),
+            RoundingStream::new(7, 3, 1).group(5),
+            RoundingStream::new(7, 3, 2).group(6),
+            RoundingStream::new(7, 3, 2).group(5 | 1 << 32),
+        ] {
+            assert_ne!(base, other);
+        }
+        assert!(base.iter().all(|&r| r < 1 << 16));
+    }
+
+    /// Over all 2^16 random values the result takes at most two values, `lower <= value <=
+    /// upper`, and it is `upper` for `(value - lower) / (upper - lower) * 2^16` of them (to
+    /// within one), computed here in f64 from the two neighbours.
+    fn check_exact_probability(value: f32, round: fn(f32, u32) -> u16, widen: fn(u16) -> f64) {
+        let mut ups = 0u32;
+        let (mut lower, mut upper) = (f64::INFINITY, f64::NEG_INFINITY);
+        for random in 0..1 << 16 {
+            let rounded = widen(round(value, random));
+            lower = lower.min(rounded);
+            upper = upper.max(rounded);
+        }
+        for random in 0..1 << 16 {
+            if widen(round(value, random)) == upper && upper != lower {
+                ups += 1;
+            }
+        }
+        let value = f64::from(value);
+        assert!(
+            lower <= value && value <= upper,
+            "{value} outside [{lower}, {upper}]"
+        );
+        let expected_ups = if upper == lower {
+            0.0
+        } else {
+            (value - lower) / (upper - lower) * 65536.0
+        };
+        assert!(
+            (f64::from(ups) - expected_ups).abs() <= 1.0,
+            "{value}: {ups} of 65536 round to {upper}, expected {expected_ups}"
+        );
+    }
+
+    fn widen_bf16(bits: u16) -> f64 {
+        f64::from(half::bf16::from_bits(bits).to_f32())
+    }
+
+    fn widen_f16(bits: u16) -> f64 {
+        f64::from(half::f16::from_bits(bits).to_f32())
+    }
+
+    #[test]
+    fn bf16_rounds_up_with_probability_proportional_to_distance() {
+        for value in [
+            1.0f32 + 3.0 / 1024.0,
+            -0.3,
+            1e-3,
+            2.5e-39,
+            -7.0e30,
+            1.0,
+            0.0,
+        ] {
+            check_exact_probability(value, bf16_stochastic, widen_bf16);
+        }
+    }
+
+    #[test]
+    fn f16_rounds_up_with_probability_proportional_to_distance() {
+        for value in [
+            1.0f32 + 3.0 / 8192.0,
+            -0.3,
+            1e-3,
+            6.2e-5,
+            3.0e-6,
+            -4.0e-8,
+            65000.3,
+            0.0,
+        ] {
+            check_exact_probability(value, f16_stochastic, widen_f16);
+        }
+    }
+
+    #[test]
+    fn special_values_match_round_to_nearest() {
+        for value in [
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            0.0,
+            -0.0,
+        ] {
+            for random in [0, 0x7FFF, 0xFFFF] {
+                assert_eq!(
+                    bf16_stochastic(value, random),
+                    half::bf16::from_f32(value).to_bits(),
+                    "bf16 {value}"
+                );
+                assert_eq!(
+                    f16_stochastic(value, random),
+                    half::f16::from_f32(value).to_bits(),
+                    "f16 {value}"
+                );
+            }
+        }
+        let payload = f32::from_bits(0x7F80_0001);
+        assert!(half::bf16::from_bits(bf16_stochastic(payload, 0xFFFF)).is_nan());
+        assert!(half::f16::from_bits(f16_stochastic(payload, 0xFFFF)).is_nan());
+    }
+
+    #[test]
+    fn finite_values_never_round_to_infinity() {
+        assert_eq!(bf16_stochastic(f32::MAX, 0xFFFF), 0x7F7F);
+        assert_eq!(bf16_stochastic(-f32::MAX, 0xFFFF), 0xFF7F);
+        assert_eq!(f16_stochastic(65519.0, 0xFFFF), 0x7BFF);
+        assert_eq!(f16_stochastic(-1.0e9, 0), 0xFBFF);
+    }
+
+    #[test]
+    fn grid_values_are_kept() {
+        for bits in [0x3F80u16, 0x0001, 0xC2F7, 0x7F7F] {
+            let value = half::bf16::from_bits(bits).to_f32();
+            assert_eq!(bf16_stochastic(value, 0xFFFF), bits);
+        }
+        for bits in [0x3C00u16, 0x0001, 0x03FF, 0x0400, 0xC2F7, 0x7BFF] {
+            let value = half::f16::from_bits(bits).to_f32();
+            assert_eq!(f16_stochastic(value, 0xFFFF), bits, "{value}");
+        }
+    }
+}
