@@ -27,7 +27,7 @@ use std::time::Instant;
 use spectral_step::cpu::{BatchPowerIteration, Estimate};
 use spectral_step::half::bf16;
 use spectral_step::{
-    BatchLayout, BlockPolicy, Element, MatrixShape, SpectralSgd, SpectralSgdConfig,
+    BatchLayout, BlockPolicy, Element, MatrixShape, Rounding, SpectralSgd, SpectralSgdConfig,
 };
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -124,7 +124,11 @@ fn warm_power_iteration(out: &Path, rounds: usize, json: &mut String) -> Result<
 
 fn step<T: Element>(out: &Path, rounds: usize, json: &mut String) -> Result<()> {
     let shapes = gpt2_small();
-    let config = SpectralSgdConfig::default();
+    // Eager PyTorch rounds new 16-bit weights to nearest: the same work on both sides.
+    let config = SpectralSgdConfig {
+        rounding: Rounding::Nearest,
+        ..SpectralSgdConfig::default()
+    };
     let mut optimizer = SpectralSgd::new(&shapes, config)?;
     let start: Vec<f32> = (0..shapes.len())
         .flat_map(|j| optimizer.power_vector(j).to_vec())

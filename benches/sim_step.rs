@@ -1,6 +1,8 @@
 //! How fast the simulated device is: warm optimizer steps of `SpectralSgd<Simulated>` (the
 //! device backend on `ptx-sim`) on a small batch, in parameters stepped per second and
-//! simulated thread-instructions per second, beside the same steps on the CPU backend.
+//! simulated thread-instructions per second, beside the same steps on the CPU backend; for
+//! `f32` weights and for `bf16` weights with stochastic rounding (the default), whose update
+//! computes Philox per element (math §5a).
 //!
 //! Run: `cargo bench --bench sim_step -- [--rounds N]`.
 
@@ -9,8 +11,9 @@ mod common;
 use std::time::Instant;
 
 use common::{hashed_batch, median, rounds_arg};
+use spectral_step::half::bf16;
 use spectral_step::sim::{SimDevice, Simulated};
-use spectral_step::{MatrixShape, SpectralSgd, SpectralSgdConfig};
+use spectral_step::{Element, MatrixShape, SpectralSgd, SpectralSgdConfig};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -20,6 +23,11 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let rounds = rounds_arg(5);
+    bench::<f32>(rounds)?;
+    bench::<bf16>(rounds)
+}
+
+fn bench<T: Element>(rounds: usize) -> Result<()> {
     // A small transformer-like batch: 0.2M parameters.
     let shapes = [
         MatrixShape::new(384, 128),
@@ -32,8 +40,8 @@ fn main() -> Result<()> {
     let config = SpectralSgdConfig::default();
     let device = SimDevice::new()?;
     let mut optimizer = SpectralSgd::<Simulated>::on_device(&shapes, config, device.clone())?;
-    let host_weights = hashed_batch::<f32>(&shapes, 1);
-    let host_grads = hashed_batch::<f32>(&shapes, 1000);
+    let host_weights = hashed_batch::<T>(&shapes, 1);
+    let host_grads = hashed_batch::<T>(&shapes, 1000);
     let mut weights = host_weights
         .iter()
         .map(|w| device.upload(w))
@@ -64,7 +72,8 @@ fn main() -> Result<()> {
     let cpu_time = median(&mut cpu_seconds);
     let per_step = median(&mut instructions);
     println!(
-        "simulated device, warm f32 step of {parameters} parameters ({} matrices), median of {rounds}:",
+        "simulated device, warm {} step of {parameters} parameters ({} matrices), median of {rounds}:",
+        T::DTYPE.name(),
         shapes.len()
     );
     println!(

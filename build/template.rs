@@ -39,6 +39,9 @@ pub const ELEMENT_TYPES: [ElementType; 3] = [
 /// The variant tags a line may start with (`@step `, `@plain `).
 const VARIANT_TAGS: [&str; 2] = ["step", "plain"];
 
+/// The tag of a line kept only for 16-bit element types.
+const HALF_TAG: &str = "@half ";
+
 /// Expands `template` for `element` (`None`: an untyped template) and `variant` (`""` when
 /// the template has none). `values` are the named placeholders (`MatrixDescriptor.fan_in`,
 /// `Status.NonFinite`, ...; see `src/kernels/records.rs`). Errors name the template line.
@@ -59,6 +62,11 @@ pub fn expand(
             ));
         }
         let trimmed = line.trim_start();
+        let trimmed = match trimmed.strip_prefix(HALF_TAG) {
+            Some(_) if element.is_none_or(|e| e.half.is_none()) => continue,
+            Some(rest) => rest.trim_start(),
+            None => trimmed,
+        };
         let body = match tagged(trimmed) {
             Some((tag, _)) if tag != variant => continue,
             Some((_, rest)) => rest,
@@ -67,7 +75,7 @@ pub fn expand(
         if !body.trim_start().starts_with("//") {
             check_no_literal_offsets(body).map_err(at_line)?;
         }
-        let indent = &line[..line.len() - trimmed.len()];
+        let indent = &line[..line.len() - line.trim_start().len()];
         let body = substitute(body, element, variant, values).map_err(at_line)?;
         let lines = match expand_macro(&body, element, values) {
             Some(lines) => lines.map_err(at_line)?,
@@ -150,15 +158,13 @@ fn substitute(
 }
 
 /// The pseudo-instructions.
-const MACROS: [&str; 11] = [
+const MACROS: [&str; 9] = [
     "LOAD_ELEM",
     "LOAD_ELEM.nc",
     "LOAD_ELEM4",
     "LOAD_ELEM4.nc",
     "STORE_ELEM",
     "STORE_ELEM4",
-    "STORE_ELEM_SR",
-    "STORE_ELEM4_SR",
     "MOMENTUM",
     "WARP_SUM",
     "PHILOX",
@@ -189,7 +195,7 @@ fn value(values: &HashMap<String, u64>, name: &str) -> Result<u64, String> {
 }
 
 /// Philox4x32 on the counter `(group_lo, group_hi, %matrix, %step_lo)` with the key
-/// `(%key0, %key1)` (math §5a, `src/rounding.rs::philox4x32_10`), into `%rand0..3`.
+/// `(%key0, %key1)` (math §5a, `src/rounding.rs::philox_lanes`), into `%rand0..3`.
 fn philox(group: &str, values: &HashMap<String, u64>) -> Result<Vec<String>, String> {
     let [m0, m1, w0, w1] =
         ["PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1"].map(|name| value(values, name));
@@ -299,6 +305,44 @@ fn stochastic_round(
     Ok(lines)
 }
 
+/// `src` (an `f32` register) narrowed to the 16-bit type `half` into `dst`: round to nearest,
+/// or stochastically after `load_random` has put 16 random bits into `%sr_rand`.
+fn narrow(
+    half: &str,
+    src: &str,
+    dst: &str,
+    load_random: Option<String>,
+    values: &HashMap<String, u64>,
+) -> Result<Vec<String>, String> {
+    Ok(match load_random {
+        None => vec![format!("cvt.rn.{half}.f32 {dst}, {src};")],
+        Some(load) => {
+            let mut lines = vec![load];
+            lines.extend(stochastic_round(half, src, dst, values)?);
+            lines
+        }
+    })
+}
+
+/// The `{...}` register groups of `text`, in order.
+fn register_groups(op: &str, text: &str) -> Result<Vec<Vec<String>>, String> {
+    let mut groups = Vec::new();
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let inner = rest
+            .strip_prefix('{')
+            .and_then(|r| r.split_once('}'))
+            .ok_or_else(|| format!("{op}: expected `{{...}}` groups, got `{text}`"))?;
+        let regs: Vec<String> = inner.0.split(',').map(|r| r.trim().to_string()).collect();
+        if regs.iter().any(String::is_empty) {
+            return Err(format!("{op}: an empty register in `{text}`"));
+        }
+        groups.push(regs);
+        rest = inner.1.trim().strip_prefix(',').unwrap_or(inner.1).trim();
+    }
+    Ok(groups)
+}
+
 /// `%sr_rand = word >> (16 * odd) & 0xFFFF`: the random bits of one element of a word.
 fn random_half(word: &str, odd: bool) -> String {
     if odd {
@@ -369,88 +413,55 @@ fn expand_known(
             }
         }
         "STORE_ELEM" => {
-            let element = need_element()?;
-            let (addr, src) = args
-                .split_once(',')
-                .ok_or_else(|| format!("{op}: expected `[addr], src`"))?;
-            let (addr, src) = (addr.trim(), src.trim());
-            match element.half {
-                None => vec![format!("st.global.f32 {addr}, {src};")],
-                Some(half) => vec![
-                    format!("cvt.rn.{half}.f32 %half0, {src};"),
-                    format!("st.global.b16 {addr}, %half0;"),
-                ],
-            }
-        }
-        "STORE_ELEM4" => {
-            let element = need_element()?;
-            let (addr, regs) = args
-                .split_once(',')
-                .ok_or_else(|| format!("{op}: expected `[addr], {{...}}`"))?;
-            let regs = four_registers(op, regs)?;
-            let addr = addr.trim();
-            match element.half {
-                None => vec![format!("st.global.v4.f32 {addr}, {{{}}};", regs.join(", "))],
-                Some(half) => {
-                    let mut lines: Vec<String> = regs
-                        .iter()
-                        .enumerate()
-                        .map(|(k, reg)| format!("cvt.rn.{half}.f32 %half{k}, {reg};"))
-                        .collect();
-                    lines.push(format!(
-                        "st.global.v4.b16 {addr}, {{%half0, %half1, %half2, %half3}};"
-                    ));
-                    lines
-                }
-            }
-        }
-        "STORE_ELEM_SR" => {
-            // `[addr], src, random`: random holds 16 bits.
+            // `[addr], src` rounds to nearest; `[addr], src, random` rounds stochastically
+            // with the 16 random bits in `random`.
             let element = need_element()?;
             let parts: Vec<&str> = args.split(',').map(str::trim).collect();
-            let [addr, src, random] = parts[..] else {
-                return Err(format!("{op}: expected `[addr], src, random`"));
+            let (addr, src, random) = match parts[..] {
+                [addr, src] => (addr, src, None),
+                [addr, src, random] => (addr, src, Some(format!("mov.b32 %sr_rand, {random};"))),
+                _ => return Err(format!("{op}: expected `[addr], src[, random]`")),
             };
             match element.half {
-                None => vec![format!("st.global.f32 {addr}, {src};")],
+                None if random.is_none() => vec![format!("st.global.f32 {addr}, {src};")],
+                None => return Err(format!("{op}: stochastic rounding of f32")),
                 Some(half) => {
-                    let mut lines = vec![format!("mov.b32 %sr_rand, {random};")];
-                    lines.extend(stochastic_round(half, src, "%half0", values)?);
+                    let mut lines = narrow(half, src, "%half0", random, values)?;
                     lines.push(format!("st.global.b16 {addr}, %half0;"));
                     lines
                 }
             }
         }
-        "STORE_ELEM4_SR" => {
-            // `[addr], {a, b, c, d}, {word0, word1}`: element k takes half k % 2 of word k / 2.
+        "STORE_ELEM4" => {
+            // `[addr], {a, b, c, d}` rounds to nearest; `[addr], {a, b, c, d}, {word0, word1}`
+            // rounds stochastically, element k with half k % 2 of word k / 2.
             let element = need_element()?;
             let (addr, rest) = args
                 .split_once(',')
-                .ok_or_else(|| format!("{op}: expected `[addr], {{...}}, {{word0, word1}}`"))?;
-            let (regs, words) = rest
-                .split_once('}')
-                .ok_or_else(|| format!("{op}: expected `[addr], {{...}}, {{word0, word1}}`"))?;
-            let regs = four_registers(op, &format!("{regs}}}"))?;
-            let words: Vec<&str> = words
-                .trim()
-                .trim_start_matches(',')
-                .trim()
-                .strip_prefix('{')
-                .and_then(|w| w.strip_suffix('}'))
-                .map(|w| w.split(',').map(str::trim).collect())
-                .unwrap_or_default();
-            let [word0, word1] = words[..] else {
-                return Err(format!("{op}: expected two random words, got `{rest}`"));
+                .ok_or_else(|| format!("{op}: expected `[addr], {{...}}[, {{word0, word1}}]`"))?;
+            let (addr, groups) = (addr.trim(), register_groups(op, rest)?);
+            let (regs, words) = match &groups[..] {
+                [regs] => (regs, None),
+                [regs, words] if words.len() == 2 => (regs, Some(words)),
+                _ => {
+                    return Err(format!(
+                        "{op}: expected `[addr], {{...}}[, {{word0, word1}}]`"
+                    ));
+                }
             };
-            let addr = addr.trim();
+            let [_, _, _, _] = regs[..] else {
+                return Err(format!("{op}: expected 4 registers, got `{rest}`"));
+            };
             match element.half {
-                None => vec![format!("st.global.v4.f32 {addr}, {{{}}};", regs.join(", "))],
+                None if words.is_none() => {
+                    vec![format!("st.global.v4.f32 {addr}, {{{}}};", regs.join(", "))]
+                }
+                None => return Err(format!("{op}: stochastic rounding of f32")),
                 Some(half) => {
                     let mut lines = Vec::new();
                     for (k, reg) in regs.iter().enumerate() {
-                        let word = if k < 2 { word0 } else { word1 };
-                        lines.push(random_half(word, k % 2 == 1));
-                        lines.extend(stochastic_round(half, reg, &format!("%half{k}"), values)?);
+                        let random = words.map(|words| random_half(&words[k / 2], k % 2 == 1));
+                        lines.extend(narrow(half, reg, &format!("%half{k}"), random, values)?);
                     }
                     lines.push(format!(
                         "st.global.v4.b16 {addr}, {{%half0, %half1, %half2, %half3}};"
@@ -515,21 +526,15 @@ pub fn entry_name(ptx: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// The crate's named values (these tests run in `tests/build_template.rs`, beside the
+    /// crate), plus two made-up ones for the substitution tests.
     fn values() -> HashMap<String, u64> {
-        [
-            ("Rec.field".to_string(), 24),
-            ("Status.Done".to_string(), 3),
-            ("PHILOX_M0".to_string(), 0xD251_1F53),
-            ("PHILOX_M1".to_string(), 0xCD9E_8D57),
-            ("PHILOX_W0".to_string(), 0x9E37_79B9),
-            ("PHILOX_W1".to_string(), 0xBB67_AE85),
-            ("PHILOX_ROUNDS".to_string(), 10),
-            ("BF16_MAX_BITS".to_string(), 0x7F7F),
-            ("F16_MAX_BITS".to_string(), 0x7BFF),
-            ("F16_MIN_NORMAL_BITS".to_string(), 0x3880_0000),
-        ]
-        .into_iter()
-        .collect()
+        let mut values: HashMap<String, u64> = spectral_step::kernels::records::template_values()
+            .into_iter()
+            .collect();
+        values.insert("Rec.field".to_string(), 24);
+        values.insert("Status.Done".to_string(), 3);
+        values
     }
 
     fn f32_type() -> &'static ElementType {
@@ -654,22 +659,33 @@ mod tests {
     }
 
     #[test]
+    fn half_lines_are_kept_for_16_bit_types_only() {
+        let template = "a;\n    @half b;\n";
+        assert_eq!(
+            expand(template, Some(f32_type()), "", &values()).unwrap(),
+            "a;\n"
+        );
+        assert_eq!(
+            expand(template, Some(bf16_type()), "", &values()).unwrap(),
+            "a;\n    b;\n"
+        );
+        assert_eq!(expand(template, None, "", &values()).unwrap(), "a;\n");
+    }
+
+    #[test]
     fn philox_is_ten_rounds_with_nine_key_bumps() {
         let out = expand("PHILOX %group;\n", None, "", &values()).unwrap();
         assert_eq!(out.matches("mul.hi.u32").count(), 20, "{out}");
         assert_eq!(out.matches("add.u32 %philox_k0").count(), 9, "{out}");
-        assert!(out.contains(&format!("{}", 0xD251_1F53u32)), "{out}");
+        let multiplier = spectral_step::kernels::records::PHILOX_M0;
+        assert!(out.contains(&format!("{multiplier}")), "{out}");
         assert!(expand("PHILOX %a, %b;\n", None, "", &values()).is_err());
     }
 
     #[test]
-    fn stochastic_stores_round_16_bit_types_and_store_f32_as_is() {
-        let quad = "STORE_ELEM4_SR [%addr], {%w0, %w1, %w2, %w3}, {%word0, %word1};\n";
-        let f32_out = expand(quad, Some(f32_type()), "", &values()).unwrap();
-        assert_eq!(
-            f32_out.trim(),
-            "st.global.v4.f32 [%addr], {%w0, %w1, %w2, %w3};"
-        );
+    fn stochastic_stores_round_16_bit_types_and_refuse_f32() {
+        let quad = "STORE_ELEM4 [%addr], {%w0, %w1, %w2, %w3}, {%word0, %word1};\n";
+        assert!(expand(quad, Some(f32_type()), "", &values()).is_err());
         let bf16_out = expand(quad, Some(bf16_type()), "", &values()).unwrap();
         // Elements 0 and 1 take the halves of word0, 2 and 3 those of word1.
         for line in [
@@ -683,32 +699,34 @@ mod tests {
             assert!(bf16_out.contains(line), "missing `{line}` in\n{bf16_out}");
         }
         let f16_out = expand(
-            "STORE_ELEM_SR [%addr], %w0, %word0;\n",
+            "STORE_ELEM [%addr], %w0, %word0;\n",
             Some(&ELEMENT_TYPES[1]),
             "",
             &values(),
         )
         .unwrap();
-        assert!(
-            f16_out.contains("min.u32 %sr_out, %sr_out, 31743;"),
-            "{f16_out}"
+        let saturate = format!(
+            "min.u32 %sr_out, %sr_out, {};",
+            spectral_step::kernels::records::F16_MAX_BITS
         );
+        assert!(f16_out.contains(&saturate), "{f16_out}");
         assert!(
             f16_out.contains("st.global.b16 [%addr], %half0;"),
             "{f16_out}"
         );
+        for malformed in [
+            "STORE_ELEM [%a], %w0, %r, %x;\n",
+            "STORE_ELEM4 [%a], {%w0, %w1, %w2, %w3}, {%r};\n",
+            "STORE_ELEM4 [%a], {%w0, %w1, %w2};\n",
+        ] {
+            assert!(
+                expand(malformed, Some(bf16_type()), "", &values()).is_err(),
+                "{malformed}"
+            );
+        }
         assert!(
             expand(
-                "STORE_ELEM4_SR [%a], {%w0, %w1, %w2, %w3};\n",
-                Some(f32_type()),
-                "",
-                &values()
-            )
-            .is_err()
-        );
-        assert!(
-            expand(
-                "STORE_ELEM_SR [%a], %w0;\n",
+                "STORE_ELEM [%a], %w0, %r;\n",
                 Some(f32_type()),
                 "",
                 &values()

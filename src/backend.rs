@@ -100,8 +100,9 @@ pub trait Backend: Sized + sealed::Sealed {
     fn export_state(&self) -> Result<HostState>;
 
     /// Replaces the state. Errors, changing nothing, if its lengths do not fit the layout
-    /// ([`HostState::check`]). On a device, a driver error while copying leaves the state
-    /// partly replaced (the device cannot copy atomically); the error says so.
+    /// ([`HostState::check`]). On a device, a driver error while copying is returned as it
+    /// is and leaves the state partly replaced (the device cannot copy atomically); the next
+    /// step then cold-starts every matrix.
     fn import_state(&mut self, state: HostState) -> Result<()>;
 
     /// Re-seeds every power vector from `seed` (cold start on the next step).

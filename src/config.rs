@@ -104,6 +104,12 @@ impl SpectralSgdConfig {
         }
     }
 
+    /// Whether pass B rounds new weights of type `dtype` stochastically (math §5a): 16-bit
+    /// weights under [`Rounding::Stochastic`].
+    pub(crate) fn rounds_stochastically(&self, dtype: crate::element::Dtype) -> bool {
+        dtype.is_low_precision() && self.rounding == Rounding::Stochastic
+    }
+
     /// [`validate`](Self::validate), and then, for every matrix of `layout`, that its target
     /// factor `s` is finite and positive and that `learning_rate * s` is finite in `f32` (an
     /// update of that spectral norm can be written at all).

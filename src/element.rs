@@ -68,7 +68,7 @@ pub trait Element:
     /// Narrowing from `f32` with stochastic rounding (math §5a), `random` being 16 uniform
     /// random bits; exact (`value` itself) for `f32`.
     #[doc(hidden)]
-    fn from_f32_stochastic(value: f32, random: u32) -> Self;
+    fn from_f32_stochastic(value: f32, random: u16) -> Self;
     /// The slice itself when the element type is `f32` (so hot loops read it in place),
     /// `None` otherwise.
     #[inline(always)]
@@ -96,7 +96,7 @@ impl Element for f32 {
         value
     }
     #[inline(always)]
-    fn from_f32_stochastic(value: f32, _random: u32) -> Self {
+    fn from_f32_stochastic(value: f32, _random: u16) -> Self {
         value
     }
     #[inline(always)]
@@ -116,7 +116,7 @@ impl Element for f16 {
         f16::from_f32(value)
     }
     #[inline(always)]
-    fn from_f32_stochastic(value: f32, random: u32) -> Self {
+    fn from_f32_stochastic(value: f32, random: u16) -> Self {
         f16::from_bits(crate::rounding::f16_stochastic(value, random))
     }
 }
@@ -138,7 +138,7 @@ impl Element for bf16 {
         bf16::from_f32(value)
     }
     #[inline(always)]
-    fn from_f32_stochastic(value: f32, random: u32) -> Self {
+    fn from_f32_stochastic(value: f32, random: u16) -> Self {
         bf16::from_bits(crate::rounding::bf16_stochastic(value, random))
     }
 }

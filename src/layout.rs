@@ -159,13 +159,22 @@ pub struct BatchLayout {
 }
 
 impl BatchLayout {
-    /// Builds and validates the layout. Errors: an empty batch, a zero dimension, any size
+    /// Builds and validates the layout. Errors: an empty batch, more than `2^32 - 1` matrices,
+    /// a zero dimension, any size
     /// or offset that overflows (in elements, or in bytes of `f32` state), or a block table
     /// too large to allocate ([`Error::OutOfMemory`]). Every count is checked before
     /// anything proportional to it is allocated.
     pub fn new(shapes: &[MatrixShape], policy: BlockPolicy) -> Result<Self> {
         if shapes.is_empty() {
             return Err(Error::EmptyBatch);
+        }
+        // Matrix indices are 32-bit wherever they key something (the kernels' descriptors, the
+        // re-seed hash, the rounding stream).
+        if u32::try_from(shapes.len()).is_err() {
+            return Err(Error::LayoutOverflow {
+                index: u32::MAX as usize,
+                what: "number of matrices (at most 2^32 - 1)",
+            });
         }
         let target = policy.target_elements.max(1);
         let align = policy.align_elements.max(1);

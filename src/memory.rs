@@ -1,5 +1,6 @@
-//! Allocation that fails with an error instead of aborting: every buffer whose size comes
-//! from the caller's shapes is allocated here.
+//! Allocation that fails with an error instead of aborting, for the buffers whose size comes
+//! from the caller's shapes and that a backend keeps (state, scratch, tables). Transient
+//! copies made while saving, loading or estimating a norm are ordinary allocations.
 
 use crate::error::{Error, Result};
 

@@ -178,7 +178,8 @@ impl<B: Backend> SpectralSgd<B> {
     /// nothing, if a length does not fit this optimizer's shapes
     /// ([`Error::StateShapeMismatch`](crate::Error::StateShapeMismatch)) or a value is out of
     /// range: non-finite momentum, or power vectors that are not finite unit vectors
-    /// ([`Error::StateFormat`](crate::Error::StateFormat)).
+    /// ([`Error::StateFormat`](crate::Error::StateFormat)). A driver error while copying to
+    /// a device is the exception: see [`Backend::import_state`].
     pub fn set_state(&mut self, state: HostState) -> Result<()> {
         crate::state::check_values(self.backend.layout(), &state)?;
         self.backend.import_state(state)
@@ -196,7 +197,8 @@ impl<B: Backend> SpectralSgd<B> {
 
     /// Restores a state written by [`state_to_bytes`](Self::state_to_bytes) or
     /// [`save_state`](Self::save_state): configuration, step count, momentum and power
-    /// vectors. The shapes must match this optimizer's. On error nothing is changed.
+    /// vectors. The shapes must match this optimizer's. On error nothing is changed, but for
+    /// a driver error while copying to a device ([`Backend::import_state`]).
     pub fn load_state_from_bytes(&mut self, bytes: &[u8]) -> Result<()> {
         let (config, steps, state): (SpectralSgdConfig, u64, HostState) =
             crate::state::decode(bytes, self.backend.layout())?;

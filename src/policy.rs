@@ -15,7 +15,7 @@ use crate::kernels::records::{
 };
 use crate::report::{MatrixReport, MatrixStatus};
 
-/// The sums one power iteration produced for one matrix, and the step's settings for it.
+/// The sums one power iteration produced for one matrix.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct IterationSums {
     /// `||U||_F^2`, summed in `f32`.

@@ -15,7 +15,7 @@ pub(crate) fn fill_gaussian(seed: u64, stream: u64, out: &mut [f32]) {
     }
 }
 
-/// A random unit vector (uniform on the sphere): the cold start of power iteration (math §4.1).
+/// A random unit vector (uniform on the sphere): the cold start of power iteration (math §4.8).
 pub(crate) fn fill_unit_vector(seed: u64, stream: u64, out: &mut [f32]) {
     fill_gaussian(seed, stream, out);
     let norm = out
@@ -33,7 +33,7 @@ pub(crate) fn fill_unit_vector(seed: u64, stream: u64, out: &mut [f32]) {
     }
 }
 
-/// The seeded cold-start power vectors of a whole batch (math §4.1), in a flat buffer laid
+/// The seeded cold-start power vectors of a whole batch (math §4.8), in a flat buffer laid
 /// out like `layout`'s (gaps zero). Matrix `j`'s vector depends only on `(seed, j)`. Every
 /// backend starts from these.
 pub(crate) fn cold_power_vectors(

@@ -55,8 +55,7 @@ pub type Simulated = DeviceBackend<SimDevice>;
 /// Batched power iteration on stored matrices on the simulated device.
 pub type SimPowerIteration = PowerIteration<SimDevice>;
 
-/// Dynamic shared memory a function may use without CUDA's opt-in attribute.
-const DEFAULT_SHARED_BYTES: u32 = 48 * 1024;
+use crate::kernels::records::DEFAULT_SHARED_BYTES;
 
 /// In which order the CTAs of a launch run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,10 +79,11 @@ pub struct SimOptions {
     /// 232448 (227 KiB, an H100's or H200's).
     pub max_shared_bytes: u32,
     /// A launch that issues more warp-instructions than this is an error (a runaway loop).
-    /// The crate's kernels issue about one warp-instruction per element of the batch per
+    /// The crate's kernels issue one or two warp-instructions per element of the batch per
     /// launch (`cargo bench --bench sim_step`: 96 thread-instructions per parameter over a
-    /// warm step's three launches), so the default, 2^28, covers launches over some
-    /// 250 million elements, and stops a runaway kernel within 1.4 to 5 minutes (at the
+    /// warm step's three launches with `f32` weights, 152 with `bf16` weights and stochastic
+    /// rounding), so the default, 2^28, covers launches over some 100 million elements, and
+    /// stops a runaway kernel within 1.4 to 5 minutes (at the
     /// 0.9 to 3.2 M warp-instructions/s of full-warp loops that
     /// `cargo bench -p ptx-sim --bench sim_speed` measures).
     pub step_limit: u64,

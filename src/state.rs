@@ -99,9 +99,10 @@ pub(crate) fn encode(
     Ok(serialize(&metadata, &tensors))
 }
 
-/// A safetensors file with its header written in one fixed order (metadata keys sorted, then
-/// the tensors as given), so that the same state always gives the same bytes; the
-/// `safetensors` crate reads it back and checks it.
+/// A safetensors file whose header is written in one fixed order (serde_json's maps sort their
+/// keys: metadata, then the tensor entries by name) and whose data follows in the order given,
+/// so that the same state always gives the same bytes; the `safetensors` crate reads it back
+/// and checks it.
 fn serialize(
     metadata: &BTreeMap<String, String>,
     tensors: &[(&str, &str, Vec<usize>, &[u8])],
@@ -139,8 +140,9 @@ fn serialize(
     bytes
 }
 
-/// CRC-32 of every metadata entry but `crc32` (sorted by key) and of the tensor bytes in
-/// file order, as 8 hex digits.
+/// CRC-32 of every metadata entry but `crc32` (sorted by key) and of the tensor bytes in the
+/// order `tensors` gives them (momentum, power vectors, warm flags, shapes: math §5.8), as 8
+/// hex digits.
 fn checksum<'a, 'm>(
     metadata: impl Iterator<Item = (&'m String, &'m String)>,
     tensors: impl IntoIterator<Item = &'a [u8]>,
@@ -303,7 +305,7 @@ pub(crate) fn decode(
 /// still rejects a vector that would make the first update a fraction of its target.
 const UNIT_LENGTH_TOLERANCE: f64 = 1e-3;
 
-/// The values a state may hold (math §4.8): finite momentum, and finite power vectors of unit
+/// The values a state may hold (math §5.8): finite momentum, and finite power vectors of unit
 /// length, whatever the CRC says (a file can be written by other code).
 pub(crate) fn check_values(layout: &BatchLayout, state: &HostState) -> Result<()> {
     state.check(layout)?;

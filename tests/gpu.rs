@@ -191,6 +191,33 @@ fn device_step_f16_matches_cpu() {
     device_matches_cpu::<f16>();
 }
 
+/// Stochastic rounding on the GPU gives the CPU path's bits exactly ([`RoundingCase`]): the
+/// hardware's `mul.hi`, shifts and conversions do what the simulator does.
+fn device_rounds_like_the_cpu<T: Element + spectral_step::cuda::cudarc::driver::DeviceRepr>() {
+    let case = RoundingCase::<T>::new();
+    let device = device();
+    let mut gpu = SpectralSgd::<Cuda>::on_device(&case.shapes, case.config, device).unwrap();
+    let mut weights = upload(gpu.device(), &case.initial);
+    for grads in &case.grads {
+        gpu.set_state(exact_state(gpu.layout())).unwrap();
+        let grads = upload(gpu.device(), grads);
+        gpu.step(&mut weights, &grads).unwrap();
+    }
+    case.check("CUDA", &download(gpu.device(), &weights));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_stochastic_rounding_bf16_is_bitwise_the_cpu_path() {
+    device_rounds_like_the_cpu::<bf16>();
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_stochastic_rounding_f16_is_bitwise_the_cpu_path() {
+    device_rounds_like_the_cpu::<f16>();
+}
+
 /// Wrong lengths and counts are errors before anything is launched; a NaN skips one matrix.
 #[test]
 #[ignore = "needs a CUDA device"]

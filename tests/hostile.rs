@@ -27,7 +27,7 @@ use spectral_step::half::{bf16, f16};
 use spectral_step::sim::{SimDevice, Simulated};
 use spectral_step::{
     BatchLayout, BlockPolicy, Error, HostState, MAX_POWER_ITERATIONS, MatrixShape, MomentumKind,
-    Scale, SpectralSgd, SpectralSgdConfig, diagnostics, scaling,
+    Rounding, Scale, SpectralSgd, SpectralSgdConfig, diagnostics, scaling,
 };
 
 fn shapes() -> Vec<MatrixShape> {
@@ -394,7 +394,7 @@ fn loaded_values_are_validated_whatever_the_checksum() {
         );
         count += 1;
     }
-    let metadata_probes: [(&str, &str); 13] = [
+    let metadata_probes: [(&str, &str); 14] = [
         ("cold_iterations", "4294967295"),
         ("cold_iterations", "0"),
         ("warm_iterations", "1025"),
@@ -407,6 +407,7 @@ fn loaded_values_are_validated_whatever_the_checksum() {
         ("scale", "rms_match:-1"),
         ("scale", "rms_match:NaN"),
         ("momentum_kind", "nesterov"),
+        ("rounding", "truncate"),
         ("version", "2"),
     ];
     for (key, value) in metadata_probes {
@@ -431,6 +432,32 @@ fn loaded_values_are_validated_whatever_the_checksum() {
     assert!(probe(&bytes, "warm flag 2", &reference));
     count += 1;
     eprintln!("crafted state files with a valid checksum: {count} refused");
+}
+
+/// A state saved before the rounding setting existed has no `rounding` key: it loads and
+/// resumes as it ran, with round-to-nearest; a file that names a rounding gets that one.
+#[test]
+fn a_state_without_a_rounding_setting_resumes_with_round_to_nearest() {
+    for (stored, expected) in [
+        (None, Rounding::Nearest),
+        (Some("nearest"), Rounding::Nearest),
+        (Some("stochastic"), Rounding::Stochastic),
+    ] {
+        let bytes = crafted(
+            |m| match stored {
+                None => {
+                    m.remove("rounding");
+                }
+                Some(name) => {
+                    m.insert("rounding".into(), name.into());
+                }
+            },
+            |_| {},
+        );
+        let mut target = trained(7);
+        target.load_state_from_bytes(&bytes).unwrap();
+        assert_eq!(target.config().rounding, expected, "{stored:?}");
+    }
 }
 
 /// `set_state` takes the same values a file can hold, and refuses the same bad ones.

@@ -89,7 +89,7 @@ fn run(args: &Args) -> Result<(), String> {
     figures::draw(&args.out, &sweep, &lr, &low)?;
     tables::print(settings, &sweep, &slopes, &lr, &low);
     println!(
-        "\nWrote {}/{{width_sweep,slopes,lr_sweep,low_rank}}.csv and {{width_sweep,lr_transfer,low_rank}}.{{png,svg}} in {:.0} s",
+        "\nWrote {}/{{width_sweep,slopes,lr_sweep,low_rank}}.csv and {{width_sweep,lr_transfer,low_rank}}.{{png,svg}} in {:.1} s",
         args.out.display(),
         started.elapsed().as_secs_f64()
     );

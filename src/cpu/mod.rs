@@ -10,7 +10,7 @@
 //! | B: momentum and update | `G`, `M`, `W` | `M`, `W` |
 //!
 //! Pass A computes the momentum rule on the fly but does not store `M`: a matrix whose `U`
-//! turns out non-finite must leave `M` untouched (math §4.4), and that is only known once all of
+//! turns out non-finite must leave `M` untouched (math §4.5.1), and that is only known once all of
 //! its blocks are read. Storing `M` in pass B instead costs one extra read of `G` for
 //! heavy-ball (7 element passes against the 6 of a pass A that stores `M`) and nothing for Nesterov (7 either way);
 //! the write of `M` in pass B hits cache lines that pass B has just read, so it needs no extra
@@ -36,8 +36,8 @@ use crate::report::StepReport;
 use power::BlockSums;
 
 /// The CPU backend. Its state is plain host memory laid out by its [`BatchLayout`] (alignment
-/// gaps included, when the layout asks for them); scratch space is allocated once, when the
-/// optimizer is built.
+/// gaps included, when the layout asks for them); scratch space is allocated when the
+/// optimizer is built, and each worker thread keeps its own cache tile after its first pass.
 pub struct Cpu {
     layout: BatchLayout,
     momentum: Vec<f32>,

@@ -1,6 +1,7 @@
 //! Batched power iteration on the CPU (math §4).
 //!
-//! One iteration computes, per matrix, `w = U^T (U v)`, `sigma = sqrt(||w||)`, `v <- w / ||w||`.
+//! One iteration computes, per matrix, `w = U^T (U v)`, `sigma = max(sqrt(||w||), ||U||_F /
+//! sqrt(min(m, n)))` (the Frobenius floor, math §4.4), `v <- w / ||w||`.
 //! The fused pass reads each row block of `U` from memory once: it walks the block in small
 //! row tiles that fit in L2, first forming `t_i = <u_i, v>` for the tile's rows, then adding
 //! `Σ t_i u_i` into the block's partial `w` while those rows are still cached. Blocks run in
@@ -36,8 +37,9 @@ pub(crate) struct BlockSums {
 /// The result of one power iteration for one matrix.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Estimate {
-    /// `sigma = sqrt(||U^T U v||)`: a lower bound on `||U||_*`, equal at convergence. For a
-    /// row or column vector it is the exact Euclidean norm.
+    /// `sigma = max(sqrt(||U^T U v||), ||U||_F / sqrt(min(m, n)))` (math §4.4): a lower bound
+    /// on `||U||_*`, equal at convergence. For a row or column vector it is the exact
+    /// Euclidean norm.
     Sigma(f32),
     /// `U` is zero (its Frobenius norm underflows to zero): `sigma = 0`.
     Zero,
@@ -90,21 +92,18 @@ pub(crate) fn fused_pass<R: Rows>(
         .zip(block_partials)
         .zip(sums.par_iter_mut())
         .filter(|((block, _), _)| active[block.matrix])
-        // Rayon runs `init` once per split, not per block: 16 tiles (1 MiB) for the 360 blocks
-        // of a warm GPT-2-small step, measured.
-        .for_each_init(
-            || {
-                if R::KEEP_TILE {
-                    vec![0.0f32; CACHE_TILE_ELEMENTS]
-                } else {
-                    Vec::new()
+        .for_each(|((block, partial), block_sums)| {
+            let (rows, v) = (
+                &rows[block.matrix],
+                &vectors[layout.matrix(block.matrix).vector_range()],
+            );
+            // The worker's own tile, allocated on its first pass and kept: no allocation per
+            // step. `FusedBlock` starts no rayon work, so the borrow cannot be re-entered.
+            TILE.with_borrow_mut(|tile| {
+                if R::KEEP_TILE && tile.is_empty() {
+                    tile.resize(CACHE_TILE_ELEMENTS, 0.0);
                 }
-            },
-            |tile, ((block, partial), block_sums)| {
-                let (rows, v) = (
-                    &rows[block.matrix],
-                    &vectors[layout.matrix(block.matrix).vector_range()],
-                );
+                let tile: &mut [f32] = if R::KEEP_TILE { tile } else { &mut [] };
                 *block_sums = on_path(
                     path,
                     FusedBlock {
@@ -115,8 +114,13 @@ pub(crate) fn fused_pass<R: Rows>(
                         tile,
                     },
                 );
-            },
-        );
+            });
+        });
+}
+
+thread_local! {
+    /// Each worker thread's cache tile for [`Rows::KEEP_TILE`] sources.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A hot loop with its arguments, runnable in either compiled form: `FMA = false` is the

@@ -11,14 +11,15 @@ use super::rows::{DirectionRows, KernelPath, madd};
 use crate::config::{MomentumRule, SpectralSgdConfig};
 use crate::element::Element;
 use crate::error::Result;
+use crate::kernels::records::ROUNDING_GROUP;
 use crate::kernels::records::{MatrixResult, Status};
 use crate::layout::BatchLayout;
 use crate::policy;
 use crate::report::StepReport;
-use crate::rounding::{BATCH, BATCH_GROUPS, GROUP, Rounding, RoundingStream};
+use crate::rounding::{BATCH, BATCH_GROUPS, RoundingKey, RoundingStream};
 
 /// Elements per parallel task in the update pass (a multiple of the rounding stream's
-/// [`BATCH`], so that every chunk starts a batch of groups).
+/// [`BATCH`], so that every chunk starts a batch of rounding groups).
 const UPDATE_CHUNK: usize = 1 << 16;
 const _: () = assert!(UPDATE_CHUNK.is_multiple_of(BATCH));
 
@@ -77,11 +78,12 @@ where
         .map(policy::report_of)
         .collect::<Result<Vec<_>>>()?;
     let updates: Vec<Update> = results.iter().map(Update::of).collect();
-    let stochastic = T::DTYPE.is_low_precision() && config.rounding == Rounding::Stochastic;
     let settings = UpdateSettings {
         path: cpu.path,
         rule,
-        stochastic: stochastic.then_some((config.seed, step)),
+        stochastic: config
+            .rounds_stochastically(T::DTYPE)
+            .then(|| RoundingKey::new(config.seed, step)),
     };
     update_pass(
         settings,
@@ -169,7 +171,7 @@ fn estimate_sigmas<T: Element>(
 struct UpdateSettings {
     path: KernelPath,
     rule: MomentumRule,
-    stochastic: Option<(u64, u64)>,
+    stochastic: Option<RoundingKey>,
 }
 
 /// Pass B of math §5.2 over the whole batch: `M <- M_new`,
@@ -199,9 +201,7 @@ fn update_pass<T: Element>(
                 .par_chunks_mut(UPDATE_CHUNK)
                 .zip(grads.par_chunks(UPDATE_CHUNK))
                 .zip(momentum.par_chunks_mut(UPDATE_CHUNK));
-            // Layouts hold at most 2^32 matrices (kernels::check_layout checks the same).
-            let stream =
-                stochastic.map(|(seed, step)| RoundingStream::new(seed, step, matrix as u32));
+            let stream = stochastic.map(|key| key.stream(matrix as u32));
             match update {
                 Update::Skip => {}
                 Update::MomentumOnly => chunks.for_each(|((_, grads), momentum)| {
@@ -218,15 +218,14 @@ fn update_pass<T: Element>(
                     chunks
                         .enumerate()
                         .for_each(|(chunk, ((weights, grads), momentum))| {
-                            let rounding = stream.map(|stream| StochasticRounding {
-                                stream,
-                                first_group: (chunk * (UPDATE_CHUNK / GROUP)) as u64,
-                            });
                             let step = Step {
-                                rounding,
-                                rule,
-                                decay,
-                                coefficient,
+                                stream,
+                                first_group: (chunk * (UPDATE_CHUNK / ROUNDING_GROUP)) as u64,
+                                arithmetic: ElementUpdate {
+                                    rule,
+                                    decay,
+                                    coefficient,
+                                },
                                 weights,
                                 grads,
                                 momentum,
@@ -257,11 +256,12 @@ impl<T: Element> Kernel for StoreMomentum<'_, T> {
 
 /// Pass B over one chunk of one matrix.
 struct Step<'a, T> {
-    /// `Some` for stochastic rounding of the new weights (math §5a), `None` for nearest.
-    rounding: Option<StochasticRounding>,
-    rule: MomentumRule,
-    decay: f32,
-    coefficient: f32,
+    /// The matrix's rounding stream for stochastic rounding of the new weights (math §5a),
+    /// `None` for round to nearest.
+    stream: Option<RoundingStream>,
+    /// The rounding group of the chunk's first element.
+    first_group: u64,
+    arithmetic: ElementUpdate,
     weights: &'a mut [T],
     grads: &'a [T],
     momentum: &'a mut [f32],
@@ -271,107 +271,85 @@ impl<T: Element> Kernel for Step<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<const FMA: bool>(self) {
-        match (self.rule.nesterov, self.rounding) {
+        match (self.arithmetic.rule.nesterov, self.stream) {
             (true, None) => self.update::<true, FMA>(),
             (false, None) => self.update::<false, FMA>(),
-            (true, Some(rounding)) => self.update_stochastic::<true, FMA>(rounding),
-            (false, Some(rounding)) => self.update_stochastic::<false, FMA>(rounding),
+            (true, Some(stream)) => self.update_stochastic::<true, FMA>(stream),
+            (false, Some(stream)) => self.update_stochastic::<false, FMA>(stream),
         }
     }
 }
 
+/// The element arithmetic of pass B (math §5.3), the same in both rounding modes.
+#[derive(Clone, Copy)]
+struct ElementUpdate {
+    rule: MomentumRule,
+    decay: f32,
+    coefficient: f32,
+}
+
+impl ElementUpdate {
+    /// `M <- M_new`, and the new weight `decay * W - coefficient * U` in `f32`, before it is
+    /// narrowed to the weights' type.
+    #[inline(always)]
+    fn apply<T: Element, const NESTEROV: bool, const FMA: bool>(
+        self,
+        weight: T,
+        grad: T,
+        momentum: &mut f32,
+    ) -> f32 {
+        let (new_momentum, direction) = self.rule.apply::<NESTEROV, FMA>(*momentum, grad.to_f32());
+        *momentum = new_momentum;
+        madd::<FMA>(self.decay, weight.to_f32(), -self.coefficient * direction)
+    }
+}
+
 impl<T: Element> Step<'_, T> {
-    /// The element-wise body of pass B (math §5.3): `M <- M_new`,
-    /// `W <- decay * W - coefficient * U`.
+    /// Pass B with the new weights rounded to nearest.
     #[inline(always)]
     fn update<const NESTEROV: bool, const FMA: bool>(self) {
-        let Step {
-            rule,
-            decay,
-            coefficient,
-            weights,
-            grads,
-            momentum,
-            ..
-        } = self;
-        for ((w, &g), m) in weights.iter_mut().zip(grads).zip(momentum.iter_mut()) {
-            let (new_momentum, direction) = rule.apply::<NESTEROV, FMA>(*m, g.to_f32());
-            *m = new_momentum;
-            *w = T::from_f32_rne(madd::<FMA>(decay, w.to_f32(), -coefficient * direction));
+        let arithmetic = self.arithmetic;
+        let elements = self
+            .weights
+            .iter_mut()
+            .zip(self.grads)
+            .zip(self.momentum.iter_mut());
+        for ((w, &g), m) in elements {
+            *w = T::from_f32_rne(arithmetic.apply::<T, NESTEROV, FMA>(*w, g, m));
         }
     }
-}
 
-/// The rounding stream of one matrix's step, and where a chunk starts in it.
-#[derive(Clone, Copy)]
-struct StochasticRounding {
-    stream: RoundingStream,
-    /// The group of the chunk's first element.
-    first_group: u64,
-}
-
-impl<T: Element> Step<'_, T> {
-    /// [`update`](Self::update) with stochastic rounding of the new weights (math §5a):
-    /// element `e` of the matrix takes the random bits of group `e / GROUP` of the stream.
+    /// Pass B with the new weights rounded stochastically (math §5a): element `e` of the
+    /// matrix takes number `e` of `stream`, [`RoundingStream::batch`] by batch.
     #[inline(always)]
-    fn update_stochastic<const NESTEROV: bool, const FMA: bool>(
-        self,
-        rounding: StochasticRounding,
-    ) {
-        let StochasticRounding {
-            stream,
-            first_group,
-        } = rounding;
-        let Step {
-            rule,
-            decay,
-            coefficient,
-            weights,
-            grads,
-            momentum,
-            ..
-        } = self;
-        let element = |w: &mut T, g: T, m: &mut f32, random: u32| {
-            let (new_momentum, direction) = rule.apply::<NESTEROV, FMA>(*m, g.to_f32());
-            *m = new_momentum;
-            let new_weight = madd::<FMA>(decay, w.to_f32(), -coefficient * direction);
-            *w = T::from_f32_stochastic(new_weight, random);
-        };
-        let (weight_batches, weight_rest) = weights.as_chunks_mut::<BATCH>();
-        let (grad_batches, grad_rest) = grads.as_chunks::<BATCH>();
-        let (momentum_batches, momentum_rest) = momentum.as_chunks_mut::<BATCH>();
+    fn update_stochastic<const NESTEROV: bool, const FMA: bool>(self, stream: RoundingStream) {
+        let arithmetic = self.arithmetic;
+        let (weight_batches, weight_rest) = self.weights.as_chunks_mut::<BATCH>();
+        let (grad_batches, grad_rest) = self.grads.as_chunks::<BATCH>();
+        let (momentum_batches, momentum_rest) = self.momentum.as_chunks_mut::<BATCH>();
         let batches = weight_batches
             .iter_mut()
             .zip(grad_batches)
             .zip(momentum_batches.iter_mut());
-        let mut group = first_group;
+        let mut group = self.first_group;
         for ((weights, grads), momentum) in batches {
             let random = stream.batch(group);
             for k in 0..BATCH {
-                element(
-                    &mut weights[k],
-                    grads[k],
-                    &mut momentum[k],
-                    u32::from(random[k]),
-                );
+                let new_weight =
+                    arithmetic.apply::<T, NESTEROV, FMA>(weights[k], grads[k], &mut momentum[k]);
+                weights[k] = T::from_f32_stochastic(new_weight, random[k]);
             }
             group += BATCH_GROUPS as u64;
         }
+        // The chunk's last elements (fewer than a batch): the first of a batch's numbers.
+        let random = stream.batch(group);
         let rest = weight_rest
-            .chunks_mut(GROUP)
-            .zip(grad_rest.chunks(GROUP))
-            .zip(momentum_rest.chunks_mut(GROUP));
-        for ((weights, grads), momentum) in rest {
-            let random = stream.group(group);
-            for (((w, &g), m), &random) in weights
-                .iter_mut()
-                .zip(grads)
-                .zip(momentum.iter_mut())
-                .zip(&random)
-            {
-                element(w, g, m, random);
-            }
-            group += 1;
+            .iter_mut()
+            .zip(grad_rest)
+            .zip(momentum_rest.iter_mut())
+            .zip(random);
+        for (((w, &g), m), random) in rest {
+            *w = T::from_f32_stochastic(arithmetic.apply::<T, NESTEROV, FMA>(*w, g, m), random);
         }
     }
 }

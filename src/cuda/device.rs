@@ -21,8 +21,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::kernels::{KernelId, Launch, LaunchArg};
 
-/// Dynamic shared memory a CUDA function may use without the opt-in attribute.
-const DEFAULT_SHARED_BYTES: u32 = 48 * 1024;
+use crate::kernels::records::DEFAULT_SHARED_BYTES;
 
 /// True when the CUDA driver library (`libcuda.so`, `nvcuda.dll`) can be loaded.
 pub fn driver_available() -> bool {

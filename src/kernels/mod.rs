@@ -16,7 +16,7 @@
 //! | [`KernelId::PowerStep`] | `power_step_{T}`: fused power pass on `U = f(G, M)` | blocks | §4.2, §5.2 (pass A) |
 //! | [`KernelId::PowerPlain`] | `power_plain_{T}`: fused power pass on a stored matrix | blocks | §4.2 |
 //! | [`KernelId::Finish`] | `power_finish`: partials → `sigma`, `v`, coefficients | matrices | §4.2–4.6 |
-//! | [`KernelId::Update`] | `update_{T}`: `M <- M_new`, `W <- decay W - coefficient U` | blocks | §5.2 (pass B) |
+//! | [`KernelId::Update`] | `update_{T}`: `M <- M_new`, `W <- decay W - coefficient U`, rounded as §5a says | blocks | §5.2 (pass B), §5a |
 //!
 //! ```
 //! use spectral_step::Dtype;

@@ -9,7 +9,7 @@ use crate::kernels::records::{
     BlockDescriptor, Flag, MAX_THREADS, MatrixDescriptor, POWER_PARTIAL_OFFSET,
 };
 use crate::layout::BatchLayout;
-use crate::rounding::Rounding;
+use crate::rounding::RoundingKey;
 use crate::scaling::Scale;
 
 /// Threads per CTA of every launch (8 warps).
@@ -264,11 +264,12 @@ pub fn step_launches(
         LaunchArg::U64(tables.results),
     ];
     args.extend(momentum);
-    let stochastic = dtype.is_low_precision() && config.rounding == Rounding::Stochastic;
+    let rounding = RoundingKey::new(config.seed, step);
     args.extend([
-        LaunchArg::U64(config.seed),
-        LaunchArg::U64(step),
-        LaunchArg::U32(u32::from(stochastic)),
+        LaunchArg::U32(rounding.key[0]),
+        LaunchArg::U32(rounding.key[1]),
+        LaunchArg::U32(rounding.step_lo),
+        LaunchArg::U32(u32::from(config.rounds_stochastically(dtype))),
     ]);
     launches.push(Launch {
         kernel: KernelId::Update(dtype),

@@ -155,8 +155,11 @@ const _: () = assert!(MatrixDescriptor::SIZE.is_multiple_of(8));
 const _: () = assert!(BlockDescriptor::SIZE.is_multiple_of(4));
 const _: () = assert!(MatrixResult::SIZE.is_multiple_of(4));
 const _: () = assert!(FinishShared::SIZE.is_multiple_of(8));
+/// Shared memory a CTA may use without CUDA's opt-in (`cuFuncSetAttribute` with
+/// `MAX_DYNAMIC_SHARED_SIZE_BYTES`), static and dynamic together.
+pub const DEFAULT_SHARED_BYTES: u32 = 48 * 1024;
 const _: () = assert!(
-    FinishShared::SIZE <= 48 * 1024,
+    FinishShared::SIZE <= DEFAULT_SHARED_BYTES as usize,
     "static shared memory limit"
 );
 
@@ -269,7 +272,8 @@ pub const PHILOX_W1: u32 = 0xBB67_AE85;
 /// Rounds of the Philox network (Random123's default, with a margin over the 7 that pass
 /// BigCrush).
 pub const PHILOX_ROUNDS: u32 = 10;
-/// Elements sharing one Philox output: 128 bits, 16 per element.
+/// Elements sharing one Philox output: 128 bits, 16 per element (the update kernel's
+/// `e / 8`, `e % 8`).
 pub const ROUNDING_GROUP: usize = 8;
 /// The smallest normal f16, `2^-14`, as `f32` bits: below it stochastic rounding to f16 works
 /// on the subnormal grid.
@@ -329,7 +333,6 @@ pub fn template_values() -> Vec<(String, u64)> {
         ("PHILOX_W0", u64::from(PHILOX_W0)),
         ("PHILOX_W1", u64::from(PHILOX_W1)),
         ("PHILOX_ROUNDS", u64::from(PHILOX_ROUNDS)),
-        ("ROUNDING_GROUP", ROUNDING_GROUP as u64),
         ("F16_MIN_NORMAL_BITS", u64::from(F16_MIN_NORMAL_BITS)),
         ("F16_MAX_BITS", u64::from(F16_MAX_BITS)),
         ("BF16_MAX_BITS", u64::from(BF16_MAX_BITS)),
