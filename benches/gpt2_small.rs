@@ -7,6 +7,9 @@
 //! median of their per-round time ratios (math §5a: it adds no memory traffic, only the
 //! Philox arithmetic).
 //!
+//! Last, `f32` master weights with `bf16` gradients (math §5a), without and with the `bf16`
+//! copy of the weights, beside the `f32` step in the same rounds.
+//!
 //! Run: `cargo bench --bench gpt2_small` (add `-- --rounds 15` for more rounds).
 //!
 //! Variants are measured in interleaved rounds (copy, fused, two-pass, step, copy, ...) and
@@ -272,6 +275,111 @@ fn bench_dtype<T: Element>(rounds: usize) {
     }
 }
 
+/// `f32` master weights with `bf16` gradients, with and without the copy, and the `f32` step,
+/// in the same rounds. Bytes actually moved per parameter (pass B storing `M`): 24 and 26
+/// against the `f32` step's 28.
+fn bench_master_weights(rounds: usize) {
+    let shapes = gpt2_small();
+    let n: usize = shapes.iter().map(|s| s.len()).sum();
+    println!("\n=== f32 master weights, bf16 gradients: {n} parameters ===");
+    let master: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, s)| {
+            hashed::<f32>(s.len(), 2 * j as u64)
+                .into_iter()
+                .map(|x| x * 0.02)
+                .collect()
+        })
+        .collect();
+    let grads: Vec<Vec<bf16>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, s)| hashed(s.len(), 2 * j as u64 + 1))
+        .collect();
+    let wide_grads: Vec<Vec<f32>> = grads
+        .iter()
+        .map(|g| g.iter().map(|x| x.to_f32()).collect())
+        .collect();
+    let mut copies: Vec<Vec<bf16>> = shapes.iter().map(|s| vec![bf16::ZERO; s.len()]).collect();
+    let new = || SpectralSgd::new(&shapes, SpectralSgdConfig::default()).unwrap();
+    let (mut mixed, mut with_copy, mut plain) = (new(), new(), new());
+    let (mut mixed_w, mut copy_w, mut plain_w) = (master.clone(), master.clone(), master);
+    // The cold start is not what is measured.
+    mixed.step(&mut mixed_w, &grads).unwrap();
+    with_copy
+        .step_with_copy(&mut copy_w, &grads, &mut copies)
+        .unwrap();
+    plain.step(&mut plain_w, &wide_grads).unwrap();
+    let bytes = |per_parameter: usize| (n * per_parameter) as f64;
+    let half = (bytes(26) / 2.0) as usize;
+    let src: Vec<u8> = (0..half).map(|i| i as u8).collect();
+    let mut dst = vec![0u8; half];
+    let (src, dst) = (&src, &mut dst);
+    let grads = &grads;
+    let copies = &mut copies;
+    let wide_grads = &wide_grads;
+    let mut variants = vec![
+        Variant {
+            name: "copy of 26 B/param, rayon (baseline)",
+            model_bytes: bytes(26),
+            run: Box::new(|| copy_parallel(dst, black_box(src))),
+            times: Vec::new(),
+        },
+        Variant {
+            name: "step, f32 W, f32 G",
+            model_bytes: bytes(28),
+            run: Box::new(|| {
+                black_box(plain.step(&mut plain_w, wide_grads).unwrap());
+            }),
+            times: Vec::new(),
+        },
+        Variant {
+            name: "step, f32 W, bf16 G",
+            model_bytes: bytes(24),
+            run: Box::new(|| {
+                black_box(mixed.step(&mut mixed_w, grads).unwrap());
+            }),
+            times: Vec::new(),
+        },
+        Variant {
+            name: "step, f32 W, bf16 G, bf16 copy",
+            model_bytes: bytes(26),
+            run: Box::new(|| {
+                black_box(
+                    with_copy
+                        .step_with_copy(&mut copy_w, grads, copies)
+                        .unwrap(),
+                );
+            }),
+            times: Vec::new(),
+        },
+    ];
+    compare(
+        "f32 master weights: bytes actually moved (28, 24 and 26 per parameter)",
+        rounds,
+        &mut variants,
+        1,
+    );
+    let per_round = |a: usize, b: usize| {
+        let mut ratios: Vec<f64> = variants[a]
+            .times
+            .iter()
+            .zip(&variants[b].times)
+            .map(|(x, y)| x.as_secs_f64() / y.as_secs_f64())
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios[ratios.len() / 2]
+    };
+    println!(
+        "  time / f32 step (median of per-round ratios): bf16 G {:.3}x, bf16 G + copy {:.3}x (bytes: {:.3}x, {:.3}x)",
+        per_round(2, 1),
+        per_round(3, 1),
+        24.0 / 28.0,
+        26.0 / 28.0
+    );
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut rounds = 9;
@@ -287,4 +395,5 @@ fn main() {
     bench_dtype::<f32>(rounds);
     bench_dtype::<bf16>(rounds);
     bench_dtype::<f16>(rounds);
+    bench_master_weights(rounds);
 }

@@ -1,6 +1,6 @@
 //! Build script: turns the PTX templates of `kernels/` into the kernels the crate embeds.
 //!
-//! 1. Expands each template for its element types and variants ([`template`]), with the
+//! 1. Expands each template for its element types and variants ([`template::module_specs`]), with the
 //!    record offsets and constants of `src/kernels/records.rs` (compiled in here as
 //!    [`records`]), into `OUT_DIR/ptx/`.
 //! 2. Finds ptxas and assembles every module for sm_80, sm_86, sm_89 and sm_90
@@ -24,35 +24,7 @@ use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use template::{ELEMENT_TYPES, ElementType};
 use toolchain::Module;
-
-/// A template and the modules it expands into.
-struct Template {
-    file: &'static str,
-    /// Expanded once per element type (`false`: one module with no element type).
-    typed: bool,
-    /// Its variants (`""` when it has none).
-    variants: &'static [&'static str],
-}
-
-const TEMPLATES: [Template; 3] = [
-    Template {
-        file: "power_pass.ptx",
-        typed: true,
-        variants: &["step", "plain"],
-    },
-    Template {
-        file: "finish.ptx",
-        typed: false,
-        variants: &[""],
-    },
-    Template {
-        file: "update.ptx",
-        typed: true,
-        variants: &[""],
-    },
-];
 
 fn main() {
     println!("cargo:rerun-if-changed=build");
@@ -82,30 +54,25 @@ fn run() -> Result<(), String> {
 
     let values: HashMap<String, u64> = records::template_values().into_iter().collect();
     let mut modules = Vec::new();
-    for template in &TEMPLATES {
-        let path = manifest.join("kernels").join(template.file);
-        let text = fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let elements: Vec<Option<&ElementType>> = if template.typed {
-            ELEMENT_TYPES.iter().map(Some).collect()
-        } else {
-            vec![None]
-        };
-        for element in elements {
-            for &variant in template.variants {
-                let expanded = template::expand(&text, element, variant, &values)
-                    .map_err(|e| format!("kernels/{}: {e}", template.file))?;
-                let name = template::entry_name(&expanded)
-                    .ok_or_else(|| format!("kernels/{}: no .entry", template.file))?;
-                let ptx_path = ptx_dir.join(format!("{name}.ptx"));
-                write_if_changed(&ptx_path, &expanded)?;
-                modules.push(Module {
-                    name,
-                    ptx_path,
-                    cubins: Vec::new(),
-                });
-            }
+    let mut texts: HashMap<&str, String> = HashMap::new();
+    for spec in template::module_specs() {
+        if !texts.contains_key(spec.file) {
+            let path = manifest.join("kernels").join(spec.file);
+            let text = fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            texts.insert(spec.file, text);
         }
+        let expanded = template::expand(&texts[spec.file], &spec.roles, spec.variant, &values)
+            .map_err(|e| format!("kernels/{}: {e}", spec.file))?;
+        let name = template::entry_name(&expanded)
+            .ok_or_else(|| format!("kernels/{}: no .entry", spec.file))?;
+        let ptx_path = ptx_dir.join(format!("{name}.ptx"));
+        write_if_changed(&ptx_path, &expanded)?;
+        modules.push(Module {
+            name,
+            ptx_path,
+            cubins: Vec::new(),
+        });
     }
 
     let require = env::var("SPECTRAL_STEP_REQUIRE_PTXAS").is_ok_and(|v| v == "1");

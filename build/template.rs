@@ -36,18 +36,144 @@ pub const ELEMENT_TYPES: [ElementType; 3] = [
     },
 ];
 
+/// The element types of a module, by role: `T`, the one type of a template with one (the
+/// matrix the power pass reads); `W` and `G`, the weights' and the gradients' types of the
+/// update (the copy of `f32` master weights has `G`'s type).
+#[derive(Clone, Copy, Default)]
+pub struct Roles {
+    /// `{{T}}`.
+    pub t: Option<&'static ElementType>,
+    /// `{{W}}`.
+    pub w: Option<&'static ElementType>,
+    /// `{{G}}`.
+    pub g: Option<&'static ElementType>,
+}
+
+impl Roles {
+    /// An untyped template.
+    pub const NONE: Roles = Roles {
+        t: None,
+        w: None,
+        g: None,
+    };
+
+    /// A template with one element type.
+    pub const fn single(t: &'static ElementType) -> Self {
+        Roles {
+            t: Some(t),
+            w: None,
+            g: None,
+        }
+    }
+
+    /// The update: weights of type `w`, gradients (and copy) of type `g`.
+    pub const fn update(w: &'static ElementType, g: &'static ElementType) -> Self {
+        Roles {
+            t: None,
+            w: Some(w),
+            g: Some(g),
+        }
+    }
+
+    fn find(&self, role: &str) -> Option<&'static ElementType> {
+        match role {
+            "T" => self.t,
+            "W" => self.w,
+            "G" => self.g,
+            _ => None,
+        }
+    }
+
+    fn get(&self, role: &str) -> Result<&'static ElementType, String> {
+        self.find(role).ok_or_else(|| match role {
+            "T" | "W" | "G" => format!("element role {role} in a template expanded without it"),
+            _ => format!("unknown element role `{role}` (T, W or G)"),
+        })
+    }
+
+    /// `f32` weights with 16-bit gradients.
+    fn is_mixed(&self) -> bool {
+        matches!((self.w, self.g), (Some(w), Some(g)) if w.name != g.name)
+    }
+}
+
+/// A module the build produces: its template, element types and variant.
+pub struct ModuleSpec {
+    /// The template's file name in `kernels/`.
+    pub file: &'static str,
+    /// Its element types.
+    pub roles: Roles,
+    /// Its variant (`""` when the template has none).
+    pub variant: &'static str,
+}
+
+/// The update's (weights, gradients) pairs, as indices into [`ELEMENT_TYPES`]: each type
+/// with itself, and `f32` master weights with `f16` or `bf16` gradients (the pairs of the
+/// crate's `StepTypes::ALL`).
+const UPDATE_PAIRS: [(usize, usize); 5] = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2)];
+
+/// Every module, in a fixed order: the power passes per type and variant, the finish, the
+/// updates per pair of types.
+pub fn module_specs() -> Vec<ModuleSpec> {
+    let mut specs = Vec::new();
+    for element in &ELEMENT_TYPES {
+        for variant in ["step", "plain"] {
+            specs.push(ModuleSpec {
+                file: "power_pass.ptx",
+                roles: Roles::single(element),
+                variant,
+            });
+        }
+    }
+    specs.push(ModuleSpec {
+        file: "finish.ptx",
+        roles: Roles::NONE,
+        variant: "",
+    });
+    for (w, g) in UPDATE_PAIRS {
+        specs.push(ModuleSpec {
+            file: "update.ptx",
+            roles: Roles::update(&ELEMENT_TYPES[w], &ELEMENT_TYPES[g]),
+            variant: "",
+        });
+    }
+    specs
+}
+
 /// The variant tags a line may start with (`@step `, `@plain `).
 const VARIANT_TAGS: [&str; 2] = ["step", "plain"];
 
-/// The tag of a line kept only for 16-bit element types.
-const HALF_TAG: &str = "@half ";
+/// Whether a line with this type tag is kept: `@half ` / `@half:R ` for a 16-bit type in
+/// role `T` / `R`, `@mixed ` for `f32` weights with 16-bit gradients. `None`: no type tag.
+fn type_tag<'a>(line: &'a str, roles: &Roles) -> Result<Option<(bool, &'a str)>, String> {
+    if let Some(rest) = line.strip_prefix("@mixed ") {
+        return Ok(Some((roles.is_mixed(), rest.trim_start())));
+    }
+    let Some(rest) = line.strip_prefix("@half") else {
+        return Ok(None);
+    };
+    let (role, rest) = match rest.strip_prefix(':') {
+        Some(rest) => rest
+            .split_once(' ')
+            .ok_or_else(|| "a tag `@half:R` must be followed by a space".to_string())?,
+        None => match rest.strip_prefix(' ') {
+            Some(rest) => ("T", rest),
+            None => return Ok(None),
+        },
+    };
+    if !matches!(role, "T" | "W" | "G") {
+        return Err(format!("unknown element role `{role}` in `@half:{role}`"));
+    }
+    let keep = roles.find(role).is_some_and(|e| e.half.is_some());
+    Ok(Some((keep, rest.trim_start())))
+}
 
-/// Expands `template` for `element` (`None`: an untyped template) and `variant` (`""` when
-/// the template has none). `values` are the named placeholders (`MatrixDescriptor.fan_in`,
+/// Expands `template` for the element types `roles` and `variant` (`""` when the template
+/// has none). `values` are the named placeholders (`MatrixDescriptor.fan_in`,
 /// `Status.NonFinite`, ...; see `src/kernels/records.rs`). Errors name the template line.
 pub fn expand(
     template: &str,
-    element: Option<&ElementType>,
+    roles: &Roles,
     variant: &str,
     values: &HashMap<String, u64>,
 ) -> Result<String, String> {
@@ -62,9 +188,9 @@ pub fn expand(
             ));
         }
         let trimmed = line.trim_start();
-        let trimmed = match trimmed.strip_prefix(HALF_TAG) {
-            Some(_) if element.is_none_or(|e| e.half.is_none()) => continue,
-            Some(rest) => rest.trim_start(),
+        let trimmed = match type_tag(trimmed, roles).map_err(at_line)? {
+            Some((false, _)) => continue,
+            Some((true, rest)) => rest,
             None => trimmed,
         };
         let body = match tagged(trimmed) {
@@ -76,8 +202,8 @@ pub fn expand(
             check_no_literal_offsets(body).map_err(at_line)?;
         }
         let indent = &line[..line.len() - line.trim_start().len()];
-        let body = substitute(body, element, variant, values).map_err(at_line)?;
-        let lines = match expand_macro(&body, element, values) {
+        let body = substitute(body, roles, variant, values).map_err(at_line)?;
+        let lines = match expand_macro(&body, roles, values) {
             Some(lines) => lines.map_err(at_line)?,
             None => vec![body],
         };
@@ -120,10 +246,12 @@ fn check_no_literal_offsets(line: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Replaces every `{{NAME}}`: the element placeholders, `{{VARIANT}}`, then the named values.
+/// Replaces every `{{NAME}}`: the element placeholders (`{{T}}`, `{{W}}`, `{{G}}`, and
+/// `{{ELEM_SHIFT}}`, `{{ELEM_BYTES}}`, `{{QUAD_BYTES}}` of role `T`, or of role `R` as
+/// `{{ELEM_BYTES:R}}`), `{{VARIANT}}`, then the named values.
 fn substitute(
     line: &str,
-    element: Option<&ElementType>,
+    roles: &Roles,
     variant: &str,
     values: &HashMap<String, u64>,
 ) -> Result<String, String> {
@@ -136,15 +264,13 @@ fn substitute(
             .find("}}")
             .ok_or_else(|| format!("unclosed placeholder in `{line}`"))?;
         let name = &after[..close];
-        let value = match (name, element) {
-            ("VARIANT", _) => variant.to_string(),
-            ("T", Some(element)) => element.name.to_string(),
-            ("ELEM_SHIFT", Some(element)) => element.shift.to_string(),
-            ("ELEM_BYTES", Some(element)) => (1u32 << element.shift).to_string(),
-            ("QUAD_BYTES", Some(element)) => (4u32 << element.shift).to_string(),
-            ("T" | "ELEM_SHIFT" | "ELEM_BYTES" | "QUAD_BYTES", None) => {
-                return Err(format!("{{{{{name}}}}} in an untyped template"));
-            }
+        let (base, role) = name.split_once(':').unwrap_or((name, "T"));
+        let value = match base {
+            "VARIANT" => variant.to_string(),
+            "T" | "W" | "G" if base == name => roles.get(base)?.name.to_string(),
+            "ELEM_SHIFT" => roles.get(role)?.shift.to_string(),
+            "ELEM_BYTES" => (1u32 << roles.get(role)?.shift).to_string(),
+            "QUAD_BYTES" => (4u32 << roles.get(role)?.shift).to_string(),
             _ => values
                 .get(name)
                 .ok_or_else(|| format!("unknown placeholder {{{{{name}}}}}"))?
@@ -157,33 +283,45 @@ fn substitute(
     Ok(out)
 }
 
-/// The pseudo-instructions.
-const MACROS: [&str; 9] = [
+/// The pseudo-instructions that load or store elements, and so take an element role
+/// (`LOAD_ELEM4.nc:G`; role `T` when none is written).
+const ELEMENT_MACROS: [&str; 6] = [
     "LOAD_ELEM",
     "LOAD_ELEM.nc",
     "LOAD_ELEM4",
     "LOAD_ELEM4.nc",
     "STORE_ELEM",
     "STORE_ELEM4",
-    "MOMENTUM",
-    "WARP_SUM",
-    "PHILOX",
 ];
+
+/// The other pseudo-instructions.
+const PLAIN_MACROS: [&str; 3] = ["MOMENTUM", "WARP_SUM", "PHILOX"];
 
 /// `Some` when the line is one of the pseudo-instructions.
 fn expand_macro(
     line: &str,
-    element: Option<&ElementType>,
+    roles: &Roles,
     values: &HashMap<String, u64>,
 ) -> Option<Result<Vec<String>, String>> {
     let (op, args) = line.split_once(char::is_whitespace)?;
-    if !MACROS.contains(&op) {
+    let (op, role) = match op.split_once(':') {
+        Some((op, role)) => (op, Some(role)),
+        None => (op, None),
+    };
+    let element_macro = ELEMENT_MACROS.contains(&op);
+    if !element_macro && !PLAIN_MACROS.contains(&op) {
         return None;
     }
     let Some(args) = args.trim().strip_suffix(';') else {
         return Some(Err(format!("{op}: missing `;`")));
     };
-    Some(expand_known(op, args.trim(), element, values))
+    let element = match (element_macro, role) {
+        (true, Some(role)) => roles.get(role).map(Some),
+        (true, None) => Ok(roles.t),
+        (false, Some(role)) => Err(format!("{op} takes no element role (`:{role}`)")),
+        (false, None) => Ok(None),
+    };
+    Some(element.and_then(|element| expand_known(op, args.trim(), element, values)))
 }
 
 /// A named value of `src/kernels/records.rs`, for the pseudo-instructions that need one.
@@ -369,10 +507,14 @@ fn four_registers(op: &str, text: &str) -> Result<Vec<String>, String> {
 fn expand_known(
     op: &str,
     args: &str,
-    element: Option<&ElementType>,
+    element: Option<&'static ElementType>,
     values: &HashMap<String, u64>,
 ) -> Result<Vec<String>, String> {
-    let need_element = || element.ok_or_else(|| format!("{op} in an untyped template"));
+    let need_element = || {
+        element.ok_or_else(|| {
+            format!("{op} without an element type (an untyped template, or no role T)")
+        })
+    };
     let cache = if op.ends_with(".nc") { ".nc" } else { "" };
     Ok(match op {
         "LOAD_ELEM" | "LOAD_ELEM.nc" => {
@@ -507,7 +649,7 @@ fn expand_known(
             }
             lines
         }
-        _ => unreachable!("expand_macro only passes the names in MACROS"),
+        _ => unreachable!("expand_macro only passes the pseudo-instructions' names"),
     })
 }
 
@@ -549,7 +691,7 @@ mod tests {
     fn named_values_and_element_placeholders_are_substituted() {
         let template = "    ld.global.u32 %r, [%desc+{{Rec.field}}]; // {{T}} {{ELEM_SHIFT}} {{ELEM_BYTES}} {{QUAD_BYTES}}\n\
                         setp.eq.u32 %p, %s, {{Status.Done}};\n";
-        let out = expand(template, Some(bf16_type()), "", &values()).unwrap();
+        let out = expand(template, &Roles::single(bf16_type()), "", &values()).unwrap();
         assert_eq!(
             out,
             "    ld.global.u32 %r, [%desc+24]; // bf16 1 2 8\nsetp.eq.u32 %p, %s, 3;\n"
@@ -558,34 +700,42 @@ mod tests {
 
     #[test]
     fn unknown_unclosed_and_misplaced_placeholders_are_errors_naming_the_line() {
-        let unknown = expand("ok;\nmov.u32 %r, {{Nope}};\n", None, "", &values()).unwrap_err();
+        let unknown =
+            expand("ok;\nmov.u32 %r, {{Nope}};\n", &Roles::NONE, "", &values()).unwrap_err();
         assert!(
             unknown.starts_with("line 2:") && unknown.contains("{{Nope}}"),
             "{unknown}"
         );
-        let unclosed = expand("mov.u32 %r, {{Rec.field;\n", None, "", &values()).unwrap_err();
+        let unclosed =
+            expand("mov.u32 %r, {{Rec.field;\n", &Roles::NONE, "", &values()).unwrap_err();
         assert!(unclosed.contains("unclosed"), "{unclosed}");
-        let untyped = expand("// {{T}}\n", None, "", &values()).unwrap_err();
-        assert!(untyped.contains("untyped"), "{untyped}");
+        let untyped = expand("// {{T}}\n", &Roles::NONE, "", &values()).unwrap_err();
+        assert!(untyped.contains("without it"), "{untyped}");
     }
 
     #[test]
     fn literal_record_offsets_are_rejected_outside_comments() {
-        let error = expand("ld.global.u64 %a, [%desc+8];\n", None, "", &values()).unwrap_err();
+        let error = expand(
+            "ld.global.u64 %a, [%desc+8];\n",
+            &Roles::NONE,
+            "",
+            &values(),
+        )
+        .unwrap_err();
         assert!(error.contains("literal offset"), "{error}");
         // A register offset, a named one and a comment are fine.
         let ok =
             "ld.global.u64 %a, [%desc];\nld.global.u64 %a, [%desc+{{Rec.field}}];\n// [%x+8]\n";
-        assert!(expand(ok, None, "", &values()).is_ok());
+        assert!(expand(ok, &Roles::NONE, "", &values()).is_ok());
     }
 
     #[test]
     fn variant_lines_are_kept_only_in_their_variant_and_guards_stay() {
         let template =
             "@step    add.s64 %a, %b, %c;\n@plain   mov.f32 %u0, %g0;\n    @%p bra $x;\n";
-        let step = expand(template, Some(f32_type()), "step", &values()).unwrap();
+        let step = expand(template, &Roles::single(f32_type()), "step", &values()).unwrap();
         assert_eq!(step, "add.s64 %a, %b, %c;\n    @%p bra $x;\n");
-        let plain = expand(template, Some(f32_type()), "plain", &values()).unwrap();
+        let plain = expand(template, &Roles::single(f32_type()), "plain", &values()).unwrap();
         assert_eq!(plain, "mov.f32 %u0, %g0;\n    @%p bra $x;\n");
     }
 
@@ -593,12 +743,12 @@ mod tests {
     fn element_macros_expand_per_type() {
         let template =
             "  LOAD_ELEM4.nc {%g0, %g1, %g2, %g3}, [%addr];\n  STORE_ELEM [%addr], %w0;\n";
-        let f32_out = expand(template, Some(f32_type()), "", &values()).unwrap();
+        let f32_out = expand(template, &Roles::single(f32_type()), "", &values()).unwrap();
         assert_eq!(
             f32_out,
             "  ld.global.nc.v4.f32 {%g0, %g1, %g2, %g3}, [%addr];\n  st.global.f32 [%addr], %w0;\n"
         );
-        let bf16_out = expand(template, Some(bf16_type()), "", &values()).unwrap();
+        let bf16_out = expand(template, &Roles::single(bf16_type()), "", &values()).unwrap();
         assert_eq!(
             bf16_out,
             "  ld.global.nc.v4.b16 {%half0, %half1, %half2, %half3}, [%addr];\n\
@@ -606,11 +756,11 @@ mod tests {
              \x20 cvt.f32.bf16 %g2, %half2;\n  cvt.f32.bf16 %g3, %half3;\n\
              \x20 cvt.rn.bf16.f32 %half0, %w0;\n  st.global.b16 [%addr], %half0;\n"
         );
-        let error = expand("LOAD_ELEM %g0, [%a];\n", None, "", &values()).unwrap_err();
-        assert!(error.contains("untyped"), "{error}");
+        let error = expand("LOAD_ELEM %g0, [%a];\n", &Roles::NONE, "", &values()).unwrap_err();
+        assert!(error.contains("without an element type"), "{error}");
         let error = expand(
             "STORE_ELEM4 [%a], {%w0, %w1};\n",
-            Some(f32_type()),
+            &Roles::single(f32_type()),
             "",
             &values(),
         )
@@ -620,7 +770,13 @@ mod tests {
 
     #[test]
     fn momentum_and_warp_sum_expand_to_the_documented_sequences() {
-        let out = expand("MOMENTUM %mn0, %u0, %g0, %m0;\n", None, "", &values()).unwrap();
+        let out = expand(
+            "MOMENTUM %mn0, %u0, %g0, %m0;\n",
+            &Roles::NONE,
+            "",
+            &values(),
+        )
+        .unwrap();
         assert_eq!(
             out,
             "mul.rn.f32 %scaled_grad, %grad_coef, %g0;\n\
@@ -628,7 +784,7 @@ mod tests {
              fma.rn.f32 %u0, %beta, %mn0, %scaled_grad;\n\
              selp.f32 %u0, %u0, %mn0, %is_nesterov;\n"
         );
-        let out = expand("WARP_SUM %dot;\n", None, "", &values()).unwrap();
+        let out = expand("WARP_SUM %dot;\n", &Roles::NONE, "", &values()).unwrap();
         let offsets: Vec<&str> = out
             .lines()
             .filter(|l| l.starts_with("shfl"))
@@ -636,13 +792,13 @@ mod tests {
             .collect();
         assert_eq!(offsets, ["16", "8", "4", "2", "1"]);
         assert_eq!(out.lines().count(), 20);
-        assert!(expand("MOMENTUM %a, %b;\n", None, "", &values()).is_err());
-        assert!(expand("WARP_SUM %a\n", None, "", &values()).is_err());
+        assert!(expand("MOMENTUM %a, %b;\n", &Roles::NONE, "", &values()).is_err());
+        assert!(expand("WARP_SUM %a\n", &Roles::NONE, "", &values()).is_err());
     }
 
     #[test]
     fn non_ascii_text_is_rejected_even_in_comments() {
-        let error = expand("// see math \u{a7}4\n", None, "", &values()).unwrap_err();
+        let error = expand("// see math \u{a7}4\n", &Roles::NONE, "", &values()).unwrap_err();
         assert!(
             error.starts_with("line 1:") && error.contains("ASCII"),
             "{error}"
@@ -662,31 +818,34 @@ mod tests {
     fn half_lines_are_kept_for_16_bit_types_only() {
         let template = "a;\n    @half b;\n";
         assert_eq!(
-            expand(template, Some(f32_type()), "", &values()).unwrap(),
+            expand(template, &Roles::single(f32_type()), "", &values()).unwrap(),
             "a;\n"
         );
         assert_eq!(
-            expand(template, Some(bf16_type()), "", &values()).unwrap(),
+            expand(template, &Roles::single(bf16_type()), "", &values()).unwrap(),
             "a;\n    b;\n"
         );
-        assert_eq!(expand(template, None, "", &values()).unwrap(), "a;\n");
+        assert_eq!(
+            expand(template, &Roles::NONE, "", &values()).unwrap(),
+            "a;\n"
+        );
     }
 
     #[test]
     fn philox_is_ten_rounds_with_nine_key_bumps() {
-        let out = expand("PHILOX %group;\n", None, "", &values()).unwrap();
+        let out = expand("PHILOX %group;\n", &Roles::NONE, "", &values()).unwrap();
         assert_eq!(out.matches("mul.hi.u32").count(), 20, "{out}");
         assert_eq!(out.matches("add.u32 %philox_k0").count(), 9, "{out}");
         let multiplier = spectral_step::kernels::records::PHILOX_M0;
         assert!(out.contains(&format!("{multiplier}")), "{out}");
-        assert!(expand("PHILOX %a, %b;\n", None, "", &values()).is_err());
+        assert!(expand("PHILOX %a, %b;\n", &Roles::NONE, "", &values()).is_err());
     }
 
     #[test]
     fn stochastic_stores_round_16_bit_types_and_refuse_f32() {
         let quad = "STORE_ELEM4 [%addr], {%w0, %w1, %w2, %w3}, {%word0, %word1};\n";
-        assert!(expand(quad, Some(f32_type()), "", &values()).is_err());
-        let bf16_out = expand(quad, Some(bf16_type()), "", &values()).unwrap();
+        assert!(expand(quad, &Roles::single(f32_type()), "", &values()).is_err());
+        let bf16_out = expand(quad, &Roles::single(bf16_type()), "", &values()).unwrap();
         // Elements 0 and 1 take the halves of word0, 2 and 3 those of word1.
         for line in [
             "and.b32 %sr_rand, %word0, 0xFFFF;",
@@ -700,7 +859,7 @@ mod tests {
         }
         let f16_out = expand(
             "STORE_ELEM [%addr], %w0, %word0;\n",
-            Some(&ELEMENT_TYPES[1]),
+            &Roles::single(&ELEMENT_TYPES[1]),
             "",
             &values(),
         )
@@ -720,18 +879,84 @@ mod tests {
             "STORE_ELEM4 [%a], {%w0, %w1, %w2};\n",
         ] {
             assert!(
-                expand(malformed, Some(bf16_type()), "", &values()).is_err(),
+                expand(malformed, &Roles::single(bf16_type()), "", &values()).is_err(),
                 "{malformed}"
             );
         }
         assert!(
             expand(
                 "STORE_ELEM [%a], %w0, %r;\n",
-                Some(f32_type()),
+                &Roles::single(f32_type()),
                 "",
                 &values()
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn update_roles_type_each_buffer_and_mixed_lines_follow_the_pair() {
+        let (f32_type, bf16_type) = (f32_type(), bf16_type());
+        let template = "  LOAD_ELEM.nc:G %g0, [%a];\n\
+                        \x20 STORE_ELEM:W [%b], %w0;\n\
+                        @mixed STORE_ELEM:G [%c], %w0;\n\
+                        @half:W mov.b32 %r, 1;\n\
+                        // {{W}} {{G}} {{ELEM_BYTES:W}} {{QUAD_BYTES:G}}\n";
+        let mixed = expand(template, &Roles::update(f32_type, bf16_type), "", &values()).unwrap();
+        assert_eq!(
+            mixed,
+            "  ld.global.nc.b16 %half0, [%a];\n  cvt.f32.bf16 %g0, %half0;\n\
+             \x20 st.global.f32 [%b], %w0;\n\
+             cvt.rn.bf16.f32 %half0, %w0;\nst.global.b16 [%c], %half0;\n\
+             // f32 bf16 4 8\n"
+        );
+        let same = expand(
+            template,
+            &Roles::update(bf16_type, bf16_type),
+            "",
+            &values(),
+        )
+        .unwrap();
+        assert!(!same.contains("[%c]"), "not mixed: {same}");
+        assert!(same.contains("mov.b32 %r, 1;"), "16-bit W: {same}");
+        let f32_same = expand(template, &Roles::update(f32_type, f32_type), "", &values()).unwrap();
+        assert!(
+            !f32_same.contains("[%c]") && !f32_same.contains("%r"),
+            "{f32_same}"
+        );
+        // A role the module lacks, or one that does not exist, is an error.
+        for bad in [
+            "LOAD_ELEM:W %g0, [%a];\n",
+            "// {{G}}\n",
+            "@half:X a;\n",
+            "STORE_ELEM:Q [%a], %w;\n",
+        ] {
+            assert!(
+                expand(bad, &Roles::single(f32_type), "", &values()).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(expand("MOMENTUM:W %a, %b, %c, %d;\n", &Roles::NONE, "", &values()).is_err());
+    }
+
+    #[test]
+    fn the_module_specs_name_each_pair_once() {
+        let specs = module_specs();
+        let updates: Vec<(&str, &str)> = specs
+            .iter()
+            .filter(|spec| spec.file == "update.ptx")
+            .map(|spec| (spec.roles.w.unwrap().name, spec.roles.g.unwrap().name))
+            .collect();
+        assert_eq!(
+            updates,
+            [
+                ("f32", "f32"),
+                ("f16", "f16"),
+                ("bf16", "bf16"),
+                ("f32", "f16"),
+                ("f32", "bf16")
+            ]
+        );
+        assert_eq!(specs.len(), 6 + 1 + 5);
     }
 }

@@ -83,18 +83,23 @@ pub trait Backend: Sized + sealed::Sealed {
     fn layout(&self) -> &BatchLayout;
 
     /// One optimizer step (math §5) over the whole batch. `step` is the 1-based index of this
-    /// step. Shapes are checked before anything is written.
-    fn step<T, W, G>(
+    /// step. With `copies`, the update also writes each matrix's new weights, rounded to
+    /// nearest, into its copy (f32 master weights with 16-bit gradients only, math §5a).
+    /// Element types, counts and lengths are checked before anything is written.
+    fn step<TW, TG, W, G, C>(
         &mut self,
         config: &SpectralSgdConfig,
         step: u64,
         weights: &mut [W],
         grads: &[G],
+        copies: Option<&mut [C]>,
     ) -> Result<Self::Report>
     where
-        T: Element,
-        W: BorrowMut<Self::Storage<T>> + Send,
-        G: Borrow<Self::Storage<T>> + Sync;
+        TW: Element,
+        TG: Element,
+        W: BorrowMut<Self::Storage<TW>> + Send,
+        G: Borrow<Self::Storage<TG>> + Sync,
+        C: BorrowMut<Self::Storage<TG>>;
 
     /// Copies the state to the host, without alignment gaps.
     fn export_state(&self) -> Result<HostState>;

@@ -39,6 +39,117 @@ impl Dtype {
     }
 }
 
+/// The element types of one step's weights and gradients (math §5a): both the same type, or
+/// `f32` master weights with 16-bit gradients (mixed precision). A 16-bit weight with
+/// gradients of another type is refused: its update would be rounded to the weights' grid
+/// anyway, so the wider gradient buys nothing, and no kernel is built for it.
+///
+/// ```
+/// use spectral_step::{Dtype, StepTypes};
+/// let mixed = StepTypes::new(Dtype::F32, Dtype::Bf16)?;
+/// assert!(mixed.is_mixed());
+/// assert!(StepTypes::new(Dtype::Bf16, Dtype::F32).is_err());
+/// # Ok::<(), spectral_step::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StepTypes {
+    weights: Dtype,
+    grads: Dtype,
+}
+
+impl StepTypes {
+    /// Every supported pair, in a fixed order (the update kernels are built for these).
+    pub const ALL: [StepTypes; 5] = [
+        StepTypes::same(Dtype::F32),
+        StepTypes::same(Dtype::F16),
+        StepTypes::same(Dtype::Bf16),
+        StepTypes {
+            weights: Dtype::F32,
+            grads: Dtype::F16,
+        },
+        StepTypes {
+            weights: Dtype::F32,
+            grads: Dtype::Bf16,
+        },
+    ];
+
+    /// Weights and gradients of one type.
+    pub const fn same(dtype: Dtype) -> Self {
+        Self {
+            weights: dtype,
+            grads: dtype,
+        }
+    }
+
+    /// The pair, or [`Error::ElementTypes`](crate::Error::ElementTypes) when it is not one of
+    /// [`ALL`](Self::ALL).
+    pub fn new(weights: Dtype, grads: Dtype) -> crate::Result<Self> {
+        let types = Self { weights, grads };
+        if Self::ALL.contains(&types) {
+            Ok(types)
+        } else {
+            Err(crate::Error::ElementTypes(format!(
+                "{} weights with {} gradients: the weights and gradients must have one type, \
+                 or the weights must be f32 (master weights) with f16 or bf16 gradients",
+                weights.name(),
+                grads.name()
+            )))
+        }
+    }
+
+    /// The pair of two element types, checked as [`new`](Self::new) does.
+    pub fn of<W: Element, G: Element>() -> crate::Result<Self> {
+        Self::new(W::DTYPE, G::DTYPE)
+    }
+
+    /// The weights' type.
+    pub const fn weights(self) -> Dtype {
+        self.weights
+    }
+
+    /// The gradients' type (also that of the low-precision copy of the weights).
+    pub const fn grads(self) -> Dtype {
+        self.grads
+    }
+
+    /// `f32` master weights with 16-bit gradients: the pairing that may write a 16-bit copy
+    /// of the new weights in the update pass.
+    pub const fn is_mixed(self) -> bool {
+        !matches!(
+            (self.weights, self.grads),
+            (Dtype::F32, Dtype::F32) | (Dtype::F16, Dtype::F16) | (Dtype::Bf16, Dtype::Bf16)
+        )
+    }
+
+    /// Position in [`ALL`](Self::ALL).
+    pub const fn index(self) -> usize {
+        match (self.weights, self.grads) {
+            (Dtype::F32, Dtype::F32) => 0,
+            (Dtype::F16, Dtype::F16) => 1,
+            (Dtype::Bf16, Dtype::Bf16) => 2,
+            (Dtype::F32, Dtype::F16) => 3,
+            (Dtype::F32, Dtype::Bf16) => 4,
+            // The fields are private and every constructor yields a pair of ALL.
+            _ => panic!("StepTypes holds a pair of StepTypes::ALL"),
+        }
+    }
+
+    /// Errors unless a copy of the new weights can be written: `f32` weights with 16-bit
+    /// gradients, the copy having the gradients' type.
+    pub(crate) fn check_copy(self) -> crate::Result<()> {
+        if self.is_mixed() {
+            Ok(())
+        } else {
+            Err(crate::Error::ElementTypes(format!(
+                "a low-precision copy needs f32 weights with f16 or bf16 gradients (the copy \
+                 has the gradients' type), not {} weights with {} gradients",
+                self.weights.name(),
+                self.grads.name()
+            )))
+        }
+    }
+}
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}

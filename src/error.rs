@@ -75,6 +75,11 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
 
+    /// The weights', gradients' (and copy's) element types do not form a supported step
+    /// ([`StepTypes`](crate::StepTypes)).
+    #[error("unsupported element types: {0}")]
+    ElementTypes(String),
+
     /// An argument (other than a shape or buffer length) is out of range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

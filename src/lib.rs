@@ -58,7 +58,7 @@ mod state;
 
 pub use backend::{Backend, HostState};
 pub use config::{MAX_POWER_ITERATIONS, MomentumKind, SpectralSgdConfig};
-pub use element::{Dtype, Element};
+pub use element::{Dtype, Element, StepTypes};
 pub use error::{Error, Result};
 pub use layout::{BatchLayout, BlockPolicy, MatrixEntry, MatrixShape, RowBlock};
 pub use optimizer::SpectralSgd;

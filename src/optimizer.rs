@@ -97,16 +97,77 @@ impl<B: Backend> SpectralSgd<B> {
     /// One step over the whole batch: `weights[j]` and `grads[j]` are matrix `j`, row-major
     /// `(fan_out, fan_in)`. All lengths are checked before anything is written. A matrix
     /// whose update direction is not finite is skipped and reported, not an error.
-    pub fn step<T, W, G>(&mut self, weights: &mut [W], grads: &[G]) -> Result<B::Report>
+    ///
+    /// Weights and gradients have one element type, or the weights are `f32` master weights
+    /// and the gradients `f16` or `bf16` ([`StepTypes`](crate::StepTypes)); any other
+    /// pairing is [`Error::ElementTypes`](crate::Error::ElementTypes). New 16-bit weights
+    /// are rounded as [`SpectralSgdConfig::rounding`] says (math §5a).
+    pub fn step<TW, TG, W, G>(&mut self, weights: &mut [W], grads: &[G]) -> Result<B::Report>
     where
-        T: Element,
-        W: BorrowMut<B::Storage<T>> + Send,
-        G: Borrow<B::Storage<T>> + Sync,
+        TW: Element,
+        TG: Element,
+        W: BorrowMut<B::Storage<TW>> + Send,
+        G: Borrow<B::Storage<TG>> + Sync,
+    {
+        self.step_inner(weights, grads, None::<&mut [&mut B::Storage<TG>]>)
+    }
+
+    /// A step on `f32` master weights with 16-bit gradients that also writes the new weights,
+    /// rounded to nearest, into `copies` (of the gradients' type): the weights the next
+    /// forward pass reads, written in the update pass itself (math §5a). Every matrix's copy
+    /// is written, skipped matrices' too, so after a step that returns `Ok` each copy is
+    /// its weights rounded. Errors, changing nothing, for other element types and on a
+    /// count or length mismatch.
+    ///
+    /// ```
+    /// use spectral_step::half::bf16;
+    /// use spectral_step::{MatrixShape, SpectralSgd, SpectralSgdConfig};
+    ///
+    /// let shapes = [MatrixShape::new(8, 4)];
+    /// let mut optimizer = SpectralSgd::new(&shapes, SpectralSgdConfig::default())?;
+    /// let mut master = vec![vec![0.25f32; 32]];
+    /// let mut forward = vec![vec![bf16::ZERO; 32]];
+    /// let grads = vec![(0..32).map(|i| bf16::from_f32((i % 5) as f32 - 2.0)).collect::<Vec<_>>()];
+    /// optimizer.step_with_copy(&mut master, &grads, &mut forward)?;
+    /// for (copy, weight) in forward[0].iter().zip(&master[0]) {
+    ///     assert_eq!(*copy, bf16::from_f32(*weight));
+    /// }
+    /// # Ok::<(), spectral_step::Error>(())
+    /// ```
+    pub fn step_with_copy<TG, W, G, C>(
+        &mut self,
+        weights: &mut [W],
+        grads: &[G],
+        copies: &mut [C],
+    ) -> Result<B::Report>
+    where
+        TG: Element,
+        W: BorrowMut<B::Storage<f32>> + Send,
+        G: Borrow<B::Storage<TG>> + Sync,
+        C: BorrowMut<B::Storage<TG>>,
+    {
+        self.step_inner(weights, grads, Some(copies))
+    }
+
+    fn step_inner<TW, TG, W, G, C>(
+        &mut self,
+        weights: &mut [W],
+        grads: &[G],
+        copies: Option<&mut [C]>,
+    ) -> Result<B::Report>
+    where
+        TW: Element,
+        TG: Element,
+        W: BorrowMut<B::Storage<TW>> + Send,
+        G: Borrow<B::Storage<TG>> + Sync,
+        C: BorrowMut<B::Storage<TG>>,
     {
         let step = self.steps.checked_add(1).ok_or_else(|| {
             crate::Error::InvalidArgument("the step counter is at its maximum".into())
         })?;
-        let report = self.backend.step(&self.config, step, weights, grads)?;
+        let report = self
+            .backend
+            .step(&self.config, step, weights, grads, copies)?;
         self.steps = step;
         Ok(report)
     }

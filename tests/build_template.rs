@@ -7,37 +7,36 @@ mod template;
 
 use std::collections::HashMap;
 
-/// Every real template expands with the crate's record offsets for every element type and
-/// variant (what the build does), and no record offset is left as a literal.
+/// Every module the build produces is the expansion of its template for its element types
+/// and variant with the crate's record offsets, no placeholder is left, and its entry is
+/// named for its types.
 #[test]
 fn the_kernel_templates_expand_with_the_records_offsets() {
     let values: HashMap<String, u64> = spectral_step::kernels::records::template_values()
         .into_iter()
         .collect();
-    for (file, variants) in [
-        ("power_pass.ptx", &["step", "plain"][..]),
-        ("update.ptx", &[""][..]),
-    ] {
+    let specs = template::module_specs();
+    assert_eq!(specs.len(), spectral_step::kernels::modules().len());
+    for spec in specs {
+        let file = spec.file;
         let text = std::fs::read_to_string(format!("kernels/{file}")).unwrap();
-        for element in &template::ELEMENT_TYPES {
-            for &variant in variants {
-                let expanded = template::expand(&text, Some(element), variant, &values)
-                    .unwrap_or_else(|e| panic!("{file}: {e}"));
-                assert!(!expanded.contains("{{"), "{file}: placeholder left");
-                let name = template::entry_name(&expanded).unwrap();
-                assert!(name.ends_with(element.name), "{name}");
-                let module = spectral_step::kernels::modules()
-                    .iter()
-                    .find(|m| m.name == name)
-                    .unwrap();
-                assert_eq!(
-                    module.ptx, expanded,
-                    "the embedded module is this expansion"
-                );
-            }
-        }
+        let expanded = template::expand(&text, &spec.roles, spec.variant, &values)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(!expanded.contains("{{"), "{file}: placeholder left");
+        let name = template::entry_name(&expanded).unwrap();
+        let expected = match (spec.roles.t, spec.roles.w, spec.roles.g) {
+            (Some(t), None, None) => format!("power_{}_{}", spec.variant, t.name),
+            (None, Some(w), Some(g)) => format!("update_{}_{}", w.name, g.name),
+            _ => "power_finish".to_string(),
+        };
+        assert_eq!(name, expected, "{file}");
+        let module = spectral_step::kernels::modules()
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap();
+        assert_eq!(
+            module.ptx, expanded,
+            "the embedded module is this expansion"
+        );
     }
-    let finish = std::fs::read_to_string("kernels/finish.ptx").unwrap();
-    let expanded = template::expand(&finish, None, "", &values).unwrap();
-    assert!(expanded.contains(".entry power_finish("));
 }

@@ -218,6 +218,58 @@ fn device_stochastic_rounding_f16_is_bitwise_the_cpu_path() {
     device_rounds_like_the_cpu::<f16>();
 }
 
+/// `f32` master weights with 16-bit gradients on the GPU: bit for bit the `f32` step on the
+/// widened gradients, and every copy its weights rounded ([`MasterWeightsCase`]).
+fn device_master_weights<G: Element + spectral_step::cuda::cudarc::driver::DeviceRepr>() {
+    let case = MasterWeightsCase::<G>::new(shapes());
+    case.check("CUDA", |case, mode| {
+        let device = device();
+        let mut gpu = SpectralSgd::<Cuda>::on_device(&case.shapes, case.config, device).unwrap();
+        let mut weights = upload(gpu.device(), &case.initial);
+        let mut copies = Vec::new();
+        let mut reports = Vec::new();
+        for t in 0..case.grads.len() {
+            copies = upload(gpu.device(), &case.stale_copies);
+            match mode {
+                MasterMode::Widened => {
+                    let grads = upload(gpu.device(), &case.widened(t));
+                    gpu.step(&mut weights, &grads).unwrap();
+                }
+                MasterMode::Mixed => {
+                    let grads = upload(gpu.device(), &case.grads[t]);
+                    gpu.step(&mut weights, &grads).unwrap();
+                }
+                MasterMode::MixedWithCopy => {
+                    let grads = upload(gpu.device(), &case.grads[t]);
+                    gpu.step_with_copy(&mut weights, &grads, &mut copies)
+                        .unwrap();
+                }
+            }
+            reports.push(gpu.report().unwrap().matrices);
+        }
+        MasterOutcome {
+            momentum: (0..case.shapes.len())
+                .map(|j| gpu.momentum_to_host(j).unwrap())
+                .collect(),
+            weights: download(gpu.device(), &weights),
+            reports,
+            copies: (mode == MasterMode::MixedWithCopy).then(|| download(gpu.device(), &copies)),
+        }
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_master_weights_bf16_step_as_f32_on_widened_gradients() {
+    device_master_weights::<bf16>();
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_master_weights_f16_step_as_f32_on_widened_gradients() {
+    device_master_weights::<f16>();
+}
+
 /// Wrong lengths and counts are errors before anything is launched; a NaN skips one matrix.
 #[test]
 #[ignore = "needs a CUDA device"]

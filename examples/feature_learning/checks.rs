@@ -2,6 +2,7 @@
 
 use super::experiments::{LowRankResult, RunResult};
 use super::parametrisation::Parametrisation;
+use super::precision::{Precision, PrecisionRun, mean_final_losses};
 use super::statistics::slopes;
 
 /// The checks the test suite runs on the quick mode: spectral slopes flat, NTK slope clearly
@@ -47,6 +48,41 @@ pub fn check_science(sweep: &[RunResult], low: &[LowRankResult]) -> Result<(), V
             failures.push(format!(
                 "width {} seed {}: |dW2|_* / s = {:.4}, not within 10% of eta = {}",
                 r.width, r.seed, r.last_update_ratio, r.learning_rate
+            ));
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures)
+    }
+}
+
+/// The bf16 checks of the quick mode (math §5a): with stochastic rounding and with `f32`
+/// master weights the final training loss is within 1% of the `f32` run's, and with
+/// round-to-nearest it is not (more than 5% above), so the first check can fail. Returns
+/// every failed check.
+pub fn check_precision(runs: &[PrecisionRun]) -> Result<(), Vec<String>> {
+    let finals = mean_final_losses(runs);
+    let f32_loss = finals
+        .iter()
+        .find(|(p, _)| *p == Precision::F32)
+        .map_or(f64::NAN, |&(_, loss)| loss);
+    let mut failures = Vec::new();
+    for &(precision, loss) in &finals {
+        let excess = loss / f32_loss - 1.0;
+        let (holds, claim) = match precision {
+            Precision::F32 => continue,
+            Precision::Bf16Nearest => (excess > 0.05, "more than 5% above"),
+            Precision::Bf16Stochastic | Precision::MasterWeights => {
+                (excess.abs() <= 0.01, "within 1% of")
+            }
+        };
+        if !holds {
+            failures.push(format!(
+                "{}: final loss {loss:.5} is {:+.2}% from f32's {f32_loss:.5}, not {claim} it",
+                precision.name(),
+                100.0 * excess
             ));
         }
     }

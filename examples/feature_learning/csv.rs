@@ -4,6 +4,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::feature_learning::experiments::{LowRankResult, RunResult};
+use crate::feature_learning::precision::PrecisionRun;
 use crate::feature_learning::statistics::Slope;
 
 /// Writes `header` and one line per row.
@@ -20,13 +21,15 @@ fn write_csv(
     fs::write(path, text)
 }
 
-/// Writes `width_sweep.csv`, `slopes.csv`, `lr_sweep.csv` and `low_rank.csv` into `dir`.
+/// Writes `width_sweep.csv`, `slopes.csv`, `lr_sweep.csv`, `low_rank.csv` and
+/// `bf16_training.csv` into `dir`.
 pub fn write(
     dir: &Path,
     sweep: &[RunResult],
     slopes: &[Slope],
     lr: &[RunResult],
     low: &[LowRankResult],
+    bf16: &[PrecisionRun],
 ) -> std::io::Result<()> {
     write_csv(
         dir.join("width_sweep.csv"),
@@ -74,6 +77,15 @@ pub fn write(
         low.iter().map(|r| {
             let name = r.activation.name();
             format!("{name},{},{},{}", r.batch, r.stable_rank, r.alignment)
+        }),
+    )?;
+    write_csv(
+        dir.join("bf16_training.csv"),
+        "precision,seed,step,loss",
+        bf16.iter().flat_map(|r| {
+            r.losses.iter().enumerate().map(move |(step, loss)| {
+                format!("{},{},{},{loss}", r.precision.name(), r.seed, step + 1)
+            })
         }),
     )
 }

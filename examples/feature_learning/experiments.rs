@@ -113,6 +113,10 @@ pub struct Settings {
     pub low_rank_width: usize,
     /// Batch sizes of the low-rank experiment.
     pub batch_sizes: Vec<usize>,
+    /// Hidden width of the bf16 training runs (math §5a).
+    pub precision_width: usize,
+    /// Training steps of each bf16 training run (seeds `0..seeds`).
+    pub precision_steps: usize,
 }
 
 impl Settings {
@@ -127,6 +131,8 @@ impl Settings {
             sweep_steps: 100,
             low_rank_width: 512,
             batch_sizes: vec![10, 30, 100, 300, 1000, 3000, 10000],
+            precision_width: 1024,
+            precision_steps: 200,
         }
     }
 
@@ -141,6 +147,8 @@ impl Settings {
             sweep_steps: 40,
             low_rank_width: 256,
             batch_sizes: vec![10, 100, 1000],
+            precision_width: 512,
+            precision_steps: 60,
         }
     }
 }

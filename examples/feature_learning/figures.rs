@@ -1,11 +1,12 @@
-//! The example's three figures, from the results: the width sweep, the learning-rate
-//! transfer and the low-rank updates (drawn by `plots`).
+//! The example's four figures, from the results: the width sweep, the learning-rate
+//! transfer, the low-rank updates and the bf16 training (drawn by `plots`).
 
 use std::path::Path;
 
 use crate::feature_learning::experiments::{LowRankResult, RunResult};
 use crate::feature_learning::model::Activation;
 use crate::feature_learning::parametrisation::Parametrisation;
+use crate::feature_learning::precision::{Precision, PrecisionRun};
 use crate::plots::{self, Panel, Series};
 
 /// Mean over seeds, per (parametrisation, width).
@@ -30,12 +31,55 @@ fn seed_means(
         .collect()
 }
 
-/// Draws `width_sweep`, `lr_transfer` and `low_rank`, each as PNG and SVG, into `dir`.
+/// Steps `1..=steps` at about ten per decade (1, 2, 3, 4, 5, 6, 8, 10, 13, ...).
+fn log_spaced_steps(steps: usize) -> Vec<usize> {
+    let mut chosen: Vec<usize> = (0..)
+        .map(|k| 10f64.powf(f64::from(k) / 10.0).round() as usize)
+        .take_while(|&s| s <= steps)
+        .collect();
+    chosen.dedup();
+    if chosen.last() != Some(&steps) {
+        chosen.push(steps);
+    }
+    chosen
+}
+
+/// Per precision, the loss at the log-spaced steps, mean over seeds; with a `baseline`, the
+/// percentage by which it exceeds `baseline`'s at the same step instead.
+fn loss_curves(bf16: &[PrecisionRun], baseline: Option<Precision>) -> Vec<Series> {
+    let steps = bf16.iter().map(|r| r.losses.len()).min().unwrap_or(0);
+    let mean_at = |p: Precision, step: usize| {
+        let losses: Vec<f64> = bf16
+            .iter()
+            .filter(|r| r.precision == p)
+            .map(|r| r.losses[step - 1])
+            .collect();
+        losses.iter().sum::<f64>() / losses.len() as f64
+    };
+    Precision::ALL
+        .iter()
+        .map(|&p| Series {
+            label: p.name().to_string(),
+            points: log_spaced_steps(steps)
+                .into_iter()
+                .map(|step| {
+                    let loss = mean_at(p, step);
+                    let value = baseline.map_or(loss, |b| 100.0 * (loss / mean_at(b, step) - 1.0));
+                    (step as f64, value)
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Draws `width_sweep`, `lr_transfer`, `low_rank` and `bf16_training`, each as PNG and SVG,
+/// into `dir`.
 pub fn draw(
     dir: &Path,
     sweep: &[RunResult],
     lr: &[RunResult],
     low: &[LowRankResult],
+    bf16: &[PrecisionRun],
 ) -> Result<(), String> {
     plots::init_font()?;
     let per_param = |value: fn(&RunResult) -> f64| -> Vec<Series> {
@@ -131,6 +175,28 @@ pub fn draw(
                 x_label: "batch size".into(),
                 y_label: "alignment".into(),
                 series: by_activation(|r| r.alignment),
+                log_y: false,
+                x_base: 10.0,
+            },
+        ],
+    )?;
+    plots::save(
+        dir,
+        "bf16_training",
+        &[
+            Panel {
+                title: "training loss, spectral (3a) MLP".into(),
+                x_label: "step".into(),
+                y_label: "loss (mean over seeds)".into(),
+                series: loss_curves(bf16, None),
+                log_y: true,
+                x_base: 10.0,
+            },
+            Panel {
+                title: "loss above the f32 run's".into(),
+                x_label: "step".into(),
+                y_label: "excess loss (%)".into(),
+                series: loss_curves(bf16, Some(Precision::F32)),
                 log_y: false,
                 x_base: 10.0,
             },

@@ -1,6 +1,6 @@
 //! The computations of the feature-learning example (math §7): a small MLP in plain Rust,
-//! four parametrisations, and the three experiments (width sweep, learning-rate transfer,
-//! low-rank updates). No plotting or printing here, so that the test suite can run the quick
+//! four parametrisations, the three experiments (width sweep, learning-rate transfer,
+//! low-rank updates) and training in bf16 (math §5a). No plotting or printing here, so that the test suite can run the quick
 //! mode and check the science (`tests/feature_learning.rs`).
 //!
 //! `main.rs` and the test include this file with `#[path]`, so its submodules are the files
@@ -13,5 +13,6 @@ pub mod checks;
 pub mod experiments;
 pub mod model;
 pub mod parametrisation;
+pub mod precision;
 pub mod statistics;
 pub mod trainer;

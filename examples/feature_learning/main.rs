@@ -17,6 +17,9 @@
 //!    and spectral scaling: the optimum should stay put under spectral scaling.
 //! 3. **Low-rank updates** (math §7.2). The stable rank of a one-step gradient update of the
 //!    hidden layer against batch size, ReLU and tanh, and its alignment with the layer input.
+//! 4. **Training in bf16** (math §5a). The spectral (3a) MLP at width 1024 (512 with
+//!    `--quick`) with bf16 weights rounded to nearest or stochastically, and with `f32` master
+//!    weights and a bf16 copy, against `f32`: the training loss step by step.
 //!
 //! Writes CSVs and PNG/SVG figures into `--out` (default `target/feature_learning`), prints a
 //! table, and shows a progress bar. The spectral (3a) runs step on the GPU when a CUDA device
@@ -39,6 +42,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use cli::Args;
 use feature_learning::experiments::{self, BATCH};
 use feature_learning::parametrisation::Parametrisation;
+use feature_learning::precision::{self, Precision};
 use feature_learning::statistics;
 
 fn main() {
@@ -66,7 +70,8 @@ fn run(args: &Args) -> Result<(), String> {
     );
     let total = (Parametrisation::ALL.len() * settings.widths.len() * settings.seeds as usize)
         + 2 * settings.sweep_widths.len() * settings.sweep_exponents.len()
-        + 2 * settings.batch_sizes.len();
+        + 2 * settings.batch_sizes.len()
+        + Precision::ALL.len() * settings.seeds as usize;
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} runs {msg}")
@@ -82,14 +87,23 @@ fn run(args: &Args) -> Result<(), String> {
     let lr = experiments::learning_rate_sweep(settings, cuda, &tick).map_err(|e| e.to_string())?;
     bar.set_message("low-rank updates");
     let low = experiments::low_rank(settings, &tick).map_err(|e| e.to_string())?;
+    bar.set_message("bf16 training");
+    let bf16 = precision::precision_runs(
+        settings.precision_width,
+        settings.precision_steps,
+        settings.seeds,
+        &tick,
+    )
+    .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
 
     let slopes = statistics::slopes(&sweep);
-    csv::write(&args.out, &sweep, &slopes, &lr, &low).map_err(|e| format!("writing CSVs: {e}"))?;
-    figures::draw(&args.out, &sweep, &lr, &low)?;
-    tables::print(settings, &sweep, &slopes, &lr, &low);
+    csv::write(&args.out, &sweep, &slopes, &lr, &low, &bf16)
+        .map_err(|e| format!("writing CSVs: {e}"))?;
+    figures::draw(&args.out, &sweep, &lr, &low, &bf16)?;
+    tables::print(settings, &sweep, &slopes, &lr, &low, &bf16);
     println!(
-        "\nWrote {}/{{width_sweep,slopes,lr_sweep,low_rank}}.csv and {{width_sweep,lr_transfer,low_rank}}.{{png,svg}} in {:.1} s",
+        "\nWrote {}/{{width_sweep,slopes,lr_sweep,low_rank,bf16_training}}.csv and {{width_sweep,lr_transfer,low_rank,bf16_training}}.{{png,svg}} in {:.1} s",
         args.out.display(),
         started.elapsed().as_secs_f64()
     );

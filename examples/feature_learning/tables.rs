@@ -3,6 +3,7 @@
 
 use crate::feature_learning::experiments::{self, LowRankResult, RunResult, Settings};
 use crate::feature_learning::parametrisation::Parametrisation;
+use crate::feature_learning::precision::{self, PrecisionRun};
 use crate::feature_learning::statistics::Slope;
 
 /// Prints the summary tables of a run.
@@ -12,6 +13,7 @@ pub fn print(
     slopes: &[Slope],
     lr: &[RunResult],
     low: &[LowRankResult],
+    bf16: &[PrecisionRun],
 ) {
     println!("\nWidth sweep: mean over seeds (feature change | weight change | final loss)");
     print!("{:>12}", "width");
@@ -86,4 +88,17 @@ pub fn print(
     println!(
         "\nSpectralSgd: last update |dW2|_* / (eta s) in [{low_ratio:.3}, {high_ratio:.3}] over all widths and seeds"
     );
+    println!(
+        "\nbf16 training at width {}, {} steps: final loss (last 10 steps, mean over {} seeds)",
+        settings.precision_width, settings.precision_steps, settings.seeds
+    );
+    let finals = precision::mean_final_losses(bf16);
+    let f32_loss = finals.first().map_or(f64::NAN, |&(_, loss)| loss);
+    for (p, loss) in finals {
+        println!(
+            "{:>16}: {loss:.5} ({:+.2}% from f32)",
+            p.name(),
+            100.0 * (loss / f32_loss - 1.0)
+        );
+    }
 }

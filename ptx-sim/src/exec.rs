@@ -1062,6 +1062,23 @@ fn compare(cmp: Compare, ty: Type, a: u64, b: u64) -> bool {
     }
 }
 
+/// `x` rounded to the nearest bf16, ties to even, with one rounding, as `cvt.rn.bf16` does.
+/// (`half::bf16::from_f64` rounds some values twice: 2.7.1 takes f32 `0xBE468001` to
+/// `0xBE46`, not `0xBE47`.) `x` is first rounded to odd into `f32`, which keeps 16 bits more
+/// than bf16 and the stickiness of what it drops, so the rounding to bf16 is the only one.
+fn bf16_nearest(x: f64) -> half::bf16 {
+    let nearest = x as f32;
+    if x.is_nan() || f64::from(nearest) == x {
+        return half::bf16::from_f32(nearest);
+    }
+    let toward_zero = if f64::from(nearest).abs() > x.abs() {
+        f32::from_bits(nearest.to_bits() - 1)
+    } else {
+        nearest
+    };
+    half::bf16::from_f32(f32::from_bits(toward_zero.to_bits() | 1))
+}
+
 /// `cvt`; `None` for an integer too large to convert exactly before a 16-bit rounding.
 fn convert(rounding: Option<Rounding>, to: Type, from: Type, value: u64) -> Option<u64> {
     let from_bits = from.bits();
@@ -1078,7 +1095,7 @@ fn convert(rounding: Option<Rounding>, to: Type, from: Type, value: u64) -> Opti
             let x = float_value(value, from);
             match to {
                 Type::F16 => u64::from(half::f16::from_f64(x).to_bits()),
-                Type::Bf16 => u64::from(half::bf16::from_f64(x).to_bits()),
+                Type::Bf16 => u64::from(bf16_nearest(x).to_bits()),
                 Type::F32 => of_f32(x as f32),
                 _ => x.to_bits(),
             }

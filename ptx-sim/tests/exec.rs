@@ -254,6 +254,46 @@ fn half_precision_conversions_round_to_nearest_even() {
     }
 }
 
+/// `cvt.rn.bf16.f32` and `cvt.rn.f16.f32` on values whose dropped bits are just above,
+/// at and just below half a unit, and on pseudo-random bit patterns, against the integer
+/// form of round-to-nearest-even for bf16 (`(bits + 0x7FFF + lsb) >> 16`) and the `half`
+/// crate's `f16::from_f32`.
+#[test]
+fn narrowing_conversions_round_once() {
+    let body = r#"
+    ld.global.f32 %f1, [%rd4];
+    cvt.rn.bf16.f32 %h1, %f1;
+    cvt.rn.f16.f32 %h2, %f1;
+    cvt.u32.u16 %r10, %h1;
+    cvt.u32.u16 %r11, %h2;
+    st.global.u32 [%rd3], %r10;
+    st.global.u32 [%rd3+4096], %r11;
+"#;
+    let mut values: Vec<u32> = Vec::new();
+    for high in [0xBE46_u32, 0x3F80, 0x3F81, 0x0001, 0x7F7F, 0x4780, 0x3880] {
+        for low in [0x8001_u32, 0x8000, 0x7FFF, 0x0001, 0xFFFF] {
+            values.push(high << 16 | low);
+            values.push((high | 0x8000) << 16 | low);
+        }
+    }
+    let mut state = 0x9E37_79B9_u32;
+    while values.len() < 1024 {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        if f32::from_bits(state).is_finite() {
+            values.push(state);
+        }
+    }
+    let out = outputs(&kernel(body), LaunchConfig::linear(4, 256), &values, 2048);
+    for (i, &bits) in values.iter().enumerate() {
+        let bf16 = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+        assert_eq!(out[i], bf16, "bf16 of {bits:#010x}");
+        let f16 = u32::from(half::f16::from_f32(f32::from_bits(bits)).to_bits());
+        assert_eq!(out[1024 + i], f16, "f16 of {bits:#010x}");
+    }
+}
+
 #[test]
 fn divergent_loops_reconverge() {
     // Each thread sums 1..=tid in a loop of tid iterations, then all lanes meet again.

@@ -127,19 +127,22 @@ impl Backend for Cpu {
         &self.layout
     }
 
-    fn step<T, W, G>(
+    fn step<TW, TG, W, G, C>(
         &mut self,
         config: &SpectralSgdConfig,
         step: u64,
         weights: &mut [W],
         grads: &[G],
+        copies: Option<&mut [C]>,
     ) -> Result<StepReport>
     where
-        T: Element,
-        W: std::borrow::BorrowMut<[T]> + Send,
-        G: std::borrow::Borrow<[T]> + Sync,
+        TW: Element,
+        TG: Element,
+        W: std::borrow::BorrowMut<[TW]> + Send,
+        G: std::borrow::Borrow<[TG]> + Sync,
+        C: std::borrow::BorrowMut<[TG]>,
     {
-        step::run(self, config, step, weights, grads)
+        step::run(self, config, step, weights, grads, copies)
     }
 
     fn export_state(&self) -> Result<HostState> {

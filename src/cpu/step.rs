@@ -3,13 +3,14 @@
 
 use std::borrow::{Borrow, BorrowMut};
 
+use rayon::iter::Either;
 use rayon::prelude::*;
 
 use super::Cpu;
 use super::power::{FinishSettings, Kernel, finish, fused_pass, on_path};
 use super::rows::{DirectionRows, KernelPath, madd};
 use crate::config::{MomentumRule, SpectralSgdConfig};
-use crate::element::Element;
+use crate::element::{Element, StepTypes};
 use crate::error::Result;
 use crate::kernels::records::ROUNDING_GROUP;
 use crate::kernels::records::{MatrixResult, Status};
@@ -48,26 +49,37 @@ impl Update {
     }
 }
 
-pub(super) fn run<T, W, G>(
+pub(super) fn run<TW, TG, W, G, C>(
     cpu: &mut Cpu,
     config: &SpectralSgdConfig,
     step: u64,
     weights: &mut [W],
     grads: &[G],
+    copies: Option<&mut [C]>,
 ) -> Result<StepReport>
 where
-    T: Element,
-    W: BorrowMut<[T]> + Send,
-    G: Borrow<[T]> + Sync,
+    TW: Element,
+    TG: Element,
+    W: BorrowMut<[TW]> + Send,
+    G: Borrow<[TG]> + Sync,
+    C: BorrowMut<[TG]>,
 {
+    let types = StepTypes::of::<TW, TG>()?;
     config.validate_for(&cpu.layout)?;
     // Borrowed once: the slices whose lengths are checked are the slices the passes use.
-    let mut weights: Vec<&mut [T]> = weights.iter_mut().map(BorrowMut::borrow_mut).collect();
-    let grads: Vec<&[T]> = grads.iter().map(Borrow::borrow).collect();
+    let mut weights: Vec<&mut [TW]> = weights.iter_mut().map(BorrowMut::borrow_mut).collect();
+    let grads: Vec<&[TG]> = grads.iter().map(Borrow::borrow).collect();
+    let mut copies: Option<Vec<&mut [TG]>> =
+        copies.map(|copies| copies.iter_mut().map(BorrowMut::borrow_mut).collect());
     cpu.layout
         .check_lengths("weight", weights.iter().map(|w| w.len()))?;
     cpu.layout
         .check_lengths("gradient", grads.iter().map(|g| g.len()))?;
+    if let Some(copies) = &copies {
+        types.check_copy()?;
+        cpu.layout
+            .check_lengths("copy", copies.iter().map(|c| c.len()))?;
+    }
     let rule = config.momentum_rule();
     estimate_sigmas(cpu, config, step, rule, &grads);
     cpu.host_knows_cold = false;
@@ -82,15 +94,18 @@ where
         path: cpu.path,
         rule,
         stochastic: config
-            .rounds_stochastically(T::DTYPE)
+            .rounds_stochastically(TW::DTYPE)
             .then(|| RoundingKey::new(config.seed, step)),
     };
     update_pass(
         settings,
         &cpu.layout,
         &updates,
-        &mut weights,
-        &grads,
+        Buffers {
+            weights: &mut weights,
+            grads: &grads,
+            copies: copies.as_deref_mut(),
+        },
         &mut cpu.momentum,
     );
     Ok(StepReport { step, matrices })
@@ -174,14 +189,34 @@ struct UpdateSettings {
     stochastic: Option<RoundingKey>,
 }
 
+/// The caller's buffers of a step, one slice per matrix.
+struct Buffers<'a, 'b, TW, TG> {
+    weights: &'a mut [&'b mut [TW]],
+    grads: &'a [&'b [TG]],
+    /// The low-precision copies of `f32` master weights (math §5a), when asked for.
+    copies: Option<&'a mut [&'b mut [TG]]>,
+}
+
+/// `Some` per item of `items`, or `count` times `None`: optional copy buffers, zipped with
+/// the others.
+fn optional_items<T: Send>(
+    items: Option<&mut [T]>,
+    count: usize,
+) -> impl IndexedParallelIterator<Item = Option<&mut T>> {
+    match items {
+        Some(items) => Either::Left(items.par_iter_mut().map(Some)),
+        None => Either::Right(rayon::iter::repeat_n((), count).map(|()| None)),
+    }
+}
+
 /// Pass B of math §5.2 over the whole batch: `M <- M_new`,
-/// `W <- (1 - eta*lambda) W - (eta s / sigma) U`.
-fn update_pass<T: Element>(
+/// `W <- (1 - eta*lambda) W - (eta s / sigma) U`, and with copies `C <- rne(W)` for every
+/// matrix (updated or not, so that each copy is its weights rounded after the step).
+fn update_pass<TW: Element, TG: Element>(
     settings: UpdateSettings,
     layout: &BatchLayout,
     updates: &[Update],
-    weights: &mut [&mut [T]],
-    grads: &[&[T]],
+    buffers: Buffers<'_, '_, TW, TG>,
     momentum: &mut [f32],
 ) {
     let UpdateSettings {
@@ -190,34 +225,45 @@ fn update_pass<T: Element>(
         stochastic,
     } = settings;
     let momenta = layout.split_elements_mut(momentum);
-    weights
+    let copies = optional_items(buffers.copies, layout.len());
+    buffers
+        .weights
         .par_iter_mut()
-        .zip(grads.par_iter())
+        .zip(buffers.grads.par_iter())
         .zip(momenta)
+        .zip(copies)
         .zip(updates.par_iter())
         .enumerate()
-        .for_each(|(matrix, (((weights, grads), momentum), &update))| {
-            let chunks = weights
-                .par_chunks_mut(UPDATE_CHUNK)
-                .zip(grads.par_chunks(UPDATE_CHUNK))
-                .zip(momentum.par_chunks_mut(UPDATE_CHUNK));
-            let stream = stochastic.map(|key| key.stream(matrix as u32));
-            match update {
-                Update::Skip => {}
-                Update::MomentumOnly => chunks.for_each(|((_, grads), momentum)| {
-                    on_path(
-                        path,
-                        StoreMomentum {
-                            rule,
-                            grads,
-                            momentum,
-                        },
-                    )
-                }),
-                Update::Full { decay, coefficient } => {
-                    chunks
-                        .enumerate()
-                        .for_each(|(chunk, ((weights, grads), momentum))| {
+        .for_each(
+            |(matrix, ((((weights, grads), momentum), copy), &update))| {
+                let chunk_count = weights.len().div_ceil(UPDATE_CHUNK);
+                let mut copy_chunks: Option<Vec<&mut [TG]>> =
+                    copy.map(|copy| copy.chunks_mut(UPDATE_CHUNK).collect());
+                let chunks = weights
+                    .par_chunks_mut(UPDATE_CHUNK)
+                    .zip(grads.par_chunks(UPDATE_CHUNK))
+                    .zip(momentum.par_chunks_mut(UPDATE_CHUNK))
+                    .zip(optional_items(copy_chunks.as_deref_mut(), chunk_count));
+                let stream = stochastic.map(|key| key.stream(matrix as u32));
+                match update {
+                    Update::Skip => chunks.for_each(|(((weights, _), _), copy)| {
+                        refresh_copy(copy.map(|c| &mut **c), weights)
+                    }),
+                    Update::MomentumOnly => {
+                        chunks.for_each(|(((weights, grads), momentum), copy)| {
+                            on_path(
+                                path,
+                                StoreMomentum {
+                                    rule,
+                                    grads,
+                                    momentum,
+                                },
+                            );
+                            refresh_copy(copy.map(|c| &mut **c), weights);
+                        })
+                    }
+                    Update::Full { decay, coefficient } => chunks.enumerate().for_each(
+                        |(chunk, (((weights, grads), momentum), copy))| {
                             let step = Step {
                                 stream,
                                 first_group: (chunk * (UPDATE_CHUNK / ROUNDING_GROUP)) as u64,
@@ -229,12 +275,23 @@ fn update_pass<T: Element>(
                                 weights,
                                 grads,
                                 momentum,
+                                copy: copy.map(|c| &mut **c),
                             };
                             on_path(path, step)
-                        })
+                        },
+                    ),
                 }
-            }
-        });
+            },
+        );
+}
+
+/// `copy <- rne(weights)`, for a matrix whose weights the step leaves as they are.
+fn refresh_copy<TW: Element, TG: Element>(copy: Option<&mut [TG]>, weights: &[TW]) {
+    if let Some(copy) = copy {
+        for (c, &w) in copy.iter_mut().zip(weights) {
+            *c = TG::from_f32_rne(w.to_f32());
+        }
+    }
 }
 
 /// `M <- M_new` only (a zero update direction).
@@ -255,19 +312,21 @@ impl<T: Element> Kernel for StoreMomentum<'_, T> {
 }
 
 /// Pass B over one chunk of one matrix.
-struct Step<'a, T> {
+struct Step<'a, TW, TG> {
     /// The matrix's rounding stream for stochastic rounding of the new weights (math §5a),
     /// `None` for round to nearest.
     stream: Option<RoundingStream>,
     /// The rounding group of the chunk's first element.
     first_group: u64,
     arithmetic: ElementUpdate,
-    weights: &'a mut [T],
-    grads: &'a [T],
+    weights: &'a mut [TW],
+    grads: &'a [TG],
     momentum: &'a mut [f32],
+    /// The chunk of the copy the new weights are also written to, rounded to nearest.
+    copy: Option<&'a mut [TG]>,
 }
 
-impl<T: Element> Kernel for Step<'_, T> {
+impl<TW: Element, TG: Element> Kernel for Step<'_, TW, TG> {
     type Output = ();
     #[inline(always)]
     fn run<const FMA: bool>(self) {
@@ -292,10 +351,10 @@ impl ElementUpdate {
     /// `M <- M_new`, and the new weight `decay * W - coefficient * U` in `f32`, before it is
     /// narrowed to the weights' type.
     #[inline(always)]
-    fn apply<T: Element, const NESTEROV: bool, const FMA: bool>(
+    fn apply<TW: Element, TG: Element, const NESTEROV: bool, const FMA: bool>(
         self,
-        weight: T,
-        grad: T,
+        weight: TW,
+        grad: TG,
         momentum: &mut f32,
     ) -> f32 {
         let (new_momentum, direction) = self.rule.apply::<NESTEROV, FMA>(*momentum, grad.to_f32());
@@ -304,8 +363,9 @@ impl ElementUpdate {
     }
 }
 
-impl<T: Element> Step<'_, T> {
-    /// Pass B with the new weights rounded to nearest.
+impl<TW: Element, TG: Element> Step<'_, TW, TG> {
+    /// Pass B with the new weights rounded to nearest (and, with a copy, stored into it
+    /// rounded to nearest too).
     #[inline(always)]
     fn update<const NESTEROV: bool, const FMA: bool>(self) {
         let arithmetic = self.arithmetic;
@@ -314,15 +374,28 @@ impl<T: Element> Step<'_, T> {
             .iter_mut()
             .zip(self.grads)
             .zip(self.momentum.iter_mut());
-        for ((w, &g), m) in elements {
-            *w = T::from_f32_rne(arithmetic.apply::<T, NESTEROV, FMA>(*w, g, m));
+        match self.copy {
+            None => {
+                for ((w, &g), m) in elements {
+                    *w = TW::from_f32_rne(arithmetic.apply::<TW, TG, NESTEROV, FMA>(*w, g, m));
+                }
+            }
+            Some(copy) => {
+                for (((w, &g), m), c) in elements.zip(copy) {
+                    let new_weight = arithmetic.apply::<TW, TG, NESTEROV, FMA>(*w, g, m);
+                    *w = TW::from_f32_rne(new_weight);
+                    *c = TG::from_f32_rne(w.to_f32());
+                }
+            }
         }
     }
 
     /// Pass B with the new weights rounded stochastically (math §5a): element `e` of the
-    /// matrix takes number `e` of `stream`, [`RoundingStream::batch`] by batch.
+    /// matrix takes number `e` of `stream`, [`RoundingStream::batch`] by batch. 16-bit
+    /// weights only, which have no copy ([`StepTypes::check_copy`]).
     #[inline(always)]
     fn update_stochastic<const NESTEROV: bool, const FMA: bool>(self, stream: RoundingStream) {
+        debug_assert!(self.copy.is_none());
         let arithmetic = self.arithmetic;
         let (weight_batches, weight_rest) = self.weights.as_chunks_mut::<BATCH>();
         let (grad_batches, grad_rest) = self.grads.as_chunks::<BATCH>();
@@ -335,9 +408,12 @@ impl<T: Element> Step<'_, T> {
         for ((weights, grads), momentum) in batches {
             let random = stream.batch(group);
             for k in 0..BATCH {
-                let new_weight =
-                    arithmetic.apply::<T, NESTEROV, FMA>(weights[k], grads[k], &mut momentum[k]);
-                weights[k] = T::from_f32_stochastic(new_weight, random[k]);
+                let new_weight = arithmetic.apply::<TW, TG, NESTEROV, FMA>(
+                    weights[k],
+                    grads[k],
+                    &mut momentum[k],
+                );
+                weights[k] = TW::from_f32_stochastic(new_weight, random[k]);
             }
             group += BATCH_GROUPS as u64;
         }
@@ -349,7 +425,8 @@ impl<T: Element> Step<'_, T> {
             .zip(momentum_rest.iter_mut())
             .zip(random);
         for (((w, &g), m), random) in rest {
-            *w = T::from_f32_stochastic(arithmetic.apply::<T, NESTEROV, FMA>(*w, g, m), random);
+            let new_weight = arithmetic.apply::<TW, TG, NESTEROV, FMA>(*w, g, m);
+            *w = TW::from_f32_stochastic(new_weight, random);
         }
     }
 }

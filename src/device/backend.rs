@@ -6,9 +6,9 @@ use std::borrow::{Borrow, BorrowMut};
 use super::{Device, download_f32};
 use crate::backend::{Backend, HostState};
 use crate::config::SpectralSgdConfig;
-use crate::element::{Dtype, Element};
+use crate::element::{Element, StepTypes};
 use crate::error::{Error, Result};
-use crate::kernels::plan::{self, StatePointers, TablePointers};
+use crate::kernels::plan::{self, MatrixPointers, StatePointers, TablePointers};
 use crate::kernels::records::MatrixResult;
 use crate::layout::{BatchLayout, BlockPolicy, MatrixShape};
 use crate::optimizer::SpectralSgd;
@@ -47,9 +47,9 @@ pub(super) struct Tables<D: Device> {
 
 #[derive(Clone, Debug, PartialEq)]
 struct TableKey {
-    dtype: Dtype,
+    types: StepTypes,
     scale: Scale,
-    addresses: Vec<(u64, u64)>,
+    pointers: Vec<MatrixPointers>,
 }
 
 impl<D: Device> Tables<D> {
@@ -110,19 +110,18 @@ impl<D: Device> Tables<D> {
         device: &D,
         layout: &BatchLayout,
         scale: Scale,
-        dtype: Dtype,
-        addresses: Vec<(u64, u64)>,
+        types: StepTypes,
+        pointers: Vec<MatrixPointers>,
     ) -> Result<()> {
         let key = TableKey {
-            dtype,
+            types,
             scale,
-            addresses,
+            pointers,
         };
         if self.uploaded.as_ref() == Some(&key) {
             return Ok(());
         }
-        let (weights, grads): (Vec<u64>, Vec<u64>) = key.addresses.iter().copied().unzip();
-        let table = plan::matrix_descriptors(layout, scale, dtype, self.state, &weights, &grads)?;
+        let table = plan::matrix_descriptors(layout, scale, types, self.state, &key.pointers)?;
         // Forget the old key first: if the upload fails, the next step uploads again.
         self.uploaded = None;
         device.upload(&mut self.matrices, 0, bytemuck::cast_slice(&table))?;
@@ -223,44 +222,67 @@ impl<D: Device> Backend for DeviceBackend<D> {
         &self.layout
     }
 
-    fn step<T, W, G>(
+    fn step<TW, TG, W, G, C>(
         &mut self,
         config: &SpectralSgdConfig,
         step: u64,
         weights: &mut [W],
         grads: &[G],
+        copies: Option<&mut [C]>,
     ) -> Result<PendingReport>
     where
-        T: Element,
-        W: BorrowMut<D::Slice<T>> + Send,
-        G: Borrow<D::Slice<T>> + Sync,
+        TW: Element,
+        TG: Element,
+        W: BorrowMut<D::Slice<TW>> + Send,
+        G: Borrow<D::Slice<TG>> + Sync,
+        C: BorrowMut<D::Slice<TG>>,
     {
+        let types = StepTypes::of::<TW, TG>()?;
         config.validate_for(&self.layout)?;
         let layout = &self.layout;
         // Borrowed once: the buffers whose lengths are checked are the buffers whose
         // addresses go to the kernels, whatever the caller's `Borrow` impls do.
-        let mut weights: Vec<&mut D::Slice<T>> =
+        let mut weights: Vec<&mut D::Slice<TW>> =
             weights.iter_mut().map(|w| w.borrow_mut()).collect();
-        let grads: Vec<&D::Slice<T>> = grads.iter().map(|g| g.borrow()).collect();
+        let grads: Vec<&D::Slice<TG>> = grads.iter().map(|g| g.borrow()).collect();
+        let mut copies: Option<Vec<&mut D::Slice<TG>>> =
+            copies.map(|copies| copies.iter_mut().map(|c| c.borrow_mut()).collect());
         layout.check_lengths("weight", weights.iter().map(|w| D::slice_len(w)))?;
         layout.check_lengths("gradient", grads.iter().map(|g| D::slice_len(g)))?;
+        if let Some(copies) = &copies {
+            types.check_copy()?;
+            layout.check_lengths("copy", copies.iter().map(|c| D::slice_len(c)))?;
+        }
         let device = &self.device;
         // The guards order this step's launches after pending work on the caller's buffers,
         // and record their use when dropped, once the launches are enqueued.
-        let mut guards = Vec::with_capacity(2 * layout.len());
-        let mut addresses = Vec::with_capacity(layout.len());
+        let mut guards = Vec::with_capacity(3 * layout.len());
+        let mut pointers = Vec::with_capacity(layout.len());
+        let mut copies = copies.iter_mut().flatten();
         for (weight, grad) in weights.iter_mut().zip(&grads) {
-            let (weight_address, weight_guard) = device.write_address(weight)?;
-            let (grad_address, grad_guard) = device.read_address(grad)?;
-            addresses.push((weight_address, grad_address));
+            let (weights, weight_guard) = device.write_address(weight)?;
+            let (grads, grad_guard) = device.read_address(grad)?;
             guards.push(weight_guard);
             guards.push(grad_guard);
+            let copy = match copies.next() {
+                Some(copy) => {
+                    let (address, guard) = device.write_address(copy)?;
+                    guards.push(guard);
+                    address
+                }
+                None => 0,
+            };
+            pointers.push(MatrixPointers {
+                weights,
+                grads,
+                copy,
+            });
         }
         self.tables
-            .upload_matrix_table(device, layout, config.scale, T::DTYPE, addresses)?;
+            .upload_matrix_table(device, layout, config.scale, types, pointers)?;
         let rounds = policy::rounds_to_launch(config, self.host_knows_cold);
         let launches =
-            plan::step_launches(layout, config, T::DTYPE, self.tables.pointers, rounds, step)?;
+            plan::step_launches(layout, config, types, self.tables.pointers, rounds, step)?;
         for launch in &launches {
             // SAFETY: `step_launches` builds each argument list in the `.param` order and
             // types of the kernel it names (the simulator rejects a mismatch, and CI runs
@@ -268,9 +290,10 @@ impl<D: Device> Backend for DeviceBackend<D> {
             // the one layout this backend exists for: the tables and state were allocated
             // from it in `create_on` (check_layout bounds every count and the shared
             // memory), and the caller's buffers, borrowed once above, were checked to hold
-            // exactly `fan_out * fan_in` elements each and to belong to this device; the
-            // addresses are those of the same borrows. The caller's buffers stay borrowed,
-            // and their guards alive, until every launch is enqueued.
+            // exactly `fan_out * fan_in` elements each (copies included, which only the
+            // mixed-type update kernels, the kernels of `types`, write) and to belong to
+            // this device; the addresses are those of the same borrows. The caller's
+            // buffers stay borrowed, and their guards alive, until every launch is enqueued.
             unsafe { device.launch(launch)? };
         }
         drop(guards);

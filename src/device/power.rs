@@ -3,9 +3,9 @@
 use super::backend::Tables;
 use super::{Device, download_f32};
 use crate::config::MAX_POWER_ITERATIONS;
-use crate::element::Element;
+use crate::element::{Element, StepTypes};
 use crate::error::{Error, Result};
-use crate::kernels::plan;
+use crate::kernels::plan::{self, MatrixPointers};
 use crate::layout::{BatchLayout, BlockPolicy, MatrixShape};
 use crate::report::StepReport;
 use crate::scaling::Scale;
@@ -75,14 +75,18 @@ impl<D: Device> PowerIteration<D> {
         let mut addresses = Vec::with_capacity(self.layout.len());
         for matrix in matrices {
             let (address, guard) = device.read_address(matrix)?;
-            addresses.push((address, address));
+            addresses.push(MatrixPointers {
+                weights: address,
+                grads: address,
+                copy: 0,
+            });
             guards.push(guard);
         }
         self.tables.upload_matrix_table(
             device,
             &self.layout,
             Scale::Spectral,
-            T::DTYPE,
+            StepTypes::same(T::DTYPE),
             addresses,
         )?;
         let launches =

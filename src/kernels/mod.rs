@@ -16,17 +16,18 @@
 //! | [`KernelId::PowerStep`] | `power_step_{T}`: fused power pass on `U = f(G, M)` | blocks | §4.2, §5.2 (pass A) |
 //! | [`KernelId::PowerPlain`] | `power_plain_{T}`: fused power pass on a stored matrix | blocks | §4.2 |
 //! | [`KernelId::Finish`] | `power_finish`: partials → `sigma`, `v`, coefficients | matrices | §4.2–4.6 |
-//! | [`KernelId::Update`] | `update_{T}`: `M <- M_new`, `W <- decay W - coefficient U`, rounded as §5a says | blocks | §5.2 (pass B), §5a |
+//! | [`KernelId::Update`] | `update_{W}_{G}`: `M <- M_new`, `W <- decay W - coefficient U`, rounded as §5a says, and the copy of `f32` master weights | blocks | §5.2 (pass B), §5a |
 //!
 //! ```
-//! use spectral_step::Dtype;
+//! use spectral_step::{Dtype, StepTypes};
 //! use spectral_step::kernels::{self, KernelId};
-//! let module = kernels::module(KernelId::Update(Dtype::Bf16));
-//! assert!(module.ptx.contains(".entry update_bf16"));
+//! let module = kernels::module(KernelId::Update(StepTypes::new(Dtype::F32, Dtype::Bf16)?));
+//! assert!(module.ptx.contains(".entry update_f32_bf16"));
 //! // Cubins are present when ptxas was found at build time.
 //! for cubin in module.cubins {
 //!     assert!([80, 86, 89, 90].contains(&cubin.arch));
 //! }
+//! # Ok::<(), spectral_step::Error>(())
 //! ```
 //!
 //! [`BatchLayout`]: crate::BatchLayout
@@ -34,9 +35,9 @@
 pub mod plan;
 pub mod records;
 
-use crate::element::Dtype;
+use crate::element::{Dtype, StepTypes};
 
-pub use plan::{Launch, LaunchArg, StatePointers, TablePointers};
+pub use plan::{Launch, LaunchArg, MatrixPointers, StatePointers, TablePointers};
 
 /// A cubin: the module assembled by ptxas for one architecture.
 #[derive(Clone, Copy, Debug)]
@@ -82,13 +83,13 @@ pub enum KernelId {
     PowerPlain(Dtype),
     /// The end of a power iteration (one kernel for every type).
     Finish,
-    /// The update (pass B) for weights and gradients of the given type.
-    Update(Dtype),
+    /// The update (pass B) for weights and gradients of the given types.
+    Update(StepTypes),
 }
 
 impl KernelId {
     /// Every kernel, in a fixed order ([`index`](Self::index) is the position here).
-    pub const ALL: [KernelId; 10] = [
+    pub const ALL: [KernelId; 12] = [
         KernelId::PowerStep(Dtype::F32),
         KernelId::PowerStep(Dtype::F16),
         KernelId::PowerStep(Dtype::Bf16),
@@ -96,9 +97,11 @@ impl KernelId {
         KernelId::PowerPlain(Dtype::F16),
         KernelId::PowerPlain(Dtype::Bf16),
         KernelId::Finish,
-        KernelId::Update(Dtype::F32),
-        KernelId::Update(Dtype::F16),
-        KernelId::Update(Dtype::Bf16),
+        KernelId::Update(StepTypes::ALL[0]),
+        KernelId::Update(StepTypes::ALL[1]),
+        KernelId::Update(StepTypes::ALL[2]),
+        KernelId::Update(StepTypes::ALL[3]),
+        KernelId::Update(StepTypes::ALL[4]),
     ];
 
     /// Position in [`ALL`](Self::ALL): a dense index for per-kernel tables.
@@ -114,7 +117,7 @@ impl KernelId {
             KernelId::PowerStep(t) => dtype(t),
             KernelId::PowerPlain(t) => 3 + dtype(t),
             KernelId::Finish => 6,
-            KernelId::Update(t) => 7 + dtype(t),
+            KernelId::Update(types) => 7 + types.index(),
         }
     }
 
@@ -128,9 +131,14 @@ impl KernelId {
             KernelId::PowerPlain(Dtype::F16) => "power_plain_f16",
             KernelId::PowerPlain(Dtype::Bf16) => "power_plain_bf16",
             KernelId::Finish => "power_finish",
-            KernelId::Update(Dtype::F32) => "update_f32",
-            KernelId::Update(Dtype::F16) => "update_f16",
-            KernelId::Update(Dtype::Bf16) => "update_bf16",
+            // `update_{W}_{G}`, in the order of StepTypes::ALL.
+            KernelId::Update(types) => [
+                "update_f32_f32",
+                "update_f16_f16",
+                "update_bf16_bf16",
+                "update_f32_f16",
+                "update_f32_bf16",
+            ][types.index()],
         }
     }
 
@@ -185,6 +193,14 @@ mod tests {
                 "module {} has no KernelId",
                 built.name
             );
+        }
+    }
+
+    #[test]
+    fn update_kernels_are_named_by_weight_and_gradient_type() {
+        for types in StepTypes::ALL {
+            let name = format!("update_{}_{}", types.weights().name(), types.grads().name());
+            assert_eq!(KernelId::Update(types).entry_name(), name);
         }
     }
 

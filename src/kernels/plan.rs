@@ -2,7 +2,7 @@
 //! [`BatchLayout`], the layout checks, and the launch sequence of a step (math §5.2).
 
 use crate::config::SpectralSgdConfig;
-use crate::element::Dtype;
+use crate::element::{Dtype, StepTypes};
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
 use crate::kernels::records::{
@@ -88,29 +88,41 @@ pub struct StatePointers {
     pub partials: u64,
 }
 
-/// The matrix descriptor table: per matrix the device addresses of `W` (`weights[j]`, or
-/// the stored matrix for the plain pass), `G` (`grads[j]`), its momentum, power vector and
-/// partials (at the layout's offsets into `state`), its shape, blocks, scale and flags.
+/// The caller's buffers of one matrix, as device addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MatrixPointers {
+    /// `W` (for the plain power pass, the matrix whose norm is estimated).
+    pub weights: u64,
+    /// `G` (for the plain power pass, the same matrix again).
+    pub grads: u64,
+    /// The low-precision copy of the new weights (math §5a), or 0 for none.
+    pub copy: u64,
+}
+
+/// The matrix descriptor table: per matrix the device addresses of its buffers
+/// (`pointers[j]`), its momentum, power vector and partials (at the layout's offsets into
+/// `state`), its shape, blocks, scale and flags. `types` are the element types of the
+/// weights and of the gradients and copy.
 ///
 /// A matrix moves in 4-element vectors ([`Flag::Quads`]) only when `fan_in` is a multiple of
 /// 4 and every one of its addresses is aligned for that (16 bytes for `f32`, 8 for 16-bit
-/// elements).
+/// elements); the copy's alignment is a flag of its own ([`Flag::CopyQuads`]), which only
+/// the update reads.
 pub fn matrix_descriptors(
     layout: &BatchLayout,
     scale: Scale,
-    dtype: Dtype,
+    types: StepTypes,
     state: StatePointers,
-    weights: &[u64],
-    grads: &[u64],
+    pointers: &[MatrixPointers],
 ) -> Result<Vec<MatrixDescriptor>> {
-    if weights.len() != layout.len() || grads.len() != layout.len() {
+    if pointers.len() != layout.len() {
         return Err(Error::MatrixCountMismatch {
             what: "pointer",
             expected: layout.len(),
-            got: weights.len().min(grads.len()),
+            got: pointers.len(),
         });
     }
-    let element_bytes = dtype.size_bytes() as u64;
+    let quad_bytes = |dtype: Dtype| 4 * dtype.size_bytes() as u64;
     let f32_address = |base: u64, offset: usize| {
         if base == 0 {
             0
@@ -121,15 +133,15 @@ pub fn matrix_descriptors(
     let table = layout
         .matrices()
         .iter()
-        .zip(weights.iter().zip(grads))
-        .map(|(entry, (&weights, &grads))| {
+        .zip(pointers)
+        .map(|(entry, buffers)| {
             let shape = entry.shape;
             let momentum = f32_address(state.momentum, entry.element_offset);
             let power_vector = f32_address(state.power_vectors, entry.vector_offset);
             let partials = f32_address(state.partials, entry.partial_offset);
             let quads = shape.fan_in.is_multiple_of(4)
-                && weights.is_multiple_of(4 * element_bytes)
-                && grads.is_multiple_of(4 * element_bytes)
+                && buffers.weights.is_multiple_of(quad_bytes(types.weights()))
+                && buffers.grads.is_multiple_of(quad_bytes(types.grads()))
                 && [momentum, power_vector, partials]
                     .iter()
                     .all(|p| p.is_multiple_of(16));
@@ -140,10 +152,14 @@ pub fn matrix_descriptors(
             if shape.is_vector() {
                 flags |= Flag::Vector as u32;
             }
+            if buffers.copy.is_multiple_of(quad_bytes(types.grads())) {
+                flags |= Flag::CopyQuads as u32;
+            }
             // check_layout has confirmed that every count below fits in 32 bits.
             MatrixDescriptor {
-                weights,
-                grads,
+                weights: buffers.weights,
+                grads: buffers.grads,
+                copy: buffers.copy,
                 momentum,
                 power_vector,
                 partials,
@@ -227,11 +243,12 @@ fn momentum_args(config: &SpectralSgdConfig) -> [LaunchArg; 3] {
 /// then the update. A warm step (`rounds == warm_iterations == 1`) is three launches.
 /// Matrices that need fewer iterations than were launched (warm ones in a step that also
 /// cold-starts others, vectors, skipped ones) sit the extra rounds out on the device
-/// (math §4.7).
+/// (math §4.7). The power passes read gradients of `types.grads()`; the update is the one
+/// for `types`.
 pub fn step_launches(
     layout: &BatchLayout,
     config: &SpectralSgdConfig,
-    dtype: Dtype,
+    types: StepTypes,
     tables: TablePointers,
     rounds: u32,
     step: u64,
@@ -250,7 +267,7 @@ pub fn step_launches(
         ];
         args.extend(momentum);
         launches.push(Launch {
-            kernel: KernelId::PowerStep(dtype),
+            kernel: KernelId::PowerStep(types.grads()),
             grid: blocks,
             block: THREADS_PER_BLOCK,
             shared_bytes: shared,
@@ -269,10 +286,10 @@ pub fn step_launches(
         LaunchArg::U32(rounding.key[0]),
         LaunchArg::U32(rounding.key[1]),
         LaunchArg::U32(rounding.step_lo),
-        LaunchArg::U32(u32::from(config.rounds_stochastically(dtype))),
+        LaunchArg::U32(u32::from(config.rounds_stochastically(types.weights()))),
     ]);
     launches.push(Launch {
-        kernel: KernelId::Update(dtype),
+        kernel: KernelId::Update(types),
         grid: blocks,
         block: THREADS_PER_BLOCK,
         shared_bytes: 0,
@@ -374,32 +391,64 @@ mod tests {
             partials: 0x3000,
         };
         let flags = |dtype: Dtype, weights: u64, grads: u64| -> Vec<u32> {
+            let pointers = MatrixPointers {
+                weights,
+                grads,
+                copy: 0,
+            };
             matrix_descriptors(
                 &layout,
                 Scale::Spectral,
-                dtype,
+                StepTypes::same(dtype),
                 state,
-                &[weights; 3],
-                &[grads; 3],
+                &[pointers; 3],
             )
             .unwrap()
             .iter()
             .map(|d| d.flags)
             .collect()
         };
-        let (quads, vector) = (Flag::Quads as u32, Flag::Vector as u32);
-        assert_eq!(flags(Dtype::F32, 0x100, 0x200), [quads, 0, vector]);
+        // No copy (address 0) counts as aligned.
+        let copy = Flag::CopyQuads as u32;
+        let (quads, vector) = (Flag::Quads as u32 | copy, Flag::Vector as u32 | copy);
+        assert_eq!(flags(Dtype::F32, 0x100, 0x200), [quads, copy, vector]);
         assert_eq!(
             flags(Dtype::F32, 0x108, 0x200),
-            [0, 0, vector],
+            [copy, copy, vector],
             "W not 16-byte aligned"
         );
         assert_eq!(
             flags(Dtype::Bf16, 0x108, 0x208),
-            [quads, 0, vector],
+            [quads, copy, vector],
             "8 bytes suffice"
         );
-        assert_eq!(flags(Dtype::Bf16, 0x104, 0x208), [0, 0, vector]);
+        assert_eq!(flags(Dtype::Bf16, 0x104, 0x208), [copy, copy, vector]);
+        // f32 master weights with bf16 gradients and copy: each aligned for its own size.
+        let mixed = |weights: u64, copy: u64| -> Vec<u32> {
+            let pointers = MatrixPointers {
+                weights,
+                grads: 0x208,
+                copy,
+            };
+            let types = StepTypes::new(Dtype::F32, Dtype::Bf16).unwrap();
+            matrix_descriptors(&layout, Scale::Spectral, types, state, &[pointers; 3])
+                .unwrap()
+                .iter()
+                .map(|d| d.flags)
+                .collect()
+        };
+        assert_eq!(mixed(0x100, 0x308), [quads, copy, vector]);
+        assert_eq!(
+            mixed(0x108, 0x308),
+            [copy, copy, vector],
+            "f32 W needs 16 bytes"
+        );
+        let (only_quads, only_vector) = (Flag::Quads as u32, Flag::Vector as u32);
+        assert_eq!(
+            mixed(0x100, 0x304),
+            [only_quads, 0, only_vector],
+            "a copy not 8-byte aligned leaves the power pass's flags alone"
+        );
     }
 
     #[test]
@@ -411,13 +460,24 @@ mod tests {
             power_vectors: 2 << 20,
             partials: 3 << 20,
         };
+        let pointers = |weights: [u64; 2], grads: [u64; 2]| -> Vec<MatrixPointers> {
+            weights
+                .iter()
+                .zip(grads)
+                .map(|(&weights, grads)| MatrixPointers {
+                    weights,
+                    grads,
+                    copy: 0,
+                })
+                .collect()
+        };
+        let f32_step = StepTypes::same(Dtype::F32);
         let table = matrix_descriptors(
             &layout,
             Scale::Spectral,
-            Dtype::F32,
+            f32_step,
             state,
-            &[8, 16],
-            &[24, 32],
+            &pointers([8, 16], [24, 32]),
         )
         .unwrap();
         for (entry, descriptor) in layout.matrices().iter().zip(&table) {
@@ -443,15 +503,20 @@ mod tests {
         let table = matrix_descriptors(
             &layout,
             Scale::Spectral,
-            Dtype::F32,
+            f32_step,
             no_momentum,
-            &[8, 16],
-            &[8, 16],
+            &pointers([8, 16], [8, 16]),
         )
         .unwrap();
         assert!(table.iter().all(|d| d.momentum == 0));
         assert!(matches!(
-            matrix_descriptors(&layout, Scale::Spectral, Dtype::F32, state, &[8], &[8]),
+            matrix_descriptors(
+                &layout,
+                Scale::Spectral,
+                f32_step,
+                state,
+                &pointers([8, 16], [8, 16])[..1]
+            ),
             Err(Error::MatrixCountMismatch { .. })
         ));
     }

@@ -63,6 +63,9 @@ record! {
         pub weights: u64,
         /// `G` (the plain power pass does not read it).
         pub grads: u64,
+        /// The low-precision copy of the new weights, of `G`'s type, that the update of `f32`
+        /// master weights with 16-bit gradients also writes (math §5a); 0 for none.
+        pub copy: u64,
         /// `f32` momentum, `fan_out * fan_in` (0 where no kernel reads it).
         pub momentum: u64,
         /// `f32` power vector, `fan_in`.
@@ -177,6 +180,10 @@ pub enum Flag {
     Quads = 1,
     /// The matrix is a row or column vector: `sigma` is exact after one pass (math §4.3).
     Vector = 2,
+    /// The copy of the new weights (math §5a) is aligned for 4-element stores: with
+    /// [`Flag::Quads`], the update moves the matrix 4 elements at a time. Kept apart from
+    /// `Quads` so that where a copy lies cannot change the power pass's order of summation.
+    CopyQuads = 4,
 }
 
 /// The per-matrix outcome of a power iteration (math §4.4–4.7), as the finish kernel writes
@@ -313,6 +320,7 @@ pub fn template_values() -> Vec<(String, u64)> {
     }
     values.push(("Flag.Quads".into(), Flag::Quads as u64));
     values.push(("Flag.Vector".into(), Flag::Vector as u64));
+    values.push(("Flag.CopyQuads".into(), Flag::CopyQuads as u64));
     values.push(("VectorAction.Keep".into(), VectorAction::Keep as u64));
     values.push((
         "VectorAction.Normalise".into(),

@@ -290,3 +290,147 @@ impl<T: Element> RoundingCase<T> {
         }
     }
 }
+
+/// How a [`MasterWeightsCase`] run steps its `f32` weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MasterMode {
+    /// `f32` gradients: the 16-bit ones widened (exactly) to `f32`.
+    Widened,
+    /// The 16-bit gradients themselves (`step`).
+    Mixed,
+    /// The 16-bit gradients, writing a 16-bit copy of the weights (`step_with_copy`).
+    MixedWithCopy,
+}
+
+/// What a run of a [`MasterWeightsCase`] ended with.
+pub struct MasterOutcome<G> {
+    pub weights: Vec<Vec<f32>>,
+    pub momentum: Vec<Vec<f32>>,
+    /// Per step, per matrix: status and sigma.
+    pub reports: Vec<Vec<spectral_step::MatrixReport>>,
+    /// The copies after the last step (`MixedWithCopy` only).
+    pub copies: Option<Vec<Vec<G>>>,
+}
+
+/// `f32` master weights with 16-bit gradients (math §5a). Widening a 16-bit value to `f32` is
+/// exact, so a mixed step must be bit for bit the `f32` step on the widened gradients: the
+/// same weights, momentum, statuses and sigmas, on any backend. With a copy, every copy must
+/// be its weights rounded to nearest after the step, for matrices the step leaves alone too:
+/// runners overwrite the copies with [`stale_copies`](Self::stale_copies) before every step,
+/// matrix 3 has a NaN gradient on the last step (skipped) and matrix 5 a zero gradient
+/// throughout (a zero direction, weights left as they are).
+pub struct MasterWeightsCase<G> {
+    pub shapes: Vec<MatrixShape>,
+    pub config: SpectralSgdConfig,
+    pub initial: Vec<Vec<f32>>,
+    /// What the copies hold before every step (not the weights rounded).
+    pub stale_copies: Vec<Vec<G>>,
+    /// The gradients of each step.
+    pub grads: Vec<Vec<Vec<G>>>,
+}
+
+impl<G: Element> MasterWeightsCase<G> {
+    pub const NON_FINITE: usize = 3;
+    pub const ZERO: usize = 5;
+
+    pub fn new(shapes: Vec<MatrixShape>) -> Self {
+        assert!(shapes.len() > Self::ZERO);
+        let config = SpectralSgdConfig {
+            learning_rate: 0.05,
+            weight_decay: 0.1,
+            nesterov: true,
+            ..SpectralSgdConfig::default()
+        };
+        let initial: Vec<Vec<f32>> = random_batch(&shapes, 0.3, 900);
+        let stale_copies = shapes
+            .iter()
+            .map(|s| vec![G::from_f32_rne(7.0); s.len()])
+            .collect();
+        let grads: Vec<Vec<Vec<G>>> = (0..3u64)
+            .map(|t| {
+                let mut grads: Vec<Vec<G>> = random_batch(&shapes, 1.0, 1000 + 100 * t);
+                grads[Self::ZERO].fill(G::from_f32_rne(0.0));
+                if t == 2 {
+                    grads[Self::NON_FINITE][0] = G::from_f32_rne(f32::NAN);
+                }
+                grads
+            })
+            .collect();
+        Self {
+            shapes,
+            config,
+            initial,
+            stale_copies,
+            grads,
+        }
+    }
+
+    /// The gradients of step `t` widened to `f32`.
+    pub fn widened(&self, t: usize) -> Vec<Vec<f32>> {
+        self.grads[t]
+            .iter()
+            .map(|g| g.iter().map(|x| x.to_f32()).collect())
+            .collect()
+    }
+
+    /// Runs `run` in the three modes and checks the outcomes against each other.
+    pub fn check(&self, what: &str, run: impl Fn(&Self, MasterMode) -> MasterOutcome<G>) {
+        let widened = run(self, MasterMode::Widened);
+        let statuses: Vec<_> = widened.reports[2].iter().map(|r| r.status).collect();
+        assert_eq!(
+            statuses[Self::NON_FINITE],
+            spectral_step::MatrixStatus::SkippedNonFinite
+        );
+        assert_eq!(
+            statuses[Self::ZERO],
+            spectral_step::MatrixStatus::ZeroDirection
+        );
+        assert!(widened.weights != self.initial, "{what}: nothing moved");
+        for mode in [MasterMode::Mixed, MasterMode::MixedWithCopy] {
+            let mixed = run(self, mode);
+            let label = format!("{what} {mode:?} {}", G::DTYPE.name());
+            assert_eq!(mixed.reports, widened.reports, "{label}: reports");
+            for j in 0..self.shapes.len() {
+                let matrix = format!("{label}: matrix {j} ({:?})", self.shapes[j]);
+                assert_same_bits(
+                    &format!("{matrix} weights"),
+                    &mixed.weights[j],
+                    &widened.weights[j],
+                );
+                assert_same_bits(
+                    &format!("{matrix} momentum"),
+                    &mixed.momentum[j],
+                    &widened.momentum[j],
+                );
+            }
+            match (mode, &mixed.copies) {
+                (MasterMode::MixedWithCopy, Some(copies)) => {
+                    for (j, (copy, weights)) in copies.iter().zip(&mixed.weights).enumerate() {
+                        let rounded: Vec<G> = weights.iter().map(|&w| G::from_f32_rne(w)).collect();
+                        assert_same_bits(&format!("{label}: matrix {j} copy"), copy, &rounded);
+                    }
+                }
+                (MasterMode::Mixed, None) => {}
+                other => panic!("{label}: copies {:?}", other.1.is_some()),
+            }
+        }
+    }
+}
+
+/// Asserts that `actual` and `expected` are the same bits, naming the first element that is
+/// not (and how many are not) instead of printing both buffers.
+pub fn assert_same_bits<T: Element>(what: &str, actual: &[T], expected: &[T]) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    let differ: Vec<usize> = (0..actual.len())
+        .filter(|&k| bits(&actual[k..=k]) != bits(&expected[k..=k]))
+        .collect();
+    if let Some(&first) = differ.first() {
+        panic!(
+            "{what}: {} of {} elements differ, the first at {first}: {:?}, expected {:?}",
+            differ.len(),
+            actual.len(),
+            actual[first],
+            expected[first]
+        );
+    }
+}
