@@ -164,7 +164,13 @@ fn type_tag<'a>(line: &'a str, roles: &Roles) -> Result<Option<(bool, &'a str)>,
     if !matches!(role, "T" | "W" | "G") {
         return Err(format!("unknown element role `{role}` in `@half:{role}`"));
     }
-    let keep = roles.find(role).is_some_and(|e| e.half.is_some());
+    let typed = roles.t.is_some() || roles.w.is_some() || roles.g.is_some();
+    let keep = match roles.find(role) {
+        Some(element) => element.half.is_some(),
+        // A tag for a role the module lacks is a mistake, not a line to drop quietly.
+        None if typed => return Err(format!("`@half` for role {role}, which this module lacks")),
+        None => false,
+    };
     Ok(Some((keep, rest.trim_start())))
 }
 
@@ -937,6 +943,11 @@ mod tests {
             );
         }
         assert!(expand("MOMENTUM:W %a, %b, %c, %d;\n", &Roles::NONE, "", &values()).is_err());
+        // A role-less `@half` in the update (no role T), or `@half:W` in a power pass (no W),
+        // is an error, not a line dropped.
+        let update = Roles::update(f32_type, bf16_type);
+        assert!(expand("@half a;\n", &update, "", &values()).is_err());
+        assert!(expand("@half:W a;\n", &Roles::single(bf16_type), "", &values()).is_err());
     }
 
     #[test]

@@ -115,23 +115,21 @@ impl StepTypes {
     /// `f32` master weights with 16-bit gradients: the pairing that may write a 16-bit copy
     /// of the new weights in the update pass.
     pub const fn is_mixed(self) -> bool {
-        !matches!(
-            (self.weights, self.grads),
-            (Dtype::F32, Dtype::F32) | (Dtype::F16, Dtype::F16) | (Dtype::Bf16, Dtype::Bf16)
-        )
+        self.weights as u8 != self.grads as u8
     }
 
     /// Position in [`ALL`](Self::ALL).
     pub const fn index(self) -> usize {
-        match (self.weights, self.grads) {
-            (Dtype::F32, Dtype::F32) => 0,
-            (Dtype::F16, Dtype::F16) => 1,
-            (Dtype::Bf16, Dtype::Bf16) => 2,
-            (Dtype::F32, Dtype::F16) => 3,
-            (Dtype::F32, Dtype::Bf16) => 4,
-            // The fields are private and every constructor yields a pair of ALL.
-            _ => panic!("StepTypes holds a pair of StepTypes::ALL"),
+        let mut index = 0;
+        while index < Self::ALL.len() {
+            let pair = Self::ALL[index];
+            if pair.weights as u8 == self.weights as u8 && pair.grads as u8 == self.grads as u8 {
+                return index;
+            }
+            index += 1;
         }
+        // The fields are private and every constructor yields a pair of ALL.
+        panic!("StepTypes holds a pair of StepTypes::ALL")
     }
 
     /// Errors unless a copy of the new weights can be written: `f32` weights with 16-bit

@@ -17,6 +17,16 @@ fn the_kernel_templates_expand_with_the_records_offsets() {
         .collect();
     let specs = template::module_specs();
     assert_eq!(specs.len(), spectral_step::kernels::modules().len());
+    // The build's update pairs are the crate's StepTypes, in order.
+    let update_pairs: Vec<(&str, &str)> = specs
+        .iter()
+        .filter_map(|spec| Some((spec.roles.w?.name, spec.roles.g?.name)))
+        .collect();
+    let step_types: Vec<(&str, &str)> = spectral_step::StepTypes::ALL
+        .iter()
+        .map(|types| (types.weights().name(), types.grads().name()))
+        .collect();
+    assert_eq!(update_pairs, step_types);
     for spec in specs {
         let file = spec.file;
         let text = std::fs::read_to_string(format!("kernels/{file}")).unwrap();

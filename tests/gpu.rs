@@ -226,10 +226,9 @@ fn device_master_weights<G: Element + spectral_step::cuda::cudarc::driver::Devic
         let device = device();
         let mut gpu = SpectralSgd::<Cuda>::on_device(&case.shapes, case.config, device).unwrap();
         let mut weights = upload(gpu.device(), &case.initial);
-        let mut copies = Vec::new();
-        let mut reports = Vec::new();
+        let (mut after, mut copies_after, mut reports) = (Vec::new(), Vec::new(), Vec::new());
         for t in 0..case.grads.len() {
-            copies = upload(gpu.device(), &case.stale_copies);
+            let mut copies = upload(gpu.device(), &case.stale_copies);
             match mode {
                 MasterMode::Widened => {
                     let grads = upload(gpu.device(), &case.widened(t));
@@ -246,14 +245,16 @@ fn device_master_weights<G: Element + spectral_step::cuda::cudarc::driver::Devic
                 }
             }
             reports.push(gpu.report().unwrap().matrices);
+            after.push(download(gpu.device(), &weights));
+            copies_after.push(download(gpu.device(), &copies));
         }
         MasterOutcome {
             momentum: (0..case.shapes.len())
                 .map(|j| gpu.momentum_to_host(j).unwrap())
                 .collect(),
-            weights: download(gpu.device(), &weights),
+            weights: after,
             reports,
-            copies: (mode == MasterMode::MixedWithCopy).then(|| download(gpu.device(), &copies)),
+            copies: (mode == MasterMode::MixedWithCopy).then_some(copies_after),
         }
     });
 }

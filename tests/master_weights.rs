@@ -26,10 +26,9 @@ fn cpu_run<G: Element>(
     let mut cpu = SpectralSgd::new(&case.shapes, case.config).unwrap();
     cpu.set_kernel_path(path).unwrap();
     let mut weights = case.initial.clone();
-    let mut copies = Vec::new();
-    let mut reports = Vec::new();
+    let (mut after, mut copies_after, mut reports) = (Vec::new(), Vec::new(), Vec::new());
     for t in 0..case.grads.len() {
-        copies.clone_from(&case.stale_copies);
+        let mut copies = case.stale_copies.clone();
         let report = match mode {
             MasterMode::Widened => cpu.step(&mut weights, &case.widened(t)),
             MasterMode::Mixed => cpu.step(&mut weights, &case.grads[t]),
@@ -38,14 +37,16 @@ fn cpu_run<G: Element>(
             }
         };
         reports.push(report.unwrap().matrices);
+        after.push(weights.clone());
+        copies_after.push(copies);
     }
     MasterOutcome {
         momentum: (0..case.shapes.len())
             .map(|j| cpu.momentum(j).to_vec())
             .collect(),
-        weights,
+        weights: after,
         reports,
-        copies: (mode == MasterMode::MixedWithCopy).then_some(copies),
+        copies: (mode == MasterMode::MixedWithCopy).then_some(copies_after),
     }
 }
 
@@ -77,10 +78,9 @@ fn sim_run<G: Element>(
         SpectralSgd::<Simulated>::on_device_with_layout(layout, case.config, device.clone())
             .unwrap();
     let mut weights = upload(&device, &case.initial, 0);
-    let mut copies = Vec::new();
-    let mut reports = Vec::new();
+    let (mut after, mut copies_after, mut reports) = (Vec::new(), Vec::new(), Vec::new());
     for t in 0..case.grads.len() {
-        copies = upload(&device, &case.stale_copies, copy_offset);
+        let mut copies = upload(&device, &case.stale_copies, copy_offset);
         match mode {
             MasterMode::Widened => {
                 let grads = upload(&device, &case.widened(t), 0);
@@ -97,14 +97,16 @@ fn sim_run<G: Element>(
             }
         }
         reports.push(sim.report().unwrap().matrices);
+        after.push(download(&device, &weights));
+        copies_after.push(download(&device, &copies));
     }
     MasterOutcome {
         momentum: (0..case.shapes.len())
             .map(|j| sim.momentum_to_host(j).unwrap())
             .collect(),
-        weights: download(&device, &weights),
+        weights: after,
         reports,
-        copies: (mode == MasterMode::MixedWithCopy).then(|| download(&device, &copies)),
+        copies: (mode == MasterMode::MixedWithCopy).then_some(copies_after),
     }
 }
 
@@ -136,15 +138,23 @@ fn simulated_master_weights_step_as_f32_on_widened_gradients() {
     });
 }
 
-/// What a refused step must leave alone: the step count, the weights, the momentum, the copies.
-fn assert_unchanged<B: spectral_step::Backend>(
+/// What a refused step must leave alone: the step count, the weights and the momentum.
+fn assert_unchanged(
     what: &str,
-    optimizer: &SpectralSgd<B>,
+    optimizer: &SpectralSgd,
     weights: &[Vec<f32>],
     before: &[Vec<f32>],
+    momentum: &[Vec<f32>],
 ) {
     assert_eq!(optimizer.steps(), 1, "{what}: step count");
     assert_eq!(weights, before, "{what}: weights");
+    for (j, expected) in momentum.iter().enumerate() {
+        assert_eq!(
+            optimizer.momentum(j),
+            &expected[..],
+            "{what}: matrix {j} momentum"
+        );
+    }
 }
 
 #[test]
@@ -176,14 +186,19 @@ fn unsupported_pairings_and_bad_copies_are_errors_that_change_nothing() {
         Err(Error::ElementTypes(_))
     ));
     assert_eq!(half_weights, half_before);
+    assert_unchanged("16-bit weights", &cpu, &weights, &before, &momentum);
 
     // A copy of f32 weights with f32 gradients (no 16-bit type to copy to).
-    let mut f32_copies = weights.clone();
+    let mut f32_copies = vec![vec![0.0f32; 24], vec![0.0f32; 15]];
     let error = cpu
         .step_with_copy(&mut weights, &f32_grads, &mut f32_copies)
         .unwrap_err();
     assert!(matches!(error, Error::ElementTypes(_)), "{error}");
-    assert_unchanged("f32 copy", &cpu, &weights, &before);
+    assert!(
+        f32_copies.iter().flatten().all(|&c| c == 0.0),
+        "copies untouched"
+    );
+    assert_unchanged("f32 copy", &cpu, &weights, &before, &momentum);
 
     // Copies of the wrong count or length.
     let mut copies: Vec<Vec<bf16>> = shapes.iter().map(|s| vec![bf16::ZERO; s.len()]).collect();
@@ -200,41 +215,48 @@ fn unsupported_pairings_and_bad_copies_are_errors_that_change_nothing() {
             ..
         })
     ));
-    assert_unchanged("bad copies", &cpu, &weights, &before);
     assert!(
         copies.iter().flatten().all(|&c| c == bf16::ZERO),
         "copies untouched"
     );
-    for (j, expected) in momentum.iter().enumerate() {
-        assert_eq!(cpu.momentum(j), &expected[..], "matrix {j} momentum");
-    }
+    assert_unchanged("bad copies", &cpu, &weights, &before, &momentum);
 
-    // The same refusals on the simulated device, before any launch.
+    // The same refusals on the simulated device, before any launch, and a copy that lives on
+    // another device.
     let device = SimDevice::new().unwrap();
+    let other = SimDevice::new().unwrap();
     let mut sim = SpectralSgd::<Simulated>::on_device(&shapes, config, device.clone()).unwrap();
     let mut sim_weights = upload(&device, &before, 0);
     sim.step(&mut sim_weights, &upload(&device, &grads, 0))
         .unwrap();
-    sim.synchronize().unwrap();
+    let weights_after_step = download(&device, &sim_weights);
     let launches = device.stats().launches;
+    let sim_grads = upload(&device, &grads, 0);
     let mut sim_half = upload(&device, &half_before, 0);
     assert!(matches!(
         sim.step(&mut sim_half, &upload(&device, &f32_grads, 0)),
         Err(Error::ElementTypes(_))
     ));
-    let mut sim_copies = upload(&device, &copies, 0);
+    let mut short_copies = upload(&device, &copies, 0);
     assert!(matches!(
-        sim.step_with_copy(
-            &mut sim_weights,
-            &upload(&device, &grads, 0),
-            &mut sim_copies
-        ),
+        sim.step_with_copy(&mut sim_weights, &sim_grads, &mut short_copies),
         Err(Error::LengthMismatch {
             what: "copy",
             index: 1,
             ..
         })
     ));
+    let full: Vec<Vec<bf16>> = shapes.iter().map(|s| vec![bf16::ZERO; s.len()]).collect();
+    let mut one_copy = upload(&device, &full[..1], 0);
+    assert!(matches!(
+        sim.step_with_copy(&mut sim_weights, &sim_grads, &mut one_copy),
+        Err(Error::MatrixCountMismatch { what: "copy", .. })
+    ));
+    let mut foreign_copies = upload(&other, &full, 0);
+    let error = sim
+        .step_with_copy(&mut sim_weights, &sim_grads, &mut foreign_copies)
+        .unwrap_err();
+    assert!(matches!(error, Error::InvalidArgument(_)), "{error}");
     let mut f32_sim_copies = upload(&device, &before, 0);
     assert!(matches!(
         sim.step_with_copy(
@@ -250,4 +272,9 @@ fn unsupported_pairings_and_bad_copies_are_errors_that_change_nothing() {
         "no launch after a refusal"
     );
     assert_eq!(sim.steps(), 1);
+    assert_eq!(download(&device, &sim_weights), weights_after_step);
+    assert_eq!(download(&device, &sim_half), half_before);
+    assert_eq!(download(&device, &short_copies), copies);
+    assert_eq!(download(&other, &foreign_copies), full);
+    assert_eq!(download(&device, &f32_sim_copies), before);
 }

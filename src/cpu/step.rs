@@ -197,14 +197,26 @@ struct Buffers<'a, 'b, TW, TG> {
     copies: Option<&'a mut [&'b mut [TG]]>,
 }
 
-/// `Some` per item of `items`, or `count` times `None`: optional copy buffers, zipped with
-/// the others.
+/// `Some` per item of `items`, or `count` times `None`: the optional copies, zipped with the
+/// other buffers of the batch.
 fn optional_items<T: Send>(
     items: Option<&mut [T]>,
     count: usize,
 ) -> impl IndexedParallelIterator<Item = Option<&mut T>> {
     match items {
         Some(items) => Either::Left(items.par_iter_mut().map(Some)),
+        None => Either::Right(rayon::iter::repeat_n((), count).map(|()| None)),
+    }
+}
+
+/// `Some` per chunk of `UPDATE_CHUNK` elements of `copy`, or `count` times `None`: one
+/// matrix's optional copy, zipped with its other buffers' chunks.
+fn optional_chunks<T: Send>(
+    copy: Option<&mut [T]>,
+    count: usize,
+) -> impl IndexedParallelIterator<Item = Option<&mut [T]>> {
+    match copy {
+        Some(copy) => Either::Left(copy.par_chunks_mut(UPDATE_CHUNK).map(Some)),
         None => Either::Right(rayon::iter::repeat_n((), count).map(|()| None)),
     }
 }
@@ -237,18 +249,16 @@ fn update_pass<TW: Element, TG: Element>(
         .for_each(
             |(matrix, ((((weights, grads), momentum), copy), &update))| {
                 let chunk_count = weights.len().div_ceil(UPDATE_CHUNK);
-                let mut copy_chunks: Option<Vec<&mut [TG]>> =
-                    copy.map(|copy| copy.chunks_mut(UPDATE_CHUNK).collect());
                 let chunks = weights
                     .par_chunks_mut(UPDATE_CHUNK)
                     .zip(grads.par_chunks(UPDATE_CHUNK))
                     .zip(momentum.par_chunks_mut(UPDATE_CHUNK))
-                    .zip(optional_items(copy_chunks.as_deref_mut(), chunk_count));
+                    .zip(optional_chunks(copy.map(|c| &mut **c), chunk_count));
                 let stream = stochastic.map(|key| key.stream(matrix as u32));
                 match update {
-                    Update::Skip => chunks.for_each(|(((weights, _), _), copy)| {
-                        refresh_copy(copy.map(|c| &mut **c), weights)
-                    }),
+                    Update::Skip => {
+                        chunks.for_each(|(((weights, _), _), copy)| refresh_copy(copy, weights))
+                    }
                     Update::MomentumOnly => {
                         chunks.for_each(|(((weights, grads), momentum), copy)| {
                             on_path(
@@ -259,7 +269,7 @@ fn update_pass<TW: Element, TG: Element>(
                                     momentum,
                                 },
                             );
-                            refresh_copy(copy.map(|c| &mut **c), weights);
+                            refresh_copy(copy, weights);
                         })
                     }
                     Update::Full { decay, coefficient } => chunks.enumerate().for_each(
@@ -275,7 +285,7 @@ fn update_pass<TW: Element, TG: Element>(
                                 weights,
                                 grads,
                                 momentum,
-                                copy: copy.map(|c| &mut **c),
+                                copy,
                             };
                             on_path(path, step)
                         },
@@ -406,7 +416,7 @@ impl<TW: Element, TG: Element> Step<'_, TW, TG> {
             .zip(momentum_batches.iter_mut());
         let mut group = self.first_group;
         for ((weights, grads), momentum) in batches {
-            let random = stream.batch(group);
+            let random = stream.batch_on::<FMA>(group);
             for k in 0..BATCH {
                 let new_weight = arithmetic.apply::<TW, TG, NESTEROV, FMA>(
                     weights[k],
@@ -418,7 +428,7 @@ impl<TW: Element, TG: Element> Step<'_, TW, TG> {
             group += BATCH_GROUPS as u64;
         }
         // The chunk's last elements (fewer than a batch): the first of a batch's numbers.
-        let random = stream.batch(group);
+        let random = stream.batch_on::<FMA>(group);
         let rest = weight_rest
             .iter_mut()
             .zip(grad_rest)

@@ -76,8 +76,8 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 /// Which kernel: one per module the build produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelId {
-    /// The fused power pass on the update direction `U = f(G, M)`, weights and gradients of
-    /// the given type (pass A of the step).
+    /// The fused power pass on the update direction `U = f(G, M)`, gradients of the given
+    /// type (pass A of the step).
     PowerStep(Dtype),
     /// The fused power pass on a stored matrix of the given type.
     PowerPlain(Dtype),
@@ -198,7 +198,12 @@ mod tests {
 
     #[test]
     fn update_kernels_are_named_by_weight_and_gradient_type() {
-        for types in StepTypes::ALL {
+        for (position, types) in StepTypes::ALL.into_iter().enumerate() {
+            assert_eq!(types.index(), position);
+            assert!(
+                KernelId::ALL.contains(&KernelId::Update(types)),
+                "{types:?}"
+            );
             let name = format!("update_{}_{}", types.weights().name(), types.grads().name());
             assert_eq!(KernelId::Update(types).entry_name(), name);
         }
