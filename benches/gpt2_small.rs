@@ -16,12 +16,13 @@
 //! each is summarised by its median, so a slow patch on a shared machine hits all variants
 //! alike; the ratios are the result, the absolute times are only context.
 //!
-//! Bytes are counted under math §5's traffic model (`N` parameters, `b` bytes per weight or
-//! gradient element, momentum in f32):
+//! Bytes (`N` parameters, `b` bytes per weight or gradient element, momentum in f32; math
+//! §5.5):
 //! * power iteration: reads `U` once, `N b` bytes;
-//! * step (heavy-ball): pass A reads `G`, `M` and writes `M`; pass B reads `M`, `W` and
-//!   writes `W`: `N (3b + 12)` bytes. This crate's CPU step stores `M` in pass B instead (see
-//!   `src/cpu/mod.rs`), which moves `N (4b + 12)` bytes; both figures are printed.
+//! * step (heavy-ball): the least a two-pass step can move is `N (3b + 12)` bytes (pass A
+//!   reads `G`, `M` and writes `M`; pass B reads `M`, `W` and writes `W`), which the GB/s and
+//!   "vs copy" columns count. This crate's step stores `M` in pass B instead (math §5.2), which
+//!   moves `N (4b + 12)` bytes; both figures are printed.
 
 mod common;
 
@@ -43,7 +44,7 @@ fn copy_parallel(dst: &mut [u8], src: &[u8]) {
 
 struct Variant<'a> {
     name: &'static str,
-    /// Bytes under the traffic model, for the GB/s column.
+    /// Bytes the GB/s column counts (for the step, the two-pass minimum).
     model_bytes: f64,
     run: Box<dyn FnMut() + 'a>,
     times: Vec<Duration>,
@@ -53,6 +54,20 @@ fn median(times: &[Duration]) -> f64 {
     let mut sorted = times.to_vec();
     sorted.sort();
     sorted[sorted.len() / 2].as_secs_f64()
+}
+
+/// Per round, the time of `numerator` over that of `denominator` (which ran beside it in the
+/// same round, so that slow drifts of the machine's load cancel), sorted: `[len / 2]` is the
+/// median, the ends the range.
+fn per_round_ratios(numerator: &Variant, denominator: &Variant) -> Vec<f64> {
+    let mut ratios: Vec<f64> = numerator
+        .times
+        .iter()
+        .zip(&denominator.times)
+        .map(|(n, d)| n.as_secs_f64() / d.as_secs_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios
 }
 
 /// Runs the variants in interleaved rounds and prints median time, GB/s, and the ratio of
@@ -163,15 +178,7 @@ fn bench_dtype<T: Element>(rounds: usize) {
         );
         let fused_time = median(&variants[2].times);
         let two_pass_time = median(&variants[3].times);
-        // Per round the two forms ran back to back: their ratio cancels slow drifts in the
-        // machine's load, which a ratio of medians taken at different moments does not.
-        let mut ratios: Vec<f64> = variants[3]
-            .times
-            .iter()
-            .zip(&variants[2].times)
-            .map(|(two_pass, fused)| two_pass.as_secs_f64() / fused.as_secs_f64())
-            .collect();
-        ratios.sort_by(f64::total_cmp);
+        let ratios = per_round_ratios(&variants[3], &variants[2]);
         println!(
             "  fused speed-up over two-matvec: {:.2}x (ratio of medians), {:.2}x (median of per-round ratios, range {:.2}x to {:.2}x)",
             two_pass_time / fused_time,
@@ -244,7 +251,7 @@ fn bench_dtype<T: Element>(rounds: usize) {
         }
         compare(
             &format!(
-                "{dtype} step: {:.0} MB under math §5's model, {:.0} MB actually moved",
+                "{dtype} step: {:.0} MB at the two-pass minimum, {:.0} MB actually moved",
                 model_bytes / 1e6,
                 actual_bytes / 1e6
             ),
@@ -258,13 +265,7 @@ fn bench_dtype<T: Element>(rounds: usize) {
             actual_bytes / step_time / 1e9
         );
         if low_precision {
-            let mut ratios: Vec<f64> = variants[2]
-                .times
-                .iter()
-                .zip(&variants[3].times)
-                .map(|(stochastic, nearest)| stochastic.as_secs_f64() / nearest.as_secs_f64())
-                .collect();
-            ratios.sort_by(f64::total_cmp);
+            let ratios = per_round_ratios(&variants[2], &variants[3]);
             println!(
                 "  stochastic rounding / round to nearest, warm step: {:.3}x (median of per-round ratios, range {:.3}x to {:.3}x)",
                 ratios[ratios.len() / 2],
@@ -362,13 +363,7 @@ fn bench_master_weights(rounds: usize) {
         1,
     );
     let per_round = |a: usize, b: usize| {
-        let mut ratios: Vec<f64> = variants[a]
-            .times
-            .iter()
-            .zip(&variants[b].times)
-            .map(|(x, y)| x.as_secs_f64() / y.as_secs_f64())
-            .collect();
-        ratios.sort_by(f64::total_cmp);
+        let ratios = per_round_ratios(&variants[a], &variants[b]);
         ratios[ratios.len() / 2]
     };
     println!(

@@ -496,17 +496,11 @@ fn random_half(word: &str, odd: bool) -> String {
     }
 }
 
+/// The one `{a, b, c, d}` group of `text`.
 fn four_registers(op: &str, text: &str) -> Result<Vec<String>, String> {
-    let inner = text
-        .trim()
-        .strip_prefix('{')
-        .and_then(|t| t.strip_suffix('}'))
-        .ok_or_else(|| format!("{op}: expected {{a, b, c, d}}, got `{text}`"))?;
-    let regs: Vec<String> = inner.split(',').map(|r| r.trim().to_string()).collect();
-    if regs.len() == 4 && regs.iter().all(|r| !r.is_empty()) {
-        Ok(regs)
-    } else {
-        Err(format!("{op}: expected 4 registers, got `{text}`"))
+    match register_groups(op, text)?.as_slice() {
+        [regs] if regs.len() == 4 => Ok(regs.clone()),
+        _ => Err(format!("{op}: expected 4 registers, got `{text}`")),
     }
 }
 

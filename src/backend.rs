@@ -11,7 +11,7 @@
 use std::borrow::{Borrow, BorrowMut};
 
 use crate::config::SpectralSgdConfig;
-use crate::element::Element;
+use crate::element::{Element, StepTypes};
 use crate::error::{Error, Result};
 use crate::layout::{BatchLayout, BlockPolicy};
 
@@ -55,6 +55,28 @@ impl HostState {
         }
         Ok(())
     }
+}
+
+/// What every backend checks before a step writes anything, in this order: the element types
+/// pair ([`StepTypes`]), the configuration fits the layout, and the weights, the gradients and
+/// the copies (which need mixed types, [`StepTypes::check_copy`]) hold one matrix each, given
+/// their lengths. Returns the pair.
+pub(crate) fn check_step<TW: Element, TG: Element>(
+    config: &SpectralSgdConfig,
+    layout: &BatchLayout,
+    weights: impl ExactSizeIterator<Item = usize>,
+    grads: impl ExactSizeIterator<Item = usize>,
+    copies: Option<impl ExactSizeIterator<Item = usize>>,
+) -> Result<StepTypes> {
+    let types = StepTypes::of::<TW, TG>()?;
+    config.validate_for(layout)?;
+    layout.check_lengths("weight", weights)?;
+    layout.check_lengths("gradient", grads)?;
+    if let Some(copies) = copies {
+        types.check_copy()?;
+        layout.check_lengths("copy", copies)?;
+    }
+    Ok(types)
 }
 
 mod sealed {

@@ -302,8 +302,6 @@ pub(crate) fn f16_stochastic(value: f32, random: u16) -> u16 {
 mod tests {
     use super::*;
 
-    /// The three `philox4x32 10` lines of Random123's `tests/kat_vectors`
-    /// (github.com/DEShawResearch/random123): counter, key, expected output.
     #[test]
     fn the_avx2_batch_gives_the_portable_bits() {
         #[cfg(target_arch = "x86_64")]
@@ -327,6 +325,8 @@ mod tests {
         eprintln!("NOT RUN: the AVX2 rounding batch (this CPU has no AVX2)");
     }
 
+    /// The three `philox4x32 10` lines of Random123's `tests/kat_vectors`
+    /// (github.com/DEShawResearch/random123): counter, key, expected output.
     #[test]
     fn philox_matches_the_random123_known_answers() {
         let cases: [([u32; 4], [u32; 2], [u32; 4]); 3] = [

@@ -9,8 +9,9 @@ use rayon::prelude::*;
 use super::Cpu;
 use super::power::{FinishSettings, Kernel, finish, fused_pass, on_path};
 use super::rows::{DirectionRows, KernelPath, madd};
+use crate::backend::check_step;
 use crate::config::{MomentumRule, SpectralSgdConfig};
-use crate::element::{Element, StepTypes};
+use crate::element::Element;
 use crate::error::Result;
 use crate::kernels::records::ROUNDING_GROUP;
 use crate::kernels::records::{MatrixResult, Status};
@@ -64,22 +65,18 @@ where
     G: Borrow<[TG]> + Sync,
     C: BorrowMut<[TG]>,
 {
-    let types = StepTypes::of::<TW, TG>()?;
-    config.validate_for(&cpu.layout)?;
     // Borrowed once: the slices whose lengths are checked are the slices the passes use.
     let mut weights: Vec<&mut [TW]> = weights.iter_mut().map(BorrowMut::borrow_mut).collect();
     let grads: Vec<&[TG]> = grads.iter().map(Borrow::borrow).collect();
     let mut copies: Option<Vec<&mut [TG]>> =
         copies.map(|copies| copies.iter_mut().map(BorrowMut::borrow_mut).collect());
-    cpu.layout
-        .check_lengths("weight", weights.iter().map(|w| w.len()))?;
-    cpu.layout
-        .check_lengths("gradient", grads.iter().map(|g| g.len()))?;
-    if let Some(copies) = &copies {
-        types.check_copy()?;
-        cpu.layout
-            .check_lengths("copy", copies.iter().map(|c| c.len()))?;
-    }
+    check_step::<TW, TG>(
+        config,
+        &cpu.layout,
+        weights.iter().map(|w| w.len()),
+        grads.iter().map(|g| g.len()),
+        copies.as_ref().map(|c| c.iter().map(|c| c.len())),
+    )?;
     let rule = config.momentum_rule();
     estimate_sigmas(cpu, config, step, rule, &grads);
     cpu.host_knows_cold = false;
@@ -197,26 +194,14 @@ struct Buffers<'a, 'b, TW, TG> {
     copies: Option<&'a mut [&'b mut [TG]]>,
 }
 
-/// `Some` per item of `items`, or `count` times `None`: the optional copies, zipped with the
-/// other buffers of the batch.
-fn optional_items<T: Send>(
-    items: Option<&mut [T]>,
+/// `Some` per item of `items`, or `count` times `None` without them: the optional copies,
+/// zipped with the other buffers, per matrix or per chunk.
+fn optional<I: IndexedParallelIterator>(
+    items: Option<I>,
     count: usize,
-) -> impl IndexedParallelIterator<Item = Option<&mut T>> {
+) -> impl IndexedParallelIterator<Item = Option<I::Item>> {
     match items {
-        Some(items) => Either::Left(items.par_iter_mut().map(Some)),
-        None => Either::Right(rayon::iter::repeat_n((), count).map(|()| None)),
-    }
-}
-
-/// `Some` per chunk of `UPDATE_CHUNK` elements of `copy`, or `count` times `None`: one
-/// matrix's optional copy, zipped with its other buffers' chunks.
-fn optional_chunks<T: Send>(
-    copy: Option<&mut [T]>,
-    count: usize,
-) -> impl IndexedParallelIterator<Item = Option<&mut [T]>> {
-    match copy {
-        Some(copy) => Either::Left(copy.par_chunks_mut(UPDATE_CHUNK).map(Some)),
+        Some(items) => Either::Left(items.map(Some)),
         None => Either::Right(rayon::iter::repeat_n((), count).map(|()| None)),
     }
 }
@@ -237,7 +222,7 @@ fn update_pass<TW: Element, TG: Element>(
         stochastic,
     } = settings;
     let momenta = layout.split_elements_mut(momentum);
-    let copies = optional_items(buffers.copies, layout.len());
+    let copies = optional(buffers.copies.map(|c| c.par_iter_mut()), layout.len());
     buffers
         .weights
         .par_iter_mut()
@@ -253,7 +238,10 @@ fn update_pass<TW: Element, TG: Element>(
                     .par_chunks_mut(UPDATE_CHUNK)
                     .zip(grads.par_chunks(UPDATE_CHUNK))
                     .zip(momentum.par_chunks_mut(UPDATE_CHUNK))
-                    .zip(optional_chunks(copy.map(|c| &mut **c), chunk_count));
+                    .zip(optional(
+                        copy.map(|c| c.par_chunks_mut(UPDATE_CHUNK)),
+                        chunk_count,
+                    ));
                 let stream = stochastic.map(|key| key.stream(matrix as u32));
                 match update {
                     Update::Skip => {

@@ -4,7 +4,7 @@
 use std::borrow::{Borrow, BorrowMut};
 
 use super::{Device, download_f32};
-use crate::backend::{Backend, HostState};
+use crate::backend::{Backend, HostState, check_step};
 use crate::config::SpectralSgdConfig;
 use crate::element::{Element, StepTypes};
 use crate::error::{Error, Result};
@@ -237,8 +237,6 @@ impl<D: Device> Backend for DeviceBackend<D> {
         G: Borrow<D::Slice<TG>> + Sync,
         C: BorrowMut<D::Slice<TG>>,
     {
-        let types = StepTypes::of::<TW, TG>()?;
-        config.validate_for(&self.layout)?;
         let layout = &self.layout;
         // Borrowed once: the buffers whose lengths are checked are the buffers whose
         // addresses go to the kernels, whatever the caller's `Borrow` impls do.
@@ -247,12 +245,13 @@ impl<D: Device> Backend for DeviceBackend<D> {
         let grads: Vec<&D::Slice<TG>> = grads.iter().map(|g| g.borrow()).collect();
         let mut copies: Option<Vec<&mut D::Slice<TG>>> =
             copies.map(|copies| copies.iter_mut().map(|c| c.borrow_mut()).collect());
-        layout.check_lengths("weight", weights.iter().map(|w| D::slice_len(w)))?;
-        layout.check_lengths("gradient", grads.iter().map(|g| D::slice_len(g)))?;
-        if let Some(copies) = &copies {
-            types.check_copy()?;
-            layout.check_lengths("copy", copies.iter().map(|c| D::slice_len(c)))?;
-        }
+        let types = check_step::<TW, TG>(
+            config,
+            layout,
+            weights.iter().map(|w| D::slice_len(w)),
+            grads.iter().map(|g| D::slice_len(g)),
+            copies.as_ref().map(|c| c.iter().map(|c| D::slice_len(c))),
+        )?;
         let device = &self.device;
         // The guards order this step's launches after pending work on the caller's buffers,
         // and record their use when dropped, once the launches are enqueued.
