@@ -60,14 +60,7 @@ fn median(times: &[Duration]) -> f64 {
 /// same round, so that slow drifts of the machine's load cancel), sorted: `[len / 2]` is the
 /// median, the ends the range.
 fn per_round_ratios(numerator: &Variant, denominator: &Variant) -> Vec<f64> {
-    let mut ratios: Vec<f64> = numerator
-        .times
-        .iter()
-        .zip(&denominator.times)
-        .map(|(n, d)| n.as_secs_f64() / d.as_secs_f64())
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios
+    common::per_round_ratios(&numerator.times, &denominator.times)
 }
 
 /// Runs the variants in interleaved rounds and prints median time, GB/s, and the ratio of

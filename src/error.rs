@@ -84,6 +84,21 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A parameter of a candle model cannot be stepped as it is routed: its shape, element
+    /// type or device, or its gradient (missing, of another shape or type, or sharing memory
+    /// with a parameter). Nothing was changed.
+    #[error("parameter {name}: {problem}")]
+    Parameter {
+        /// The parameter's name (its `VarMap` key, or `var{i}` for the `i`-th bare `Var`).
+        name: String,
+        /// What is wrong, and what to do about it.
+        problem: String,
+    },
+
+    /// A candle call failed (feature `candle`).
+    #[error("candle: {0}")]
+    Candle(String),
+
     /// Reading or writing a state file failed.
     #[error("state file {path}: {source}")]
     Io {

@@ -35,6 +35,8 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
 mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]

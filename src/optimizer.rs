@@ -189,6 +189,22 @@ impl<B: Backend> SpectralSgd<B> {
         })
     }
 
+    /// Replaces configuration, step count and state at once, as loading a state file does;
+    /// the values were checked by the caller ([`crate::state::check_values`]).
+    #[cfg(feature = "candle")]
+    pub(crate) fn resume(
+        &mut self,
+        config: SpectralSgdConfig,
+        steps: u64,
+        state: HostState,
+    ) -> Result<()> {
+        config.validate_for(self.backend.layout())?;
+        self.backend.import_state(state)?;
+        self.config = config;
+        self.steps = steps;
+        Ok(())
+    }
+
     /// The backend (its state and device).
     pub(crate) fn backend(&self) -> &B {
         &self.backend
@@ -282,7 +298,8 @@ impl<B: Backend> SpectralSgd<B> {
     /// out of range (non-finite momentum, power vectors not of unit length) is
     /// [`Error::StateFormat`](crate::Error::StateFormat). On error nothing is changed.
     pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        let bytes = crate::state::read_bounded(path.as_ref(), self.layout())?;
+        let limit = crate::state::max_file_bytes(self.layout());
+        let bytes = crate::state::read_bounded(path.as_ref(), limit)?;
         self.load_state_from_bytes(&bytes)
     }
 }

@@ -26,8 +26,65 @@ compile_error!("state files are little-endian and are written by casting f32 sli
 const FORMAT: &str = "spectral-step/optimizer-state";
 const VERSION: &str = "1";
 
-fn format_error(message: impl Into<String>) -> Error {
+pub(crate) fn format_error(message: impl Into<String>) -> Error {
     Error::StateFormat(message.into())
+}
+
+/// Every config field as metadata entries under `prefix` (floats in Rust's shortest
+/// round-trip form, so that they read back bit for bit).
+pub(crate) fn config_metadata(
+    config: &SpectralSgdConfig,
+    prefix: &str,
+) -> impl Iterator<Item = (String, String)> {
+    [
+        ("learning_rate", format!("{:?}", config.learning_rate)),
+        ("momentum", format!("{:?}", config.momentum)),
+        (
+            "momentum_kind",
+            momentum_kind_name(config.momentum_kind).to_owned(),
+        ),
+        ("nesterov", config.nesterov.to_string()),
+        ("weight_decay", format!("{:?}", config.weight_decay)),
+        ("scale", config.scale.to_string()),
+        ("warm_iterations", config.warm_iterations.to_string()),
+        ("cold_iterations", config.cold_iterations.to_string()),
+        ("seed", config.seed.to_string()),
+        ("rounding", config.rounding.name().to_owned()),
+    ]
+    .into_iter()
+    .map(move |(key, value)| (format!("{prefix}{key}"), value))
+}
+
+/// The config [`config_metadata`] wrote under `prefix` (not yet validated).
+pub(crate) fn config_from_metadata(
+    metadata: &HashMap<String, String>,
+    prefix: &str,
+) -> Result<SpectralSgdConfig> {
+    let key = |name: &str| format!("{prefix}{name}");
+    let momentum_kind = match field::<String>(metadata, &key("momentum_kind"))?.as_str() {
+        "heavy_ball" => MomentumKind::HeavyBall,
+        "ema" => MomentumKind::Ema,
+        other => return Err(format_error(format!("unknown momentum_kind {other:?}"))),
+    };
+    let scale_text: String = field(metadata, &key("scale"))?;
+    // A state saved before the setting existed resumes as it ran: round to nearest.
+    let rounding = match metadata.get(&key("rounding")) {
+        None => Rounding::Nearest,
+        Some(name) => Rounding::from_name(name)
+            .ok_or_else(|| format_error(format!("unknown rounding {name:?}")))?,
+    };
+    Ok(SpectralSgdConfig {
+        learning_rate: field(metadata, &key("learning_rate"))?,
+        momentum: field(metadata, &key("momentum"))?,
+        momentum_kind,
+        nesterov: field(metadata, &key("nesterov"))?,
+        weight_decay: field(metadata, &key("weight_decay"))?,
+        scale: Scale::from_str(&scale_text).map_err(|e| format_error(e.to_string()))?,
+        warm_iterations: field(metadata, &key("warm_iterations"))?,
+        cold_iterations: field(metadata, &key("cold_iterations"))?,
+        seed: field(metadata, &key("seed"))?,
+        rounding,
+    })
 }
 
 fn momentum_kind_name(kind: MomentumKind) -> &'static str {
@@ -60,23 +117,11 @@ pub(crate) fn encode(
         ("format", FORMAT.to_owned()),
         ("version", VERSION.to_owned()),
         ("steps", steps.to_string()),
-        ("learning_rate", format!("{:?}", config.learning_rate)),
-        ("momentum", format!("{:?}", config.momentum)),
-        (
-            "momentum_kind",
-            momentum_kind_name(config.momentum_kind).to_owned(),
-        ),
-        ("nesterov", config.nesterov.to_string()),
-        ("weight_decay", format!("{:?}", config.weight_decay)),
-        ("scale", config.scale.to_string()),
-        ("warm_iterations", config.warm_iterations.to_string()),
-        ("cold_iterations", config.cold_iterations.to_string()),
-        ("seed", config.seed.to_string()),
-        ("rounding", config.rounding.name().to_owned()),
     ]
     .into_iter()
     .map(|(key, value)| (key.to_owned(), value))
     .collect();
+    metadata.extend(config_metadata(config, ""));
     let crc = checksum(
         metadata.iter(),
         [momentum, vectors, warm.as_slice(), shapes.as_slice()],
@@ -103,7 +148,7 @@ pub(crate) fn encode(
 /// keys: metadata, then the tensor entries by name) and whose data follows in the order given,
 /// so that the same state always gives the same bytes; the `safetensors` crate reads it back
 /// and checks it.
-fn serialize(
+pub(crate) fn serialize(
     metadata: &BTreeMap<String, String>,
     tensors: &[(&str, &str, Vec<usize>, &[u8])],
 ) -> Vec<u8> {
@@ -143,7 +188,7 @@ fn serialize(
 /// CRC-32 of every metadata entry but `crc32` (sorted by key) and of the tensor bytes in the
 /// order `tensors` gives them (momentum, power vectors, warm flags, shapes: math §5.8), as 8
 /// hex digits.
-fn checksum<'a, 'm>(
+pub(crate) fn checksum<'a, 'm>(
     metadata: impl Iterator<Item = (&'m String, &'m String)>,
     tensors: impl IntoIterator<Item = &'a [u8]>,
 ) -> String {
@@ -161,7 +206,7 @@ fn checksum<'a, 'm>(
     format!("{:08x}", crc.finalize())
 }
 
-fn field<F: FromStr>(metadata: &HashMap<String, String>, key: &str) -> Result<F> {
+pub(crate) fn field<F: FromStr>(metadata: &HashMap<String, String>, key: &str) -> Result<F> {
     let text = metadata
         .get(key)
         .ok_or_else(|| format_error(format!("metadata has no {key:?}")))?;
@@ -170,7 +215,7 @@ fn field<F: FromStr>(metadata: &HashMap<String, String>, key: &str) -> Result<F>
 }
 
 /// A tensor's bytes after checking its dtype and shape against what this optimizer needs.
-fn checked<'a>(
+pub(crate) fn checked<'a>(
     tensor: &TensorView<'a>,
     name: &str,
     dtype: StDtype,
@@ -186,14 +231,17 @@ fn checked<'a>(
     Ok(tensor.data())
 }
 
-pub(crate) fn decode(
-    bytes: &[u8],
-    layout: &BatchLayout,
-) -> Result<(SpectralSgdConfig, u64, HostState)> {
-    let limit = max_file_bytes(layout);
+/// The tensors and metadata of a state file of at most `limit` bytes, after checking that
+/// its metadata names `format` and `version`.
+pub(crate) fn parse<'a>(
+    bytes: &'a [u8],
+    limit: u64,
+    format: &str,
+    version: &str,
+) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
     if bytes.len() as u64 > limit {
         return Err(format_error(format!(
-            "{} bytes is larger than any state for these shapes (at most {limit})",
+            "{} bytes is larger than any state of this optimizer (at most {limit})",
             bytes.len()
         )));
     }
@@ -201,15 +249,25 @@ pub(crate) fn decode(
     let file = SafeTensors::deserialize(bytes).map_err(|e| format_error(e.to_string()))?;
     let metadata = header
         .metadata()
-        .as_ref()
+        .clone()
         .ok_or_else(|| format_error("no metadata"))?;
-    let format: String = field(metadata, "format")?;
-    let version: String = field(metadata, "version")?;
-    if format != FORMAT || version != VERSION {
+    let file_format: String = field(&metadata, "format")?;
+    let file_version: String = field(&metadata, "version")?;
+    if file_format != format || file_version != version {
         return Err(format_error(format!(
-            "format {format:?} version {version:?}, expected {FORMAT:?} version {VERSION}"
+            "format {file_format:?} version {file_version:?}, expected {format:?} version \
+             {version}"
         )));
     }
+    Ok((file, metadata))
+}
+
+pub(crate) fn decode(
+    bytes: &[u8],
+    layout: &BatchLayout,
+) -> Result<(SpectralSgdConfig, u64, HostState)> {
+    let (file, metadata) = parse(bytes, max_file_bytes(layout), FORMAT, VERSION)?;
+    let metadata = &metadata;
 
     // Integrity first: a flipped bit is corruption, whatever tensor it lands in.
     let names = ["momentum", "power_vectors", "power_warm", "shapes"];
@@ -257,30 +315,7 @@ pub(crate) fn decode(
     )?;
     let warm = checked(&tensors[2], "power_warm", StDtype::U8, &[matrices])?;
 
-    let momentum_kind = match field::<String>(metadata, "momentum_kind")?.as_str() {
-        "heavy_ball" => MomentumKind::HeavyBall,
-        "ema" => MomentumKind::Ema,
-        other => return Err(format_error(format!("unknown momentum_kind {other:?}"))),
-    };
-    let scale_text: String = field(metadata, "scale")?;
-    // A state saved before the setting existed resumes as it ran: round to nearest.
-    let rounding = match metadata.get("rounding") {
-        None => Rounding::Nearest,
-        Some(name) => Rounding::from_name(name)
-            .ok_or_else(|| format_error(format!("unknown rounding {name:?}")))?,
-    };
-    let config = SpectralSgdConfig {
-        learning_rate: field(metadata, "learning_rate")?,
-        momentum: field(metadata, "momentum")?,
-        momentum_kind,
-        nesterov: field(metadata, "nesterov")?,
-        weight_decay: field(metadata, "weight_decay")?,
-        scale: Scale::from_str(&scale_text).map_err(|e| format_error(e.to_string()))?,
-        warm_iterations: field(metadata, "warm_iterations")?,
-        cold_iterations: field(metadata, "cold_iterations")?,
-        seed: field(metadata, "seed")?,
-        rounding,
-    };
+    let config = config_from_metadata(metadata, "")?;
     config
         .validate_for(layout)
         .map_err(|e| format_error(e.to_string()))?;
@@ -335,7 +370,7 @@ pub(crate) fn check_values(layout: &BatchLayout, state: &HostState) -> Result<()
 
 /// The largest header this crate reads: its own headers are about 1 KiB plus 100 bytes per
 /// tensor, so 1 MiB is far beyond any state file it writes.
-const MAX_HEADER_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_HEADER_BYTES: u64 = 1 << 20;
 
 /// The most bytes a state file for `layout` can hold: the header bound, the length prefix,
 /// and the four tensors. Reading stops there, so a wrong path (a device, a huge file) costs
@@ -348,14 +383,13 @@ pub(crate) fn max_file_bytes(layout: &BatchLayout) -> u64 {
         .saturating_add(8 + MAX_HEADER_BYTES)
 }
 
-/// Reads a state file of at most [`max_file_bytes`] bytes.
-pub(crate) fn read_bounded(path: &Path, layout: &BatchLayout) -> Result<Vec<u8>> {
+/// Reads a state file of at most `limit` bytes ([`max_file_bytes`] for one batch).
+pub(crate) fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let io_error = |source| Error::Io {
         path: path.to_owned(),
         source,
     };
-    let limit = max_file_bytes(layout);
     let file = std::fs::File::open(path).map_err(io_error)?;
     let mut bytes = Vec::new();
     file.take(limit + 1)

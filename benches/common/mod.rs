@@ -65,6 +65,22 @@ pub fn hashed_batch<T: Element>(shapes: &[MatrixShape], salt: u64) -> Vec<Vec<T>
         .collect()
 }
 
+/// Per round, the time of `numerator` over that of `denominator` (measured beside it in the
+/// same round, so that slow drifts of the machine's load cancel), sorted: `[len / 2]` is the
+/// median, the ends the range.
+pub fn per_round_ratios(
+    numerator: &[std::time::Duration],
+    denominator: &[std::time::Duration],
+) -> Vec<f64> {
+    let mut ratios: Vec<f64> = numerator
+        .iter()
+        .zip(denominator)
+        .map(|(n, d)| n.as_secs_f64() / d.as_secs_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios
+}
+
 /// The median of `values` (sorted in place).
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);

@@ -7,7 +7,7 @@ use crate::feature_learning::experiments::{LowRankResult, RunResult};
 use crate::feature_learning::model::Activation;
 use crate::feature_learning::parametrisation::Parametrisation;
 use crate::feature_learning::precision::{Precision, PrecisionRun};
-use crate::plots::{self, Panel, Series};
+use crate::plots::{self, Panel, Series, YAxis};
 
 /// Mean over seeds, per (parametrisation, width).
 fn seed_means(
@@ -100,7 +100,7 @@ pub fn draw(
                 x_label: "width".into(),
                 y_label: "relative change".into(),
                 series: per_param(|r| r.feature_change),
-                log_y: true,
+                y_axis: YAxis::Log,
                 x_base: 2.0,
             },
             Panel {
@@ -108,7 +108,7 @@ pub fn draw(
                 x_label: "width".into(),
                 y_label: "relative change".into(),
                 series: per_param(|r| r.weight_change),
-                log_y: true,
+                y_axis: YAxis::Log,
                 x_base: 2.0,
             },
         ],
@@ -131,7 +131,7 @@ pub fn draw(
                     .collect(),
             })
             .collect(),
-        log_y: true,
+        y_axis: YAxis::Log,
         x_base: 2.0,
     };
     plots::save(
@@ -167,7 +167,7 @@ pub fn draw(
                 x_label: "batch size".into(),
                 y_label: "|dW|_F^2 / |dW|_*^2".into(),
                 series: by_activation(|r| r.stable_rank),
-                log_y: false,
+                y_axis: YAxis::Linear,
                 x_base: 10.0,
             },
             Panel {
@@ -175,7 +175,7 @@ pub fn draw(
                 x_label: "batch size".into(),
                 y_label: "alignment".into(),
                 series: by_activation(|r| r.alignment),
-                log_y: false,
+                y_axis: YAxis::Linear,
                 x_base: 10.0,
             },
         ],
@@ -189,7 +189,7 @@ pub fn draw(
                 x_label: "step".into(),
                 y_label: "loss (mean over seeds)".into(),
                 series: loss_curves(bf16, None),
-                log_y: true,
+                y_axis: YAxis::Log,
                 x_base: 10.0,
             },
             Panel {
@@ -197,7 +197,7 @@ pub fn draw(
                 x_label: "step".into(),
                 y_label: "excess loss (%)".into(),
                 series: loss_curves(bf16, Some(Precision::F32)),
-                log_y: false,
+                y_axis: YAxis::Linear,
                 x_base: 10.0,
             },
         ],

@@ -12,13 +12,27 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-/// One panel: title, axis labels, series, and whether the y axis is logarithmic.
+/// How a panel's y axis spans its data.
+// Both examples draw with this file, each with some of the axes.
+#[allow(dead_code)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum YAxis {
+    /// Logarithmic, spanning the data.
+    Log,
+    /// Linear from zero, so that a small quantity looks small.
+    Linear,
+    /// Linear, spanning the data: for differences that matter within a narrow band (losses
+    /// of one task).
+    Fitted,
+}
+
+/// One panel: title, axis labels, series, and the y axis.
 pub struct Panel {
     pub title: String,
     pub x_label: String,
     pub y_label: String,
     pub series: Vec<Series>,
-    pub log_y: bool,
+    pub y_axis: YAxis,
     /// Base of the logarithmic x axis: 2 for widths and learning rates, 10 for batch sizes.
     pub x_base: f64,
 }
@@ -65,20 +79,22 @@ pub fn save(dir: &Path, stem: &str, panels: &[Panel]) -> Result<(), String> {
     Ok(())
 }
 
-fn range(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
+fn range(values: impl Iterator<Item = f64>, axis: YAxis) -> (f64, f64) {
     let (mut low, mut high) = (f64::INFINITY, f64::NEG_INFINITY);
-    for v in values.filter(|v| v.is_finite() && (!log || *v > 0.0)) {
+    for v in values.filter(|v| v.is_finite() && (axis != YAxis::Log || *v > 0.0)) {
         low = low.min(v);
         high = high.max(v);
     }
     if !low.is_finite() {
         return (1.0, 2.0);
     }
-    if log {
-        (low / 1.3, high * 1.3)
-    } else {
-        // Linear axes start at zero, so that a small quantity looks small.
-        (0.0, high * 1.1)
+    match axis {
+        YAxis::Log => (low / 1.3, high * 1.3),
+        YAxis::Linear => (0.0, high * 1.1),
+        YAxis::Fitted => {
+            let margin = ((high - low) * 0.08).max(high.abs() * 1e-3);
+            (low - margin, high + margin)
+        }
     }
 }
 
@@ -97,14 +113,14 @@ where
                 .series
                 .iter()
                 .flat_map(|s| s.points.iter().map(|p| p.0)),
-            true,
+            YAxis::Log,
         );
         let ys = range(
             panel
                 .series
                 .iter()
                 .flat_map(|s| s.points.iter().map(|p| p.1)),
-            panel.log_y,
+            panel.y_axis,
         );
         let mut builder = ChartBuilder::on(area);
         builder
@@ -112,7 +128,9 @@ where
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60);
-        let visible = |p: &(f64, f64)| p.0 > 0.0 && p.1.is_finite() && (!panel.log_y || p.1 > 0.0);
+        let visible = |p: &(f64, f64)| {
+            p.0 > 0.0 && p.1.is_finite() && (panel.y_axis != YAxis::Log || p.1 > 0.0)
+        };
         macro_rules! body {
             ($chart:expr) => {{
                 let mut chart = $chart;
@@ -144,12 +162,17 @@ where
                     .background_style(WHITE.mix(0.85))
                     .border_style(BLACK.mix(0.3))
                     .label_font(("sans-serif", 13))
-                    .position(SeriesLabelPosition::LowerLeft)
+                    // A fitted axis puts the data's extremes at the bottom corners.
+                    .position(if panel.y_axis == YAxis::Fitted {
+                        SeriesLabelPosition::UpperMiddle
+                    } else {
+                        SeriesLabelPosition::LowerLeft
+                    })
                     .draw()?;
             }};
         }
         let x_axis = (xs.0..xs.1).log_scale().base(panel.x_base);
-        if panel.log_y {
+        if panel.y_axis == YAxis::Log {
             body!(builder.build_cartesian_2d(x_axis, (ys.0..ys.1).log_scale())?);
         } else {
             body!(builder.build_cartesian_2d(x_axis, ys.0..ys.1)?);

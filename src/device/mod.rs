@@ -122,6 +122,7 @@ pub trait Device: sealed::Sealed + fmt::Debug + Sized {
 
 /// `offset + len` when `[offset, offset + len)` lies inside a buffer of `buffer_len` bytes:
 /// the bounds check of every device's `upload` and `download`.
+#[cfg(any(feature = "cuda", feature = "sim"))]
 pub(crate) fn checked_end(buffer_len: usize, offset: usize, len: usize) -> Result<usize> {
     offset
         .checked_add(len)
