@@ -222,12 +222,16 @@ fn the_adamw_group_is_candle_nn_adamw_bit_for_bit() {
     let inputs = seeded::<f32>(&[64, 8], 1.0, 7);
     let targets = seeded::<f32>(&[64, 3], 1.0, 8);
     for step in 0..8 {
-        adapter
-            .backward_step(&ours.loss(&inputs, &targets))
-            .unwrap();
-        adamw
-            .backward_step(&theirs.loss(&inputs, &targets))
-            .unwrap();
+        let mut our_grads = ours.loss(&inputs, &targets).backward().unwrap();
+        let mut their_grads = theirs.loss(&inputs, &targets).backward().unwrap();
+        // On steps 3 and 4 the first bias has no gradient: both leave it alone, and both
+        // still count the step for the bias correction of every parameter.
+        if step == 3 || step == 4 {
+            our_grads.remove(ours.vars[1].as_tensor());
+            their_grads.remove(theirs.vars[1].as_tensor());
+        }
+        adapter.step(&our_grads).unwrap();
+        adamw.step(&their_grads).unwrap();
         for (index, (a, b)) in ours.vars.iter().zip(&theirs.vars).enumerate() {
             assert_same_bits(
                 &format!("var{index} after step {step}"),
