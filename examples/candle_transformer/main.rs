@@ -110,17 +110,17 @@ fn run(args: &Args) -> Result<(), String> {
         settings.batch,
         settings.steps
     );
-    let jobs: Vec<(usize, Method, f64)> = settings
-        .widths
-        .iter()
-        .flat_map(|&width| {
-            Method::ALL.into_iter().flat_map(move |method| {
-                settings_rates(args, method)
-                    .into_iter()
-                    .map(move |rate| (width, method, rate))
-            })
-        })
-        .collect();
+    let mut jobs: Vec<(usize, Method, f64)> = Vec::new();
+    for &width in &settings.widths {
+        for method in Method::ALL {
+            jobs.extend(
+                settings
+                    .rates(method)
+                    .iter()
+                    .map(|&rate| (width, method, rate)),
+            );
+        }
+    }
     let bar = ProgressBar::new(jobs.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} runs {msg}")
@@ -147,10 +147,6 @@ fn run(args: &Args) -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn settings_rates(args: &Args, method: Method) -> Vec<f64> {
-    args.settings().rates(method).to_vec()
 }
 
 /// The run of lowest held-out loss among `runs` (diverged runs, `NaN`, never win).

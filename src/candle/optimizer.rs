@@ -105,6 +105,8 @@ pub(crate) struct SpectralGroup {
     pub dtype: Dtype,
     pub ratio: f32,
     pub optimizer: SpectralSgd,
+    /// The member parameters (index, placement), in the batch's order.
+    pub members: Vec<(usize, Placement)>,
     /// `f32` master weights, one per matrix, when the config asks for them and the group is
     /// 16-bit.
     pub master: Option<Vec<Vec<f32>>>,
@@ -170,6 +172,10 @@ pub struct SpectralOptimizer {
     /// Whether the parameters have their own names (from a `VarMap` or `from_named`), not
     /// `var{i}` positions: only then is a state file keyed by names meaningful.
     named: bool,
+    /// The parameters a step writes (all but the frozen ones), in order.
+    active: Vec<usize>,
+    /// Per parameter, its index in `active` (the step's held borrows); `usize::MAX` if frozen.
+    position: Vec<usize>,
 }
 
 fn rate_ratio(spectral: f32, adamw: f64) -> Option<f64> {
@@ -363,8 +369,21 @@ impl SpectralOptimizer {
                 dtype,
                 ratio,
                 optimizer,
+                members: Vec::new(),
                 master,
             });
+        }
+        for (index, param) in params.iter().enumerate() {
+            if let Role::Spectral { group, placement } = param.role {
+                groups[group].members.push((index, placement));
+            }
+        }
+        let active: Vec<usize> = (0..params.len())
+            .filter(|&index| !matches!(params[index].role, Role::Frozen))
+            .collect();
+        let mut position = vec![usize::MAX; params.len()];
+        for (held_index, &param_index) in active.iter().enumerate() {
+            position[param_index] = held_index;
         }
         for param in &params {
             if let Role::Spectral {
@@ -390,6 +409,8 @@ impl SpectralOptimizer {
                 config.adamw.learning_rate,
             ),
             named,
+            active,
+            position,
         })
     }
 
@@ -630,9 +651,8 @@ impl SpectralOptimizer {
             gradients.push(Some(grad));
         }
 
-        let active: Vec<usize> = (0..self.params.len())
-            .filter(|&index| !matches!(self.params[index].role, Role::Frozen))
-            .collect();
+        let active = &self.active;
+        let position = &self.position;
         let vars: Vec<(&str, &Var)> = active
             .iter()
             .map(|&index| (self.params[index].name.as_str(), &self.params[index].var))
@@ -687,22 +707,11 @@ impl SpectralOptimizer {
                     _ => ParameterUpdate::NoGradient,
                 })
                 .collect();
-            // Position of each active parameter among the held borrows.
-            let mut position = vec![usize::MAX; params.len()];
-            for (held_index, &param_index) in active.iter().enumerate() {
-                position[param_index] = held_index;
-            }
-            for (group_index, group) in groups.iter_mut().enumerate() {
+            for group in groups.iter_mut() {
                 let reports = match group.dtype {
-                    Dtype::F32 => {
-                        step_group::<f32>(group, group_index, params, held, &position, &grad_views)
-                    }
-                    Dtype::Bf16 => {
-                        step_group::<bf16>(group, group_index, params, held, &position, &grad_views)
-                    }
-                    Dtype::F16 => {
-                        step_group::<f16>(group, group_index, params, held, &position, &grad_views)
-                    }
+                    Dtype::F32 => step_group::<f32>(group, held, position, &grad_views),
+                    Dtype::Bf16 => step_group::<bf16>(group, held, position, &grad_views),
+                    Dtype::F16 => step_group::<f16>(group, held, position, &grad_views),
                 }?;
                 for (param_index, matrices) in reports {
                     updates[param_index] = ParameterUpdate::Spectral(matrices);
@@ -750,25 +759,14 @@ pub(crate) fn group_config(config: &SpectralSgdConfig, ratio: f32) -> SpectralSg
 /// Steps one spectral group in place; returns each member parameter's matrix reports.
 fn step_group<T: CandleElement>(
     group: &mut SpectralGroup,
-    group_index: usize,
-    params: &[Param],
     held: &mut [ParamMut<'_>],
     position: &[usize],
     grads: &[Option<ParamRef<'_>>],
 ) -> Result<Vec<(usize, Vec<MatrixReport>)>> {
-    let members: Vec<(usize, Placement)> = params
-        .iter()
-        .enumerate()
-        .filter_map(|(index, param)| match param.role {
-            Role::Spectral {
-                group, placement, ..
-            } if group == group_index => Some((index, placement)),
-            _ => None,
-        })
-        .collect();
+    let members = &group.members;
     let internal = |what: &str| Error::Candle(format!("internal: {what} of a spectral member"));
     let mut grad_matrices: Vec<&[T]> = Vec::new();
-    for &(index, placement) in &members {
+    for &(index, placement) in members {
         let grad = grads[index]
             .and_then(T::slice)
             .ok_or_else(|| internal("gradient"))?;
@@ -776,7 +774,7 @@ fn step_group<T: CandleElement>(
     }
     // Per held borrow, its placement when it is a member of this group.
     let mut member_placement = vec![None; held.len()];
-    for &(index, placement) in &members {
+    for &(index, placement) in members {
         member_placement[position[index]] = Some(placement);
     }
     let mut weight_matrices: Vec<&mut [T]> = Vec::new();
