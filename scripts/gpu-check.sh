@@ -9,6 +9,11 @@
 # On the GPU machine, from the repository root (target/gpu-bundle carried along):
 #   bash target/gpu-bundle/run.sh        # at most 4 minutes, by its timeouts
 #
+# With the candle-cuda build (not in a dry run: scripts/cuda-toolkit.sh installs nvcc and the
+# CUDA libraries from PyPI, about 660 MB, and the first build of candle's kernels takes about
+# 13-15 minutes on 2 cores), the bundle also holds tests/candle_cuda.rs, the candle adapter on
+# CUDA tensors; it links the CUDA 13 libraries, which run.sh looks for on the GPU machine.
+#
 # The bundle holds release builds of tests/gpu.rs (device tests, run with --include-ignored,
 # then a short workload of them under compute-sanitizer's memcheck, racecheck, initcheck and
 # synccheck where the machine has compute-sanitizer), tests/kernel_conformance.rs (the same
@@ -44,6 +49,19 @@ done
 for name in gpu kernel_conformance gpu_step; do
     [[ -x "$bundle/$name" ]] || { echo "missing $name in the bundle" >&2; exit 1; }
 done
+if [[ "${1:-}" != "--dry-run" ]]; then
+    (
+        eval "$(bash scripts/cuda-toolkit.sh)"
+        cargo test --release --no-run --features candle-cuda --test candle_cuda \
+            --target-dir target/candle-cuda --message-format=json
+    ) | executables | while read -r name path; do
+        cp "$path" "$bundle/$name"
+    done
+    [[ -x "$bundle/candle_cuda" ]] || { echo "missing candle_cuda in the bundle" >&2; exit 1; }
+    # 53 MB stripped, most of it candle's PTX, which compresses to about 6 MB.
+    strip "$bundle/candle_cuda"
+    xz -T2 -6 "$bundle/candle_cuda"
+fi
 mkdir -p "$bundle/peers" "$bundle/shapes"
 cp bench/peers/peers.py "$bundle/peers/"
 cp bench/shapes/gpt2_small.txt "$bundle/shapes/"
@@ -62,6 +80,27 @@ within_budget() {
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 echo "== device tests (tests/gpu.rs, ignored ones included)"
 timeout 40 ./gpu --include-ignored --test-threads=1 || status=1
+echo "== the candle adapter on CUDA tensors (tests/candle_cuda.rs, ignored ones included)"
+if [[ -f candle_cuda.xz && ! -x candle_cuda ]]; then
+    python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open("candle_cuda.xz"), open("candle_cuda", "wb"))' \
+        && chmod +x candle_cuda
+fi
+if [[ -x ./candle_cuda ]]; then
+    # It links the CUDA 13 libraries (cudart, nvrtc, curand, cublas, cublasLt): the
+    # toolkit's, or the wheels PyTorch installed.
+    for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+        $(python3 -c 'import nvidia, os; [print(os.path.join(p, "cu13", "lib")) for p in nvidia.__path__]' 2>/dev/null); do
+        [[ -d "$dir" ]] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    done
+    missing=$(ldd ./candle_cuda | grep "not found" || true)
+    if [[ -n "$missing" ]]; then
+        echo "NOT RUN: candle_cuda lacks libraries: $missing"; status=1
+    else
+        within_budget "candle adapter on CUDA" && { timeout 60 ./candle_cuda --include-ignored --test-threads=1 || status=1; }
+    fi
+else
+    echo "NOT RUN: candle_cuda is not in this bundle (built without the candle-cuda feature)"
+fi
 echo "== compute-sanitizer on the sanitizer workload (tests/gpu.rs sanitizer_workload)"
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [[ -n "$sanitizer" ]]; then

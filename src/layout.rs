@@ -432,6 +432,51 @@ impl BatchLayout {
         )
     }
 
+    /// How the batch lies in caller buffers that each hold several consecutive matrices
+    /// back to back (a stack of experts, a convolution kernel cut into matrices):
+    /// `matrices_per_buffer[b]` matrices in buffer `b`, in batch order. Errors unless the
+    /// counts are all at least 1 and add up to the batch.
+    ///
+    /// ```
+    /// use spectral_step::{BatchLayout, BlockPolicy, MatrixShape};
+    ///
+    /// let shapes = [MatrixShape::new(4, 3), MatrixShape::new(4, 3), MatrixShape::new(2, 4)];
+    /// let layout = BatchLayout::new(&shapes, BlockPolicy::CPU)?;
+    /// let packing = layout.buffer_packing(&[2, 1])?;
+    /// assert_eq!(packing.place(1), (0, 12)); // the second matrix starts 12 elements into buffer 0
+    /// assert_eq!(packing.buffer_len(0), 24);
+    /// # Ok::<(), spectral_step::Error>(())
+    /// ```
+    pub fn buffer_packing(&self, matrices_per_buffer: &[usize]) -> Result<BufferPacking> {
+        let total: usize = matrices_per_buffer
+            .iter()
+            .try_fold(0usize, |sum, &count| sum.checked_add(count))
+            .unwrap_or(usize::MAX);
+        if total != self.len() || matrices_per_buffer.contains(&0) {
+            return Err(Error::InvalidArgument(format!(
+                "buffers holding {matrices_per_buffer:?} matrices do not cover a batch of {} \
+                 matrices (every buffer holds at least one)",
+                self.len()
+            )));
+        }
+        let mut places = Vec::with_capacity(self.len());
+        let mut buffer_lens = Vec::with_capacity(matrices_per_buffer.len());
+        let mut matrices = self.matrices.iter();
+        for (buffer, &count) in matrices_per_buffer.iter().enumerate() {
+            let mut offset = 0usize;
+            for entry in matrices.by_ref().take(count) {
+                places.push((buffer, offset));
+                // The layout's total of elements fits in usize, so every partial sum does.
+                offset += entry.shape.len();
+            }
+            buffer_lens.push(offset);
+        }
+        Ok(BufferPacking {
+            places,
+            buffer_lens,
+        })
+    }
+
     /// Checks that there is one buffer per matrix and that each has its matrix's length;
     /// `what` names the buffers in the error ("weight", "gradient", ...).
     pub fn check_lengths<L>(&self, what: &'static str, lengths: L) -> Result<()>
@@ -600,5 +645,56 @@ mod tests {
         {
             assert_eq!(piece.len(), entry.block_count * entry.shape.fan_in);
         }
+    }
+}
+
+/// Where each matrix of a batch lies when caller buffers hold several consecutive matrices
+/// ([`BatchLayout::buffer_packing`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BufferPacking {
+    /// Per matrix: its buffer and its first element in that buffer.
+    places: Vec<(usize, usize)>,
+    /// Per buffer: the elements its matrices occupy.
+    buffer_lens: Vec<usize>,
+}
+
+impl BufferPacking {
+    /// Number of buffers.
+    pub fn buffers(&self) -> usize {
+        self.buffer_lens.len()
+    }
+
+    /// Matrix `matrix`'s buffer and the element at which it starts there. Panics if `matrix`
+    /// is out of range, like slice indexing.
+    pub fn place(&self, matrix: usize) -> (usize, usize) {
+        self.places[matrix]
+    }
+
+    /// The elements buffer `buffer` must hold. Panics if `buffer` is out of range.
+    pub fn buffer_len(&self, buffer: usize) -> usize {
+        self.buffer_lens[buffer]
+    }
+
+    /// Checks that there is one buffer per entry of the packing and that each holds exactly
+    /// its matrices; `what` names the buffers in the error.
+    pub fn check_lengths<L>(&self, what: &'static str, lengths: L) -> Result<()>
+    where
+        L: ExactSizeIterator<Item = usize>,
+    {
+        if lengths.len() != self.buffers() {
+            return Err(Error::MatrixCountMismatch {
+                what,
+                expected: self.buffers(),
+                got: lengths.len(),
+            });
+        }
+        for (buffer, (got, &expected)) in lengths.zip(&self.buffer_lens).enumerate() {
+            if got != expected {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} buffer {buffer} holds {got} elements; its matrices need {expected}"
+                )));
+            }
+        }
+        Ok(())
     }
 }

@@ -62,7 +62,7 @@ pub use backend::{Backend, HostState};
 pub use config::{MAX_POWER_ITERATIONS, MomentumKind, SpectralSgdConfig};
 pub use element::{Dtype, Element, StepTypes};
 pub use error::{Error, Result};
-pub use layout::{BatchLayout, BlockPolicy, MatrixEntry, MatrixShape, RowBlock};
+pub use layout::{BatchLayout, BlockPolicy, BufferPacking, MatrixEntry, MatrixShape, RowBlock};
 pub use optimizer::SpectralSgd;
 pub use report::{MatrixReport, MatrixStatus, StepReport};
 pub use rounding::Rounding;

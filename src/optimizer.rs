@@ -162,12 +162,21 @@ impl<B: Backend> SpectralSgd<B> {
         G: Borrow<B::Storage<TG>> + Sync,
         C: BorrowMut<B::Storage<TG>>,
     {
+        self.step_counted(|backend, config, step| {
+            backend.step(config, step, weights, grads, copies)
+        })
+    }
+
+    /// Runs `step_fn` with the backend, the config and the next step's number, and counts
+    /// the step when it succeeds.
+    pub(crate) fn step_counted<R>(
+        &mut self,
+        step_fn: impl FnOnce(&mut B, &SpectralSgdConfig, u64) -> Result<R>,
+    ) -> Result<R> {
         let step = self.steps.checked_add(1).ok_or_else(|| {
             crate::Error::InvalidArgument("the step counter is at its maximum".into())
         })?;
-        let report = self
-            .backend
-            .step(&self.config, step, weights, grads, copies)?;
+        let report = step_fn(&mut self.backend, &self.config, step)?;
         self.steps = step;
         Ok(report)
     }

@@ -424,6 +424,22 @@ impl Device for SimDevice {
         self.alloc_zeros(bytes)
     }
 
+    /// The simulator runs each call as it is made, so nothing is staged.
+    type Staging = ();
+
+    fn alloc_staging(&self, _bytes: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn upload_staged(
+        &self,
+        _staging: &mut (),
+        buffer: &mut SimSlice<u8>,
+        bytes: &[u8],
+    ) -> Result<()> {
+        Device::upload(self, buffer, 0, bytes)
+    }
+
     fn upload(&self, buffer: &mut SimSlice<u8>, offset: usize, bytes: &[u8]) -> Result<()> {
         self.check_own(buffer)?;
         checked_end(buffer.len, offset, bytes.len())?;

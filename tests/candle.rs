@@ -2,6 +2,7 @@
 //! candle-nn's, every kind of parameter is routed as documented, real models train, and bad
 //! input is a typed error that names the parameter and changes nothing.
 
+mod candle_model;
 mod common;
 
 #[path = "../examples/candle_transformer/model.rs"]
@@ -9,68 +10,17 @@ mod model;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_model::{
+    MODEL, SPECTRAL_PARAMS, assert_same_vars, gradients, named_vars, seeded, spectral_shapes,
+    values,
+};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use common::{assert_same_bits, random_matrix};
+use common::assert_same_bits;
 use spectral_step::candle::{
     MatrixView, OptimizerConfig, ParameterUpdate, Route, Routing, SpectralOptimizer,
 };
 use spectral_step::half::{bf16, f16};
 use spectral_step::{Element, Error, MatrixShape, Rounding, SpectralSgd, SpectralSgdConfig};
-
-/// A tensor of `dims` with seeded N(0, scale²) values of element type `T`.
-fn seeded<T: Element + candle_core::WithDType>(dims: &[usize], scale: f64, seed: u64) -> Tensor {
-    let elements: usize = dims.iter().product();
-    let values: Vec<T> = random_matrix(MatrixShape::new(elements, 1), scale, seed);
-    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
-}
-
-fn values<T: candle_core::WithDType>(tensor: &Tensor) -> Vec<T> {
-    tensor.flatten_all().unwrap().to_vec1().unwrap()
-}
-
-/// Parameters of every kind: a linear layer, a convolution kernel, a stack of experts, an
-/// embedding, a head and two vectors.
-const MODEL: [(&str, &[usize]); 7] = [
-    ("blocks.0.fc.weight", &[24, 16]),
-    ("blocks.0.fc.bias", &[24]),
-    ("conv.weight", &[8, 3, 3, 3]),
-    ("experts.weight", &[3, 12, 16]),
-    ("tok_embed.weight", &[40, 16]),
-    ("head.weight", &[5, 24]),
-    ("norm.weight", &[16]),
-];
-
-fn named_vars<T: Element + candle_core::WithDType>(seed: u64) -> Vec<(String, Var)> {
-    MODEL
-        .iter()
-        .enumerate()
-        .map(|(index, (name, dims))| {
-            let tensor = seeded::<T>(dims, 0.5, seed + index as u64);
-            ((*name).to_owned(), Var::from_tensor(&tensor).unwrap())
-        })
-        .collect()
-}
-
-fn gradients<T: Element + candle_core::WithDType>(vars: &[(String, Var)], seed: u64) -> GradStore {
-    let mut grads = GradStore::default();
-    for (index, (_, var)) in vars.iter().enumerate() {
-        grads.insert(
-            var.as_tensor(),
-            seeded::<T>(var.dims(), 1.0, seed + index as u64),
-        );
-    }
-    grads
-}
-
-/// The spectral matrices of [`MODEL`] under the default routing, in the adapter's order.
-fn spectral_shapes() -> Vec<MatrixShape> {
-    let mut shapes = vec![MatrixShape::new(24, 16), MatrixShape::new(8, 27)];
-    shapes.extend([MatrixShape::new(12, 16); 3]);
-    shapes.push(MatrixShape::new(5, 24));
-    shapes
-}
-
-const SPECTRAL_PARAMS: [usize; 4] = [0, 2, 3, 5];
 
 /// The adapter over [`MODEL`] and the slice API over copies of its spectral matrices take
 /// three steps on the same gradients; every weight is equal bit for bit after every step.
@@ -678,13 +628,7 @@ fn resuming_is_not_stopping(master_weights: bool) {
             .step_report(&gradients::<bf16>(&resumed_vars, 10 * step))
             .unwrap();
     }
-    for ((name, a), (_, b)) in straight_vars.iter().zip(&resumed_vars) {
-        assert_same_bits(
-            name,
-            &values::<bf16>(a.as_tensor()),
-            &values::<bf16>(b.as_tensor()),
-        );
-    }
+    assert_same_vars::<bf16>(&straight_vars, &resumed_vars);
     assert_eq!(
         resumed.state_to_bytes().unwrap(),
         straight.state_to_bytes().unwrap()

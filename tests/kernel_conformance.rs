@@ -1209,3 +1209,185 @@ fn stochastic_rounding_bf16_is_bitwise_the_cpu_path() {
 fn stochastic_rounding_f16_is_bitwise_the_cpu_path() {
     stochastic_rounding_conformance::<f16>();
 }
+
+/// Buffers that hold several matrices each (a stack, a convolution kernel): the packed step
+/// is the matrix-by-matrix step bit for bit (weights, copies, reports) when every matrix that
+/// could move 4-wide starts at a multiple of 4 elements in its buffer (as in a stack of equal
+/// matrices); one that starts elsewhere moves one element at a time, within rounding of the
+/// 4-wide result. Bad packings and lengths are errors before any launch.
+#[test]
+fn packed_buffers_step_as_one_matrix_per_buffer() {
+    // Three matrices 4-wide in one buffer (offsets 0, 32, 64), 3- and 9-column ones that
+    // move one element at a time anyway, at odd offsets.
+    let aligned = [
+        MatrixShape::new(4, 8),
+        MatrixShape::new(4, 8),
+        MatrixShape::new(4, 8),
+        MatrixShape::new(5, 3),
+        MatrixShape::new(7, 9),
+        MatrixShape::new(7, 9),
+    ];
+    packed_matches_one_by_one(&aligned, &[3, 1, 2], true);
+    // A 4-wide matrix 30 elements into its buffer.
+    let misaligned = [
+        MatrixShape::new(5, 3),
+        MatrixShape::new(5, 3),
+        MatrixShape::new(4, 8),
+        MatrixShape::new(16, 8),
+    ];
+    packed_matches_one_by_one(&misaligned, &[3, 1], false);
+    packed_step_errors();
+}
+
+fn assert_matches(what: &str, packed: &[f32], single: &[f32], exact: bool) {
+    if exact {
+        assert_same_bits(what, packed, single);
+        return;
+    }
+    let largest = single.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (index, (p, s)) in packed.iter().zip(single).enumerate() {
+        assert!(
+            (p - s).abs() <= 1e-5 * largest,
+            "{what}[{index}]: packed {p}, one by one {s}"
+        );
+    }
+}
+
+fn packed_matches_one_by_one(shapes: &[MatrixShape], counts: &[usize], exact: bool) {
+    let config = SpectralSgdConfig {
+        weight_decay: 0.1,
+        ..configs()[0]
+    };
+    let weights: Vec<Vec<f32>> = random_batch(shapes, 0.5, 71);
+    let steps: Vec<Vec<Vec<f32>>> = (0..3).map(|t| random_batch(shapes, 1.0, 72 + t)).collect();
+    let concat = |matrices: &[Vec<f32>]| -> Vec<Vec<f32>> {
+        let mut at = 0;
+        counts
+            .iter()
+            .map(|&count| {
+                let buffer = matrices[at..at + count].concat();
+                at += count;
+                buffer
+            })
+            .collect()
+    };
+    let sigmas = |report: StepReport| -> Vec<f32> {
+        report.matrices.iter().map(|m| m.sigma.unwrap()).collect()
+    };
+
+    // f32 in place.
+    let device = SimDevice::new().unwrap();
+    let mut one_by_one = sim_optimizer(&device, shapes, config);
+    let mut packed = sim_optimizer(&device, shapes, config);
+    let mut single = upload(&device, &weights);
+    let mut buffers = upload(&device, &concat(&weights));
+    for (step, grads) in steps.iter().enumerate() {
+        let single_grads = upload(&device, grads);
+        one_by_one.step(&mut single, &single_grads).unwrap();
+        let packed_grads = upload(&device, &concat(grads));
+        let grad_refs: Vec<&SimSlice<f32>> = packed_grads.iter().collect();
+        let mut weight_refs: Vec<&mut SimSlice<f32>> = buffers.iter_mut().collect();
+        packed
+            .step_packed(counts, &mut weight_refs, &grad_refs)
+            .unwrap();
+        assert_matches(
+            &format!("sigma, step {step}"),
+            &sigmas(packed.report().unwrap()),
+            &sigmas(one_by_one.report().unwrap()),
+            exact,
+        );
+    }
+    for (buffer, (packed, single)) in download(&device, &buffers)
+        .iter()
+        .zip(concat(&download(&device, &single)))
+        .enumerate()
+    {
+        assert_matches(&format!("f32 buffer {buffer}"), packed, &single, exact);
+    }
+    assert_eq!(packed.steps(), 3);
+
+    // f32 master weights, bf16 gradients, bf16 copies.
+    let narrow = |matrices: &[Vec<f32>]| -> Vec<Vec<bf16>> {
+        matrices
+            .iter()
+            .map(|m| m.iter().map(|&v| bf16::from_f32(v)).collect())
+            .collect()
+    };
+    let mut one_by_one = sim_optimizer(&device, shapes, config);
+    let mut packed = sim_optimizer(&device, shapes, config);
+    let mut single = upload(&device, &weights);
+    let mut single_copies = upload(&device, &narrow(&weights));
+    let mut buffers = upload(&device, &concat(&weights));
+    let mut copies = upload(&device, &narrow(&concat(&weights)));
+    for grads in &steps {
+        let single_grads = upload(&device, &narrow(grads));
+        one_by_one
+            .step_with_copy(&mut single, &single_grads, &mut single_copies)
+            .unwrap();
+        let packed_grads = upload(&device, &narrow(&concat(grads)));
+        let grad_refs: Vec<&SimSlice<bf16>> = packed_grads.iter().collect();
+        let mut weight_refs: Vec<&mut SimSlice<f32>> = buffers.iter_mut().collect();
+        let mut copy_refs: Vec<&mut SimSlice<bf16>> = copies.iter_mut().collect();
+        packed
+            .step_packed_with_copy(counts, &mut weight_refs, &grad_refs, &mut copy_refs)
+            .unwrap();
+    }
+    let single_weights = concat(&download(&device, &single));
+    for (buffer, packed) in download(&device, &buffers).iter().enumerate() {
+        assert_matches(
+            &format!("master buffer {buffer}"),
+            packed,
+            &single_weights[buffer],
+            exact,
+        );
+    }
+    // Each copy is its own buffer's weights rounded to nearest, whatever its alignment.
+    for (copy, weights) in download(&device, &copies)
+        .iter()
+        .zip(download(&device, &buffers))
+    {
+        let rounded: Vec<bf16> = weights.iter().map(|&w| bf16::from_f32(w)).collect();
+        assert_same_bits("copy", copy, &rounded);
+    }
+}
+
+fn packed_step_errors() {
+    let shapes = [
+        MatrixShape::new(5, 3),
+        MatrixShape::new(5, 3),
+        MatrixShape::new(4, 8),
+        MatrixShape::new(16, 8),
+    ];
+    let device = SimDevice::new().unwrap();
+    let mut packed = sim_optimizer(&device, &shapes, SpectralSgdConfig::default());
+    let mut buffers = upload(&device, &[vec![0.5f32; 62], vec![0.5f32; 128]]);
+    let grads = upload(&device, &[vec![1.0f32; 62], vec![1.0f32; 128]]);
+    let grad_refs: Vec<&SimSlice<f32>> = grads.iter().collect();
+    let mut weight_refs: Vec<&mut SimSlice<f32>> = buffers.iter_mut().collect();
+    for bad_counts in [&[3, 0][..], &[2, 1], &[4], &[1, 1], &[3, 1, 0]] {
+        let error = packed
+            .step_packed(bad_counts, &mut weight_refs, &grad_refs)
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::InvalidArgument(_) | Error::MatrixCountMismatch { .. }
+            ),
+            "{bad_counts:?}: {error}"
+        );
+    }
+    let short = upload(&device, &[vec![0.0f32; 61], vec![0.0f32; 128]]);
+    let short_refs: Vec<&SimSlice<f32>> = short.iter().collect();
+    let error = packed
+        .step_packed(&[3, 1], &mut weight_refs, &short_refs)
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("gradient buffer 0 holds 61 elements; its matrices need 62"),
+        "{error}"
+    );
+    assert_eq!(device.stats().launches, 0);
+    assert_eq!(packed.steps(), 0);
+    assert_eq!(download(&device, &buffers)[0], vec![0.5f32; 62]);
+}

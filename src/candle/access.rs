@@ -18,16 +18,39 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor, Var};
 use half::{bf16, f16};
 
+#[cfg(feature = "candle-cuda")]
+use cudarc::driver::CudaSlice;
+
 use crate::element::Element;
 use crate::error::{Error, Result};
 
 use super::adamw::AdamWElement;
 
-/// A parameter's storage, borrowed for writing, by element type.
+/// A parameter's storage, borrowed for writing, by device and element type.
 pub(crate) enum ParamMut<'a> {
     F32(&'a mut [f32]),
     Bf16(&'a mut [bf16]),
     F16(&'a mut [f16]),
+    /// candle's CUDA buffer of a parameter, which it fills exactly (checked).
+    #[cfg(feature = "candle-cuda")]
+    Cuda(CudaParamMut<'a>),
+}
+
+/// A CUDA parameter's buffer, borrowed for writing, by element type.
+#[cfg(feature = "candle-cuda")]
+pub(crate) enum CudaParamMut<'a> {
+    F32(&'a mut CudaSlice<f32>),
+    Bf16(&'a mut CudaSlice<bf16>),
+    F16(&'a mut CudaSlice<f16>),
+}
+
+/// A CUDA gradient's buffer, borrowed for reading, by element type.
+#[cfg(feature = "candle-cuda")]
+#[derive(Clone, Copy)]
+pub(crate) enum CudaParamRef<'a> {
+    F32(&'a CudaSlice<f32>),
+    Bf16(&'a CudaSlice<bf16>),
+    F16(&'a CudaSlice<f16>),
 }
 
 /// A gradient's storage, borrowed for reading, by element type.
@@ -42,6 +65,10 @@ pub(crate) enum ParamRef<'a> {
 pub(crate) trait CandleElement: Element + AdamWElement {
     fn slice_mut<'a>(param: &'a mut ParamMut<'_>) -> Option<&'a mut [Self]>;
     fn slice<'a>(param: ParamRef<'a>) -> Option<&'a [Self]>;
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_slice_mut<'a>(param: &'a mut ParamMut<'_>) -> Option<&'a mut CudaSlice<Self>>;
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_slice<'a>(param: CudaParamRef<'a>) -> Option<&'a CudaSlice<Self>>;
 }
 
 macro_rules! candle_element {
@@ -56,6 +83,20 @@ macro_rules! candle_element {
             fn slice<'a>(param: ParamRef<'a>) -> Option<&'a [Self]> {
                 match param {
                     ParamRef::$variant(values) => Some(values),
+                    _ => None,
+                }
+            }
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_slice_mut<'a>(param: &'a mut ParamMut<'_>) -> Option<&'a mut CudaSlice<Self>> {
+                match param {
+                    ParamMut::Cuda(CudaParamMut::$variant(values)) => Some(values),
+                    _ => None,
+                }
+            }
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_slice<'a>(param: CudaParamRef<'a>) -> Option<&'a CudaSlice<Self>> {
+                match param {
+                    CudaParamRef::$variant(values) => Some(values),
                     _ => None,
                 }
             }
@@ -119,10 +160,7 @@ pub(crate) fn check_disjoint(vars: &[(&str, &Var)], grads: &[(&str, &Tensor)]) -
     var_ranges.sort_by_key(|(range, _)| range.start);
     for pair in var_ranges.windows(2) {
         if pair[1].0.start < pair[0].0.end {
-            return Err(Error::Parameter {
-                name: pair[1].1.to_owned(),
-                problem: format!("it shares memory with parameter {}", pair[0].1),
-            });
+            return Err(shares_memory(pair[1].1, pair[0].1));
         }
     }
     // The parameters are disjoint and sorted, so their ends are sorted too: the first whose
@@ -136,16 +174,29 @@ pub(crate) fn check_disjoint(vars: &[(&str, &Var)], grads: &[(&str, &Tensor)]) -
         if let Some((var, var_name)) = var_ranges.get(first)
             && var.start < range.end
         {
-            return Err(Error::Parameter {
-                name: (*name).to_owned(),
-                problem: format!(
-                    "its gradient shares memory with parameter {var_name}: the step would \
-                     read what it writes"
-                ),
-            });
+            return Err(gradient_shares_memory(name, var_name));
         }
     }
     Ok(())
+}
+
+/// Parameter `name` shares memory with parameter `other`.
+pub(crate) fn shares_memory(name: &str, other: &str) -> Error {
+    Error::Parameter {
+        name: name.to_owned(),
+        problem: format!("it shares memory with parameter {other}"),
+    }
+}
+
+/// The gradient of parameter `name` shares memory with parameter `var_name`.
+pub(crate) fn gradient_shares_memory(name: &str, var_name: &str) -> Error {
+    Error::Parameter {
+        name: name.to_owned(),
+        problem: format!(
+            "its gradient shares memory with parameter {var_name}: the step would read what \
+             it writes"
+        ),
+    }
 }
 
 type Body<'n, R> = Box<dyn FnOnce(&mut [ParamMut<'_>]) -> Result<R> + 'n>;
@@ -184,6 +235,25 @@ impl<R> InplaceOp1 for Nest<'_, '_, '_, R> {
                 )));
             }
         });
+        self.descend(held)
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &mut candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let range = contiguous_range(layout)?;
+        let mut held = self.held.take();
+        held.push(ParamMut::Cuda(cuda_param_mut(storage, range)?));
+        self.descend(held)
+    }
+}
+
+impl<'n, 'b, R> Nest<'n, 'b, '_, R> {
+    /// Takes the next variable's borrow with `held` kept, or runs the body with all of them.
+    fn descend(&self, mut held: Vec<ParamMut<'_>>) -> candle_core::Result<()> {
         match self.rest.split_first() {
             Some((next, rest)) => next.inplace_op1(&Nest {
                 rest,
@@ -200,6 +270,88 @@ impl<R> InplaceOp1 for Nest<'_, '_, '_, R> {
                 Ok(())
             }
         }
+    }
+}
+
+/// A CUDA storage as the buffer of exactly the elements `range` of the layout: the kernels
+/// address whole buffers, so a parameter must start at the buffer's first element and fill
+/// it (a `Var` does: it owns its storage).
+#[cfg(feature = "candle-cuda")]
+fn cuda_param_mut(
+    storage: &mut candle_core::CudaStorage,
+    range: std::ops::Range<usize>,
+) -> candle_core::Result<CudaParamMut<'_>> {
+    use candle_core::backend::BackendStorage;
+    fn exact<T>(
+        slice: &mut CudaSlice<T>,
+        range: &std::ops::Range<usize>,
+    ) -> candle_core::Result<()> {
+        if range.start == 0 && slice.len() == range.end {
+            Ok(())
+        } else {
+            Err(candle_core::Error::Msg(format!(
+                "the tensor is elements {range:?} of a CUDA buffer of {}; the step needs a \
+                 tensor that fills its buffer",
+                slice.len()
+            )))
+        }
+    }
+    Ok(match storage.dtype() {
+        candle_core::DType::F32 => {
+            let slice = storage.as_cuda_slice_mut::<f32>()?;
+            exact(slice, &range)?;
+            CudaParamMut::F32(slice)
+        }
+        candle_core::DType::BF16 => {
+            let slice = storage.as_cuda_slice_mut::<bf16>()?;
+            exact(slice, &range)?;
+            CudaParamMut::Bf16(slice)
+        }
+        candle_core::DType::F16 => {
+            let slice = storage.as_cuda_slice_mut::<f16>()?;
+            exact(slice, &range)?;
+            CudaParamMut::F16(slice)
+        }
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "cannot step a {other:?} tensor"
+            )));
+        }
+    })
+}
+
+/// A CUDA gradient's buffer, when the tensor fills it exactly (else `None`: the caller
+/// copies the gradient into a buffer of its own first).
+#[cfg(feature = "candle-cuda")]
+pub(crate) fn cuda_param_ref<'a>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> Option<CudaParamRef<'a>> {
+    let (start, end) = layout.contiguous_offsets()?;
+    let Storage::Cuda(storage) = storage else {
+        return None;
+    };
+    fn exact<T>(slice: &CudaSlice<T>, start: usize, end: usize) -> Option<&CudaSlice<T>> {
+        (start == 0 && slice.len() == end).then_some(slice)
+    }
+    use candle_core::backend::BackendStorage;
+    match storage.dtype() {
+        candle_core::DType::F32 => storage
+            .as_cuda_slice::<f32>()
+            .ok()
+            .and_then(|s| exact(s, start, end))
+            .map(CudaParamRef::F32),
+        candle_core::DType::BF16 => storage
+            .as_cuda_slice::<bf16>()
+            .ok()
+            .and_then(|s| exact(s, start, end))
+            .map(CudaParamRef::Bf16),
+        candle_core::DType::F16 => storage
+            .as_cuda_slice::<f16>()
+            .ok()
+            .and_then(|s| exact(s, start, end))
+            .map(CudaParamRef::F16),
+        _ => None,
     }
 }
 

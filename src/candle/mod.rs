@@ -41,9 +41,17 @@
 
 mod access;
 mod adamw;
+#[cfg(feature = "candle-cuda")]
+mod cuda;
+mod group;
 mod optimizer;
 mod routing;
 mod state;
+
+/// A candle error as this crate's.
+pub(crate) fn candle_error(error: candle_core::Error) -> crate::error::Error {
+    crate::error::Error::Candle(error.to_string())
+}
 
 pub use adamw::AdamWConfig;
 pub use optimizer::{

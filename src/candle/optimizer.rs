@@ -1,7 +1,7 @@
 //! [`SpectralOptimizer`]: one optimizer over every parameter of a candle model.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use half::{bf16, f16};
 
@@ -14,6 +14,8 @@ use crate::report::MatrixReport;
 
 use super::access::{self, CandleElement, ParamMut, ParamRef};
 use super::adamw::{self, AdamWConfig, AdamWElement, Coefficients};
+use super::candle_error;
+use super::group::GroupStep;
 use super::routing::{Placement, Route, Routing};
 
 /// Everything [`SpectralOptimizer`] needs: the spectral step's settings, the AdamW group's,
@@ -104,15 +106,16 @@ pub(crate) struct Param {
 pub(crate) struct SpectralGroup {
     pub dtype: Dtype,
     pub ratio: f32,
-    pub optimizer: SpectralSgd,
+    pub optimizer: GroupStep,
     /// The member parameters (index, placement), in the batch's order.
     pub members: Vec<(usize, Placement)>,
     /// `f32` master weights, one per matrix, when the config asks for them and the group is
-    /// 16-bit.
+    /// 16-bit (on the host; a CUDA model keeps them on the device, and `None` here).
     pub master: Option<Vec<Vec<f32>>>,
 }
 
-/// An AdamW parameter's moments (and master weights).
+/// An AdamW parameter's moments (and master weights) on the host; empty (and `None`) in a
+/// CUDA model, which keeps them on the device.
 #[derive(Debug)]
 pub(crate) struct AdamWSlot {
     pub param: usize,
@@ -132,7 +135,9 @@ pub(crate) struct AdamWSlot {
 /// parameters with finite gradients (a non-finite gradient skips its parameter, where
 /// candle-nn would write NaN), with `f32` moments for 16-bit parameters.
 ///
-/// CPU tensors only: a parameter on another device is an error naming it.
+/// CPU tensors, or (feature `candle-cuda`) CUDA tensors of one device, stepped there by the
+/// crate's kernels on candle's stream without a host synchronisation; a parameter on
+/// another device is an error naming it.
 ///
 /// A step holds the write lock of every parameter's storage at once (math §5c: one batch).
 /// Do not read or write the model's tensors from another thread while it runs; candle's
@@ -173,9 +178,15 @@ pub struct SpectralOptimizer {
     /// `var{i}` positions: only then is a state file keyed by names meaningful.
     named: bool,
     /// The parameters a step writes (all but the frozen ones), in order.
-    active: Vec<usize>,
+    pub(crate) active: Vec<usize>,
     /// Per parameter, its index in `active` (the step's held borrows); `usize::MAX` if frozen.
-    position: Vec<usize>,
+    pub(crate) position: Vec<usize>,
+    /// Moments and master weights on the device, for a model on a CUDA device.
+    #[cfg(feature = "candle-cuda")]
+    pub(crate) cuda: Option<super::cuda::CudaModel>,
+    /// A device error that stopped a step after some of it was enqueued: the model is partly
+    /// stepped, so every step refuses until a state is loaded.
+    pub(crate) interrupted: Option<String>,
 }
 
 fn rate_ratio(spectral: f32, adamw: f64) -> Option<f64> {
@@ -275,11 +286,13 @@ impl SpectralOptimizer {
                 }
             };
             if route != Route::Frozen {
-                if !matches!(var.device(), Device::Cpu) {
+                #[cfg(not(feature = "candle-cuda"))]
+                if !matches!(var.device(), candle_core::Device::Cpu) {
                     return Err(Error::Parameter {
                         name,
                         problem: format!(
-                            "is on {:?}; the candle adapter steps CPU tensors",
+                            "is on {:?}; the candle adapter steps CPU tensors (CUDA tensors \
+                             with the feature candle-cuda)",
                             var.device().location()
                         ),
                     });
@@ -306,11 +319,31 @@ impl SpectralOptimizer {
                 role: Role::Frozen,
             });
         }
-        Self::assemble(params, config, named)
+        #[cfg(feature = "candle-cuda")]
+        let device = {
+            let active: Vec<(&str, &Var)> = params
+                .iter()
+                .filter(|param| param.route != Route::Frozen)
+                .map(|param| (param.name.as_str(), &param.var))
+                .collect();
+            super::cuda::model_device(&active)?
+        };
+        #[cfg(not(feature = "candle-cuda"))]
+        let device = None::<std::convert::Infallible>;
+        Self::assemble(params, config, named, device)
     }
 
     /// Places every parameter in its group and builds the groups.
-    fn assemble(mut params: Vec<Param>, config: OptimizerConfig, named: bool) -> Result<Self> {
+    fn assemble(
+        mut params: Vec<Param>,
+        config: OptimizerConfig,
+        named: bool,
+        #[cfg(feature = "candle-cuda")] device: Option<candle_core::CudaDevice>,
+        #[cfg(not(feature = "candle-cuda"))] device: Option<std::convert::Infallible>,
+    ) -> Result<Self> {
+        // Master weights and moments live on the host for a CPU model, on the device for a
+        // CUDA one (built at the end).
+        let on_host = device.is_none();
         // (dtype, ratio bits) -> (group index, shapes)
         let mut group_keys: Vec<(Dtype, u32)> = Vec::new();
         let mut group_shapes: Vec<Vec<MatrixShape>> = Vec::new();
@@ -319,8 +352,8 @@ impl SpectralOptimizer {
             param.role = match param.route {
                 Route::Frozen => Role::Frozen,
                 Route::AdamW => {
-                    let elements = param.var.elem_count();
-                    let master = keeps_master(config.master_weights, param.dtype)
+                    let elements = if on_host { param.var.elem_count() } else { 0 };
+                    let master = (on_host && keeps_master(config.master_weights, param.dtype))
                         .then(|| widened(&param.name, param.var.as_tensor()))
                         .transpose()?;
                     slots.push(AdamWSlot {
@@ -363,8 +396,15 @@ impl SpectralOptimizer {
         let mut groups = Vec::with_capacity(group_keys.len());
         for ((dtype, ratio_bits), shapes) in group_keys.into_iter().zip(group_shapes) {
             let ratio = f32::from_bits(ratio_bits);
-            let optimizer = SpectralSgd::new(&shapes, group_config(&config.spectral, ratio))?;
-            let master = keeps_master(config.master_weights, dtype).then(Vec::new);
+            let group_spectral = group_config(&config.spectral, ratio);
+            let optimizer = match &device {
+                None => GroupStep::Cpu(SpectralSgd::new(&shapes, group_spectral)?),
+                #[cfg(feature = "candle-cuda")]
+                Some(device) => super::cuda::group_step(device, &shapes, group_spectral)?,
+                #[cfg(not(feature = "candle-cuda"))]
+                Some(never) => match *never {},
+            };
+            let master = (on_host && keeps_master(config.master_weights, dtype)).then(Vec::new);
             groups.push(SpectralGroup {
                 dtype,
                 ratio,
@@ -394,7 +434,8 @@ impl SpectralOptimizer {
                 master.extend(placement.matrices(&widened(&param.name, param.var.as_tensor())?));
             }
         }
-        Ok(Self {
+        #[cfg_attr(not(feature = "candle-cuda"), allow(unused_mut))]
+        let mut optimizer = Self {
             params,
             groups,
             slots,
@@ -411,7 +452,23 @@ impl SpectralOptimizer {
             named,
             active,
             position,
-        })
+            #[cfg(feature = "candle-cuda")]
+            cuda: None,
+            interrupted: None,
+        };
+        #[cfg(feature = "candle-cuda")]
+        if let Some(device) = device {
+            optimizer.cuda = Some(super::cuda::CudaModel::new(device, &optimizer)?);
+        }
+        Ok(optimizer)
+    }
+
+    /// Whether the model is on a CUDA device (stepped there, state there).
+    pub fn is_on_cuda(&self) -> bool {
+        #[cfg(feature = "candle-cuda")]
+        return self.cuda.is_some();
+        #[cfg(not(feature = "candle-cuda"))]
+        false
     }
 
     /// Takes the `f32` master weights afresh from the parameters' current values. The masters
@@ -420,6 +477,10 @@ impl SpectralOptimizer {
     /// overwritten from its old master by the next step unless this is called. Without
     /// master weights it does nothing.
     pub fn reload_master_weights(&mut self) -> Result<()> {
+        #[cfg(feature = "candle-cuda")]
+        if let Some(model) = &self.cuda {
+            return model.reload_master_weights(self);
+        }
         let mut group_masters = self.empty_group_masters();
         let mut slot_masters = Vec::with_capacity(self.slots.len());
         for param in &self.params {
@@ -453,7 +514,7 @@ impl SpectralOptimizer {
     pub(crate) fn empty_group_masters(&self) -> Vec<Option<Vec<Vec<f32>>>> {
         self.groups
             .iter()
-            .map(|group| group.master.as_ref().map(|_| Vec::new()))
+            .map(|group| keeps_master(self.master_weights, group.dtype).then(Vec::new))
             .collect()
     }
 
@@ -542,29 +603,41 @@ impl SpectralOptimizer {
         self.check_named()?;
         let decoded = super::state::decode(self, bytes)?;
         // `decode` checked every group's config and state as `resume` does, so no group's
-        // resume fails after another's succeeded.
-        for ((group, state), master) in self
-            .groups
-            .iter_mut()
-            .zip(decoded.groups)
-            .zip(decoded.group_masters)
-        {
+        // resume fails after another's succeeded. On a device, a driver error while copying
+        // leaves the state partly loaded (the device cannot copy atomically), as
+        // `SpectralSgd::load_state` says.
+        #[cfg(feature = "candle-cuda")]
+        let on_host = match &self.cuda {
+            Some(model) => {
+                model.load(&self.groups, decoded.group_masters, decoded.slots)?;
+                None
+            }
+            None => Some((decoded.group_masters, decoded.slots)),
+        };
+        #[cfg(not(feature = "candle-cuda"))]
+        let on_host = Some((decoded.group_masters, decoded.slots));
+        for (group, state) in self.groups.iter_mut().zip(decoded.groups) {
             let config = group_config(&decoded.spectral, group.ratio);
             group.optimizer.resume(config, decoded.steps, state)?;
-            if master.is_some() {
-                group.master = master;
-            }
         }
-        for (slot, state) in self.slots.iter_mut().zip(decoded.slots) {
-            slot.m = state.m;
-            slot.v = state.v;
-            slot.master = state.master;
+        if let Some((group_masters, slots)) = on_host {
+            for (group, master) in self.groups.iter_mut().zip(group_masters) {
+                if master.is_some() {
+                    group.master = master;
+                }
+            }
+            for (slot, state) in self.slots.iter_mut().zip(slots) {
+                slot.m = state.m;
+                slot.v = state.v;
+                slot.master = state.master;
+            }
         }
         self.spectral = decoded.spectral;
         self.adamw = decoded.adamw;
         self.adamw_per_spectral = decoded.adamw_per_spectral;
         self.steps = decoded.steps;
         self.pending_error = None;
+        self.interrupted = None;
         Ok(())
     }
 
@@ -598,16 +671,57 @@ impl SpectralOptimizer {
     /// A spectral parameter without a gradient is an error (the batch steps together: route
     /// an unused parameter [`Route::Frozen`]); an AdamW one is left as it is.
     pub fn step_report(&mut self, grads: &GradStore) -> Result<ModelStepReport> {
+        let step = self.next_step()?;
+        #[cfg(feature = "candle-cuda")]
+        if self.cuda.is_some() {
+            let updates = super::cuda::step(self, grads, step, true)?
+                .ok_or_else(|| Error::Candle("internal: a CUDA step without its report".into()))?;
+            self.steps = step;
+            return Ok(self.model_report(step, updates));
+        }
+        let updates = self.step_on_cpu(grads, step)?;
+        self.steps = step;
+        Ok(self.model_report(step, updates))
+    }
+
+    fn model_report(&self, step: u64, updates: Vec<ParameterUpdate>) -> ModelStepReport {
+        ModelStepReport {
+            step,
+            parameters: self
+                .params
+                .iter()
+                .zip(updates)
+                .map(|(param, update)| ParameterReport {
+                    name: param.name.clone(),
+                    update,
+                })
+                .collect(),
+        }
+    }
+
+    /// The number of the next step, unless a learning rate could not be applied or the
+    /// counter is at its end.
+    fn next_step(&self) -> Result<u64> {
+        if let Some(message) = &self.interrupted {
+            return Err(Error::Candle(format!(
+                "a device error stopped step {} part-way ({message}); the model is partly \
+                 stepped: load a state file (and the parameters saved with it) to go on",
+                self.steps + 1
+            )));
+        }
         if let Some(message) = &self.pending_error {
             return Err(Error::InvalidConfig(message.clone()));
         }
-        let step = self
-            .steps
+        self.steps
             .checked_add(1)
-            .ok_or_else(|| Error::InvalidArgument("the step counter is at its maximum".into()))?;
+            .ok_or_else(|| Error::InvalidArgument("the step counter is at its maximum".into()))
+    }
 
-        // Every active parameter's gradient, checked, made contiguous where candle left it
-        // strided (a broadcast gradient).
+    /// Every active parameter's gradient, checked (present where the batch needs it, same
+    /// dimensions, element type and device as its parameter), made contiguous where candle
+    /// left it strided (a broadcast gradient); `None` for frozen parameters and AdamW ones
+    /// without a gradient.
+    pub(crate) fn checked_gradients(&self, grads: &GradStore) -> Result<Vec<Option<Tensor>>> {
         let mut gradients: Vec<Option<Tensor>> = Vec::with_capacity(self.params.len());
         for param in &self.params {
             if matches!(param.role, Role::Frozen) {
@@ -639,17 +753,45 @@ impl SpectralOptimizer {
                     param.dims
                 )));
             }
-            if !matches!(grad.device(), Device::Cpu) {
-                return Err(mismatch("its gradient is not on the CPU".into()));
+            if !grad.device().same_device(param.var.device()) {
+                return Err(mismatch(format!(
+                    "its gradient is on {:?}, the parameter on {:?}",
+                    grad.device().location(),
+                    param.var.device().location()
+                )));
             }
             let grad = if grad.is_contiguous() {
                 grad.clone()
             } else {
-                grad.contiguous()
-                    .map_err(|error| Error::Candle(error.to_string()))?
+                grad.contiguous().map_err(candle_error)?
             };
             gradients.push(Some(grad));
         }
+        Ok(gradients)
+    }
+
+    /// What a group's step checks beyond the lengths and types the placements fix: so that
+    /// no group fails after another has written.
+    pub(crate) fn check_groups_before_step(&self) -> Result<()> {
+        for group in &self.groups {
+            group
+                .optimizer
+                .config()
+                .validate_for(group.optimizer.layout())?;
+            if group.optimizer.steps() != self.steps {
+                return Err(Error::Candle(format!(
+                    "internal: a spectral group is at step {}, the optimizer at {}",
+                    group.optimizer.steps(),
+                    self.steps
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of a CPU model, in place; what happened to each parameter.
+    fn step_on_cpu(&mut self, grads: &GradStore, step: u64) -> Result<Vec<ParameterUpdate>> {
+        let gradients = self.checked_gradients(grads)?;
 
         let active = &self.active;
         let position = &self.position;
@@ -679,21 +821,7 @@ impl SpectralOptimizer {
             .collect();
         let var_refs: Vec<&Var> = vars.iter().map(|(_, var)| *var).collect();
 
-        // What a group's step checks beyond the lengths and types the placements fix: so that
-        // no group fails after another has written.
-        for group in &self.groups {
-            group
-                .optimizer
-                .config()
-                .validate_for(group.optimizer.layout())?;
-            if group.optimizer.steps() != self.steps {
-                return Err(Error::Candle(format!(
-                    "internal: a spectral group is at step {}, the optimizer at {}",
-                    group.optimizer.steps(),
-                    self.steps
-                )));
-            }
-        }
+        self.check_groups_before_step()?;
 
         let params = &self.params;
         let groups = &mut self.groups;
@@ -728,19 +856,7 @@ impl SpectralOptimizer {
         })?;
         drop(grad_views);
         drop(guards);
-        self.steps = step;
-        Ok(ModelStepReport {
-            step,
-            parameters: self
-                .params
-                .iter()
-                .zip(updates)
-                .map(|(param, update)| ParameterReport {
-                    name: param.name.clone(),
-                    update,
-                })
-                .collect(),
-        })
+        Ok(updates)
     }
 }
 
@@ -784,15 +900,15 @@ fn step_group<T: CandleElement>(
             weight_matrices.extend(values.chunks_exact_mut(placement.stored.len()));
         }
     }
+    let optimizer = group
+        .optimizer
+        .cpu_mut()
+        .ok_or_else(|| internal("optimizer"))?;
     let report = match group.master.as_mut() {
-        Some(master) => group.optimizer.step_with_copy::<T, _, _, _>(
-            master,
-            &grad_matrices,
-            &mut weight_matrices,
-        )?,
-        None => group
-            .optimizer
-            .step::<T, T, _, _>(&mut weight_matrices, &grad_matrices)?,
+        Some(master) => {
+            optimizer.step_with_copy::<T, _, _, _>(master, &grad_matrices, &mut weight_matrices)?
+        }
+        None => optimizer.step::<T, T, _, _>(&mut weight_matrices, &grad_matrices)?,
     };
     let mut matrices = report.matrices.into_iter();
     Ok(members
@@ -856,7 +972,15 @@ impl candle_nn::Optimizer for SpectralOptimizer {
         Self::build(named, config, false).map_err(candle_core::Error::wrap)
     }
 
+    /// On a CUDA device, only enqueues (no report is read, nothing waits).
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        #[cfg(feature = "candle-cuda")]
+        if self.cuda.is_some() {
+            let step = self.next_step().map_err(candle_core::Error::wrap)?;
+            super::cuda::step(self, grads, step, false).map_err(candle_core::Error::wrap)?;
+            self.steps = step;
+            return Ok(());
+        }
         self.step_report(grads)
             .map(drop)
             .map_err(candle_core::Error::wrap)

@@ -90,9 +90,80 @@ fn f32_entry(name: String, shape: Vec<usize>, values: &[f32]) -> Entry {
     }
 }
 
+/// The optimizer's state on the host, as the file holds it: per spectral group its state
+/// and master weights (one per matrix), per AdamW slot its moments and master weights.
+pub(crate) struct Snapshot {
+    pub groups: Vec<HostState>,
+    pub group_masters: Vec<Option<Vec<Vec<f32>>>>,
+    pub slots: Vec<SlotState>,
+}
+
+/// The state of `optimizer` on the host (a copy; on a device, this waits for the device).
+fn snapshot(optimizer: &SpectralOptimizer) -> Result<Snapshot> {
+    let groups = optimizer
+        .groups
+        .iter()
+        .map(|group| group.optimizer.state())
+        .collect::<Result<Vec<_>>>()?;
+    #[cfg(feature = "candle-cuda")]
+    if let Some(model) = &optimizer.cuda {
+        let to_host = |var: &candle_core::Var| super::cuda::to_host(var.as_tensor());
+        let group_masters = optimizer
+            .groups
+            .iter()
+            .zip(&model.group_masters)
+            .map(|(group, masters)| {
+                masters
+                    .as_ref()
+                    .map(|masters| {
+                        let mut matrices = Vec::new();
+                        for (master, &(_, placement)) in masters.iter().zip(&group.members) {
+                            matrices.extend(placement.matrices(&to_host(master)?));
+                        }
+                        Ok(matrices)
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let slots = model
+            .slots
+            .iter()
+            .map(|slot| {
+                Ok(SlotState {
+                    m: to_host(&slot.m)?,
+                    v: to_host(&slot.v)?,
+                    master: slot.master.as_ref().map(to_host).transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Snapshot {
+            groups,
+            group_masters,
+            slots,
+        });
+    }
+    Ok(Snapshot {
+        groups,
+        group_masters: optimizer
+            .groups
+            .iter()
+            .map(|group| group.master.clone())
+            .collect(),
+        slots: optimizer
+            .slots
+            .iter()
+            .map(|slot| SlotState {
+                m: slot.m.clone(),
+                v: slot.v.clone(),
+                master: slot.master.clone(),
+            })
+            .collect(),
+    })
+}
+
 /// The tensors the optimizer's state consists of, in file order (every `F32` tensor, then
-/// the `U8` flags, so that each lies aligned), with their values when `states` is given.
-fn entries(optimizer: &SpectralOptimizer, states: Option<&[HostState]>) -> Vec<Entry> {
+/// the `U8` flags, so that each lies aligned), with their values when `snapshot` is given.
+fn entries(optimizer: &SpectralOptimizer, snapshot: Option<&Snapshot>) -> Vec<Entry> {
     let mut floats = Vec::new();
     let mut flags = Vec::new();
     // Where each group's next member starts in its packed state.
@@ -112,7 +183,7 @@ fn entries(optimizer: &SpectralOptimizer, states: Option<&[HostState]>) -> Vec<E
                     vector_at + vector,
                     warm_at + placement.count,
                 );
-                let state = states.map(|states| &states[group]);
+                let state = snapshot.map(|snapshot| &snapshot.groups[group]);
                 let momentum = state.map_or(&[][..], |s| &s.momentum[momentum_at..][..elements]);
                 let vectors = state.map_or(&[][..], |s| &s.power_vectors[vector_at..][..vector]);
                 floats.push(f32_entry(key(MOMENTUM, name), vec![elements], momentum));
@@ -132,39 +203,27 @@ fn entries(optimizer: &SpectralOptimizer, states: Option<&[HostState]>) -> Vec<E
                             .collect()
                     }),
                 });
-                if let Some(master) = &optimizer.groups[group].master {
+                if keeps_master(optimizer.master_weights, optimizer.groups[group].dtype) {
                     let first = group_master_cursor[group];
                     group_master_cursor[group] += placement.count;
-                    let values: Vec<f32> = if states.is_some() {
-                        master[first..first + placement.count].concat()
-                    } else {
-                        Vec::new()
-                    };
+                    let values: Vec<f32> = snapshot
+                        .and_then(|snapshot| snapshot.group_masters[group].as_ref())
+                        .map_or_else(Vec::new, |master| {
+                            master[first..first + placement.count].concat()
+                        });
                     floats.push(f32_entry(key(MASTER, name), vec![elements], &values));
                 }
             }
             Role::AdamW { slot } => {
-                let slot = &optimizer.slots[slot];
-                let elements = slot.m.len();
-                let pick = |values: &[f32]| {
-                    if states.is_some() {
-                        values.to_vec()
-                    } else {
-                        Vec::new()
-                    }
-                };
-                floats.push(f32_entry(
-                    key(FIRST_MOMENT, name),
-                    vec![elements],
-                    &pick(&slot.m),
-                ));
-                floats.push(f32_entry(
-                    key(SECOND_MOMENT, name),
-                    vec![elements],
-                    &pick(&slot.v),
-                ));
-                if let Some(master) = &slot.master {
-                    floats.push(f32_entry(key(MASTER, name), vec![elements], &pick(master)));
+                let elements = param.var.elem_count();
+                let state = snapshot.map(|snapshot| &snapshot.slots[slot]);
+                let m = state.map_or(&[][..], |s| &s.m[..]);
+                let v = state.map_or(&[][..], |s| &s.v[..]);
+                floats.push(f32_entry(key(FIRST_MOMENT, name), vec![elements], m));
+                floats.push(f32_entry(key(SECOND_MOMENT, name), vec![elements], v));
+                if keeps_master(optimizer.master_weights, param.dtype) {
+                    let master = state.and_then(|s| s.master.as_deref()).unwrap_or(&[]);
+                    floats.push(f32_entry(key(MASTER, name), vec![elements], master));
                 }
             }
             Role::Frozen => {}
@@ -205,12 +264,8 @@ fn metadata(optimizer: &SpectralOptimizer) -> BTreeMap<String, String> {
 }
 
 pub(crate) fn encode(optimizer: &SpectralOptimizer) -> Result<Vec<u8>> {
-    let states = optimizer
-        .groups
-        .iter()
-        .map(|group| group.optimizer.state())
-        .collect::<Result<Vec<_>>>()?;
-    let entries = entries(optimizer, Some(&states));
+    let snapshot = snapshot(optimizer)?;
+    let entries = entries(optimizer, Some(&snapshot));
     let mut metadata = metadata(optimizer);
     let crc = checksum(metadata.iter(), entries.iter().map(|e| e.bytes.as_slice()));
     metadata.insert("crc32".to_owned(), crc);

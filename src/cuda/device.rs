@@ -1,17 +1,19 @@
 //! [`CudaDevice`]: a CUDA GPU behind the [`Device`] seam, the thin layer over cudarc's
 //! driver API.
 //!
-//! cudarc is built with dynamic loading, so this crate links no CUDA library; the driver is
-//! looked up at run time. Every entry point first checks that the driver library loads at all
-//! ([`driver_available`]), because cudarc's lazy loader panics when it does not.
+//! cudarc loads the driver at run time (dynamic loading), so this crate links no CUDA library,
+//! unless another crate of the build asks cudarc to link them (candle-core's `cuda` feature
+//! does); this code is the same under both. Every entry point first checks that the driver
+//! library loads at all ([`driver_available`]), because cudarc's lazy loader panics when it
+//! does not.
 
 use std::fmt;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-    SyncOnDrop,
+    CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PinnedHostSlice, PushKernelArg, SyncOnDrop,
 };
 
 use super::cuda_error;
@@ -23,12 +25,23 @@ use crate::kernels::{KernelId, Launch, LaunchArg};
 
 use crate::kernels::records::DEFAULT_SHARED_BYTES;
 
-/// True when the CUDA driver library (`libcuda.so`, `nvcuda.dll`) can be loaded.
+/// True when the CUDA driver library (`libcuda.so`, `libcuda.so.1`, `nvcuda.dll`) can be
+/// loaded. cudarc's loader tries these names among others, so where one loads, cudarc's
+/// does. (A program that links the CUDA libraries does not start without the driver, so
+/// there it is always true.)
 pub fn driver_available() -> bool {
-    // SAFETY: `is_culib_present` only tries to dlopen the driver library by its usual names
-    // and drops the handle; loading runs the library's initialisers, which is what any CUDA
-    // program does. It calls no driver function.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
+    [
+        format!("{DLL_PREFIX}cuda{DLL_SUFFIX}"),
+        format!("{DLL_PREFIX}cuda{DLL_SUFFIX}.1"),
+        format!("{DLL_PREFIX}nvcuda{DLL_SUFFIX}"),
+    ]
+    .into_iter()
+    .any(|candidate| {
+        // SAFETY: loading the driver library runs its initialisers, which is what any CUDA
+        // program does; no symbol is called, and the handle is dropped at once.
+        unsafe { libloading::Library::new(candidate) }.is_ok()
+    })
 }
 
 /// What a device is: for reports and for choosing a backend.
@@ -56,6 +69,31 @@ impl fmt::Display for DeviceInfo {
         )
     }
 }
+
+/// Page-locked buffers a step's table uploads go through in turn (CUDA copies from pageable
+/// memory may wait for the stream; from page-locked memory they do not), each with the event
+/// recorded after its last copy. The events are this ring's own: cudarc records the events of
+/// its page-locked buffers only on contexts with several streams, and a candle device's
+/// per-thread stream is not one.
+#[derive(Debug)]
+pub struct StagingRing {
+    slots: Vec<(PinnedHostSlice<u8>, CudaEvent)>,
+    bytes: usize,
+    next: usize,
+}
+
+impl Drop for StagingRing {
+    /// The page-locked memory is freed only after every copy from it has run.
+    fn drop(&mut self) {
+        for (_, copied) in &self.slots {
+            // A failure here is the device's, reported by the next call that reaches it.
+            let _ = copied.synchronize();
+        }
+    }
+}
+
+/// Uploads in flight before one waits: a step uploads at most one table.
+const STAGING_SLOTS: usize = 4;
 
 /// A CUDA device with the crate's kernels loaded, and the stream the optimizer works on.
 #[derive(Debug)]
@@ -91,6 +129,18 @@ impl CudaDevice {
     /// Uses an existing context (for example the one a candle `CudaDevice` holds), on a new
     /// stream of it.
     pub fn with_context(context: Arc<CudaContext>) -> Result<Self> {
+        let stream = context
+            .new_stream()
+            .map_err(cuda_error("creating a stream"))?;
+        Self::on_stream(stream)
+    }
+
+    /// Runs every kernel of this crate on `stream`, in order with the other work enqueued
+    /// there: on a candle `CudaDevice`'s `cuda_stream()`, a step follows the backward pass
+    /// that wrote the gradients and precedes the next forward pass with no synchronisation
+    /// and no event.
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let context = stream.context().clone();
         let (major, minor) = context
             .compute_capability()
             .map_err(cuda_error("reading the compute capability"))?;
@@ -110,9 +160,6 @@ impl CudaDevice {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(cuda_error("reading the shared memory limit"))?
             .max(0) as u32;
-        let stream = context
-            .new_stream()
-            .map_err(cuda_error("creating a stream"))?;
         let kernels = LoadedKernels::load(&context, arch)?;
         Ok(Self {
             info: DeviceInfo {
@@ -206,6 +253,56 @@ impl Device for CudaDevice {
         self.stream
             .alloc_zeros::<u8>(bytes.max(1))
             .map_err(cuda_error("allocating device memory"))
+    }
+
+    type Staging = StagingRing;
+
+    fn alloc_staging(&self, bytes: usize) -> Result<StagingRing> {
+        let slots = (0..STAGING_SLOTS)
+            .map(|_| {
+                // SAFETY: the memory is uninitialised; `u8` has no invalid bit patterns, and
+                // `upload_staged` writes every byte of a slot before the slot is copied.
+                let slot = unsafe { self.context.alloc_pinned::<u8>(bytes.max(1)) }
+                    .map_err(cuda_error("allocating page-locked host memory"))?;
+                let copied = self
+                    .context
+                    .new_event(None)
+                    .map_err(cuda_error("creating an event"))?;
+                Ok((slot, copied))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(StagingRing {
+            slots,
+            bytes,
+            next: 0,
+        })
+    }
+
+    fn upload_staged(
+        &self,
+        staging: &mut StagingRing,
+        buffer: &mut CudaSlice<u8>,
+        bytes: &[u8],
+    ) -> Result<()> {
+        if bytes.len() != staging.bytes || bytes.is_empty() {
+            return self.upload(buffer, 0, bytes);
+        }
+        let end = checked_end(buffer.len(), 0, bytes.len())?;
+        let (slot, copied) = &mut staging.slots[staging.next];
+        staging.next = (staging.next + 1) % STAGING_SLOTS;
+        // Waits only for this slot's previous copy, STAGING_SLOTS uploads ago.
+        copied
+            .synchronize()
+            .map_err(cuda_error("waiting for a staging buffer"))?;
+        slot.as_mut_slice()
+            .map_err(cuda_error("waiting for a staging buffer"))?
+            .copy_from_slice(bytes);
+        self.stream
+            .memcpy_htod(slot, &mut buffer.slice_mut(0..end))
+            .map_err(cuda_error("copying a table to the device"))?;
+        copied
+            .record(&self.stream)
+            .map_err(cuda_error("recording an event"))
     }
 
     fn upload(&self, buffer: &mut CudaSlice<u8>, offset: usize, bytes: &[u8]) -> Result<()> {

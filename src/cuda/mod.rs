@@ -28,7 +28,7 @@ use std::fmt;
 use cudarc::driver::DriverError;
 
 pub use cudarc;
-pub use device::{CudaDevice, DeviceInfo, driver_available};
+pub use device::{CudaDevice, DeviceInfo, StagingRing, driver_available};
 pub use loader::{JitReason, LoadedFrom};
 
 use crate::device::DeviceBackend;

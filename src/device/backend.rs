@@ -10,7 +10,7 @@ use crate::element::{Element, StepTypes};
 use crate::error::{Error, Result};
 use crate::kernels::plan::{self, MatrixPointers, StatePointers, TablePointers};
 use crate::kernels::records::MatrixResult;
-use crate::layout::{BatchLayout, BlockPolicy, MatrixShape};
+use crate::layout::{BatchLayout, BlockPolicy, BufferPacking, MatrixShape};
 use crate::optimizer::SpectralSgd;
 use crate::policy;
 use crate::report::StepReport;
@@ -38,6 +38,8 @@ pub(super) struct Tables<D: Device> {
     /// Block table, uploaded once.
     _blocks: D::Buffer,
     matrices: D::Buffer,
+    /// Host memory the matrix table is uploaded through without waiting for the device.
+    staging: D::Staging,
     pub pointers: TablePointers,
     state: StatePointers,
     /// What the matrix table on the device was built for; rebuilt when any of it changes
@@ -70,8 +72,9 @@ impl<D: Device> Tables<D> {
         let block_bytes: &[u8] = bytemuck::cast_slice(&block_table);
         let mut blocks = device.alloc(block_bytes.len())?;
         device.upload(&mut blocks, 0, block_bytes)?;
-        let matrices =
-            device.alloc(layout.len() * crate::kernels::records::MatrixDescriptor::SIZE)?;
+        let table_bytes = layout.len() * crate::kernels::records::MatrixDescriptor::SIZE;
+        let matrices = device.alloc(table_bytes)?;
+        let staging = device.alloc_staging(table_bytes)?;
         let pointers = TablePointers {
             matrices: device.buffer_address(&matrices),
             blocks: device.buffer_address(&blocks),
@@ -92,6 +95,7 @@ impl<D: Device> Tables<D> {
             warm,
             _blocks: blocks,
             matrices,
+            staging,
             pointers,
             state,
             uploaded: None,
@@ -124,7 +128,11 @@ impl<D: Device> Tables<D> {
         let table = plan::matrix_descriptors(layout, scale, types, self.state, &key.pointers)?;
         // Forget the old key first: if the upload fails, the next step uploads again.
         self.uploaded = None;
-        device.upload(&mut self.matrices, 0, bytemuck::cast_slice(&table))?;
+        device.upload_staged(
+            &mut self.staging,
+            &mut self.matrices,
+            bytemuck::cast_slice(&table),
+        )?;
         self.uploaded = Some(key);
         Ok(())
     }
@@ -206,6 +214,115 @@ impl<D: Device> DeviceBackend<D> {
     pub fn device(&self) -> &D {
         &self.device
     }
+
+    /// A step on buffers that each hold consecutive matrices of the batch,
+    /// `matrices_per_buffer[b]` in buffer `b` ([`BatchLayout::buffer_packing`]): element
+    /// types, config and every buffer's length are checked before anything is enqueued.
+    pub(crate) fn step_packed<TW: Element, TG: Element>(
+        &mut self,
+        config: &SpectralSgdConfig,
+        step: u64,
+        matrices_per_buffer: &[usize],
+        weights: &mut [&mut D::Slice<TW>],
+        grads: &[&D::Slice<TG>],
+        copies: Option<&mut [&mut D::Slice<TG>]>,
+    ) -> Result<PendingReport> {
+        let types = StepTypes::of::<TW, TG>()?;
+        config.validate_for(&self.layout)?;
+        let packing = self.layout.buffer_packing(matrices_per_buffer)?;
+        if copies.is_some() {
+            types.check_copy()?;
+        }
+        self.enqueue_step(config, step, types, &packing, weights, grads, copies)
+    }
+
+    /// Checks every buffer's length against `packing` (made from this backend's layout) and
+    /// enqueues the step's launches. The caller checked the element types and the config.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_step<TW: Element, TG: Element>(
+        &mut self,
+        config: &SpectralSgdConfig,
+        step: u64,
+        types: StepTypes,
+        packing: &BufferPacking,
+        weights: &mut [&mut D::Slice<TW>],
+        grads: &[&D::Slice<TG>],
+        copies: Option<&mut [&mut D::Slice<TG>]>,
+    ) -> Result<PendingReport> {
+        packing.check_lengths("weight", weights.iter().map(|w| D::slice_len(w)))?;
+        packing.check_lengths("gradient", grads.iter().map(|g| D::slice_len(g)))?;
+        if let Some(copies) = copies.as_ref() {
+            packing.check_lengths("copy", copies.iter().map(|c| D::slice_len(c)))?;
+        }
+        let layout = &self.layout;
+        let device = &self.device;
+        // The guards order this step's launches after pending work on the caller's buffers,
+        // and record their use when dropped, once the launches are enqueued.
+        let mut guards = Vec::with_capacity(3 * packing.buffers());
+        let mut bases = Vec::with_capacity(packing.buffers());
+        let mut copies = copies.into_iter().flat_map(|copies| copies.iter_mut());
+        for (weight, grad) in weights.iter_mut().zip(grads) {
+            let (weights, weight_guard) = device.write_address(weight)?;
+            let (grads, grad_guard) = device.read_address(grad)?;
+            guards.push(weight_guard);
+            guards.push(grad_guard);
+            let copy = match copies.next() {
+                Some(copy) => {
+                    let (address, guard) = device.write_address(copy)?;
+                    guards.push(guard);
+                    address
+                }
+                None => 0,
+            };
+            bases.push(MatrixPointers {
+                weights,
+                grads,
+                copy,
+            });
+        }
+        let at = |base: u64, element: usize, bytes: usize| {
+            if base == 0 {
+                0
+            } else {
+                base + (element * bytes) as u64
+            }
+        };
+        let pointers = (0..layout.len())
+            .map(|matrix| {
+                let (buffer, element) = packing.place(matrix);
+                let base = bases[buffer];
+                MatrixPointers {
+                    weights: at(base.weights, element, types.weights().size_bytes()),
+                    grads: at(base.grads, element, types.grads().size_bytes()),
+                    copy: at(base.copy, element, types.grads().size_bytes()),
+                }
+            })
+            .collect();
+        self.tables
+            .upload_matrix_table(device, layout, config.scale, types, pointers)?;
+        let rounds = policy::rounds_to_launch(config, self.host_knows_cold);
+        let launches =
+            plan::step_launches(layout, config, types, self.tables.pointers, rounds, step)?;
+        for launch in &launches {
+            // SAFETY: `step_launches` builds each argument list in the `.param` order and
+            // types of the kernel it names (the simulator rejects a mismatch, and CI runs
+            // every launch there). Every address it passes was derived from `self.layout`,
+            // the one layout this backend exists for: the tables and state were allocated
+            // from it in `create_on` (check_layout bounds every count and the shared
+            // memory), and the caller's buffers were checked above to hold exactly the
+            // matrices `packing` places in them, `packing` having been made from this
+            // layout (by both callers); each matrix's address is its buffer's,
+            // borrowed here, plus the elements of the matrices before it in that buffer.
+            // Copies are written only by the mixed-type update kernels, the kernels of
+            // `types`, which the copy check allows. Every buffer belongs to this device and
+            // stays borrowed, its guard alive, until every launch is enqueued.
+            unsafe { device.launch(launch)? };
+        }
+        drop(guards);
+        self.host_knows_cold = false;
+        self.last_step = Some(step);
+        Ok(PendingReport { step })
+    }
 }
 
 impl<D: Device> Backend for DeviceBackend<D> {
@@ -237,7 +354,6 @@ impl<D: Device> Backend for DeviceBackend<D> {
         G: Borrow<D::Slice<TG>> + Sync,
         C: BorrowMut<D::Slice<TG>>,
     {
-        let layout = &self.layout;
         // Borrowed once: the buffers whose lengths are checked are the buffers whose
         // addresses go to the kernels, whatever the caller's `Borrow` impls do.
         let mut weights: Vec<&mut D::Slice<TW>> =
@@ -247,58 +363,21 @@ impl<D: Device> Backend for DeviceBackend<D> {
             copies.map(|copies| copies.iter_mut().map(|c| c.borrow_mut()).collect());
         let types = check_step::<TW, TG>(
             config,
-            layout,
+            &self.layout,
             weights.iter().map(|w| D::slice_len(w)),
             grads.iter().map(|g| D::slice_len(g)),
             copies.as_ref().map(|c| c.iter().map(|c| D::slice_len(c))),
         )?;
-        let device = &self.device;
-        // The guards order this step's launches after pending work on the caller's buffers,
-        // and record their use when dropped, once the launches are enqueued.
-        let mut guards = Vec::with_capacity(3 * layout.len());
-        let mut pointers = Vec::with_capacity(layout.len());
-        let mut copies = copies.iter_mut().flatten();
-        for (weight, grad) in weights.iter_mut().zip(&grads) {
-            let (weights, weight_guard) = device.write_address(weight)?;
-            let (grads, grad_guard) = device.read_address(grad)?;
-            guards.push(weight_guard);
-            guards.push(grad_guard);
-            let copy = match copies.next() {
-                Some(copy) => {
-                    let (address, guard) = device.write_address(copy)?;
-                    guards.push(guard);
-                    address
-                }
-                None => 0,
-            };
-            pointers.push(MatrixPointers {
-                weights,
-                grads,
-                copy,
-            });
-        }
-        self.tables
-            .upload_matrix_table(device, layout, config.scale, types, pointers)?;
-        let rounds = policy::rounds_to_launch(config, self.host_knows_cold);
-        let launches =
-            plan::step_launches(layout, config, types, self.tables.pointers, rounds, step)?;
-        for launch in &launches {
-            // SAFETY: `step_launches` builds each argument list in the `.param` order and
-            // types of the kernel it names (the simulator rejects a mismatch, and CI runs
-            // every launch there). Every address it passes was derived from `self.layout`,
-            // the one layout this backend exists for: the tables and state were allocated
-            // from it in `create_on` (check_layout bounds every count and the shared
-            // memory), and the caller's buffers, borrowed once above, were checked to hold
-            // exactly `fan_out * fan_in` elements each (copies included, which only the
-            // mixed-type update kernels, the kernels of `types`, write) and to belong to
-            // this device; the addresses are those of the same borrows. The caller's
-            // buffers stay borrowed, and their guards alive, until every launch is enqueued.
-            unsafe { device.launch(launch)? };
-        }
-        drop(guards);
-        self.host_knows_cold = false;
-        self.last_step = Some(step);
-        Ok(PendingReport { step })
+        let packing = self.layout.buffer_packing(&vec![1; self.layout.len()])?;
+        self.enqueue_step(
+            config,
+            step,
+            types,
+            &packing,
+            &mut weights,
+            &grads,
+            copies.as_deref_mut(),
+        )
     }
 
     fn export_state(&self) -> Result<HostState> {
@@ -369,6 +448,49 @@ impl<D: Device> SpectralSgd<DeviceBackend<D>> {
     /// The device the state lives on.
     pub fn device(&self) -> &D {
         self.backend().device()
+    }
+
+    /// One step over buffers that each hold several consecutive matrices of the batch, back
+    /// to back: `matrices_per_buffer[b]` matrices in `weights[b]` and `grads[b]` (a stack of
+    /// experts in one buffer, a convolution kernel cut into matrices), with no copy. Element
+    /// types, counts and every buffer's length are checked before anything is enqueued.
+    ///
+    /// It is [`step`](SpectralSgd::step) on the matrices one by one, bit for bit, when every
+    /// matrix with `fan_in % 4 == 0` starts at a multiple of 4 elements in its buffer, as in
+    /// any stack of equal matrices: such a matrix moves 4 elements at a time as it does in a
+    /// buffer of its own. One that starts elsewhere moves one element at a time, which rounds
+    /// differently in the last bits (math §5c).
+    pub fn step_packed<TW: Element, TG: Element>(
+        &mut self,
+        matrices_per_buffer: &[usize],
+        weights: &mut [&mut D::Slice<TW>],
+        grads: &[&D::Slice<TG>],
+    ) -> Result<PendingReport> {
+        self.step_counted(|backend, config, step| {
+            backend.step_packed(config, step, matrices_per_buffer, weights, grads, None)
+        })
+    }
+
+    /// [`step_packed`](Self::step_packed) on `f32` master weights with 16-bit gradients,
+    /// also writing the new weights, rounded to nearest, into `copies` (packed as the
+    /// weights), as [`step_with_copy`](SpectralSgd::step_with_copy) does.
+    pub fn step_packed_with_copy<TG: Element>(
+        &mut self,
+        matrices_per_buffer: &[usize],
+        weights: &mut [&mut D::Slice<f32>],
+        grads: &[&D::Slice<TG>],
+        copies: &mut [&mut D::Slice<TG>],
+    ) -> Result<PendingReport> {
+        self.step_counted(|backend, config, step| {
+            backend.step_packed(
+                config,
+                step,
+                matrices_per_buffer,
+                weights,
+                grads,
+                Some(copies),
+            )
+        })
     }
 
     /// What the latest step did to each matrix (sigma and status). Waits for the device.

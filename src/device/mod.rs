@@ -80,8 +80,27 @@ pub trait Device: sealed::Sealed + fmt::Debug + Sized {
     /// A zero-filled buffer of `bytes` bytes, aligned to at least 256 bytes.
     fn alloc(&self, bytes: usize) -> Result<Self::Buffer>;
 
-    /// Copies `bytes` into `buffer` at byte `offset`. Errors if that does not fit.
+    /// Copies `bytes` into `buffer` at byte `offset`. Errors if that does not fit. (On a
+    /// CUDA device a copy from pageable memory may wait for the stream: for set-up and state
+    /// loads, not for steps.)
     fn upload(&self, buffer: &mut Self::Buffer, offset: usize, bytes: &[u8]) -> Result<()>;
+
+    /// Host memory through which a step uploads a table without waiting for the device.
+    type Staging: fmt::Debug;
+
+    /// Staging for uploads of exactly `bytes` bytes.
+    fn alloc_staging(&self, bytes: usize) -> Result<Self::Staging>;
+
+    /// Copies `bytes` (as many as `staging` was made for) to the start of `buffer`, enqueued
+    /// in order like every call, and without waiting for the device: on CUDA through one of
+    /// a few page-locked buffers used in turn, so that only an upload whose buffer's previous
+    /// copy has not yet run (the host several uploads ahead of the device) waits for it.
+    fn upload_staged(
+        &self,
+        staging: &mut Self::Staging,
+        buffer: &mut Self::Buffer,
+        bytes: &[u8],
+    ) -> Result<()>;
 
     /// Reads `len` bytes of `buffer` at byte `offset`, after all enqueued work. Errors if
     /// that does not fit.
