@@ -1,6 +1,7 @@
 //! The optimizer's settings (math §5) with documented defaults.
 
 use crate::error::{Error, Result};
+use crate::newton_schulz::UpdateRule;
 use crate::rounding::Rounding;
 use crate::scaling::Scale;
 
@@ -61,6 +62,10 @@ pub struct SpectralSgdConfig {
     /// How new `f16`/`bf16` weights are rounded (math §5a). Default
     /// [`Rounding::Stochastic`]; no effect on `f32` weights.
     pub rounding: Rounding,
+    /// How the update direction becomes the weights' change: divided by its power-iteration
+    /// `σ` (the default), or orthogonalised by Newton–Schulz iterations (Muon's rule,
+    /// math §5b; CPU only for now).
+    pub update: UpdateRule,
 }
 
 impl Default for SpectralSgdConfig {
@@ -76,6 +81,7 @@ impl Default for SpectralSgdConfig {
             cold_iterations: 8,
             seed: 0,
             rounding: Rounding::Stochastic,
+            update: UpdateRule::PowerNormalised,
         }
     }
 }
@@ -163,6 +169,7 @@ impl SpectralSgdConfig {
                 ));
             }
         }
+        self.update.validate()?;
         self.scale.validate()
     }
 }

@@ -84,6 +84,11 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A setting this backend cannot run (the orthogonalised update rule on a device, for
+    /// now); the message says which and where it runs. Nothing was changed.
+    #[error("unsupported here: {0}")]
+    Unsupported(String),
+
     /// A parameter of a candle model cannot be stepped as it is routed: its shape, element
     /// type or device, or its gradient (missing, of another shape or type, or sharing memory
     /// with a parameter). Nothing was changed.

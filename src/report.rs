@@ -25,7 +25,9 @@ pub enum MatrixStatus {
 pub struct MatrixReport {
     /// The power-iteration estimate of `||U||_*` the update was normalised by; `Some(0.0)` for
     /// a zero direction, `None` when the matrix was skipped for a non-finite direction or its
-    /// power vector was re-seeded.
+    /// power vector was re-seeded, and for every other matrix under the orthogonalised rule
+    /// ([`UpdateRule::Orthogonalised`](crate::UpdateRule::Orthogonalised)), which estimates
+    /// no `σ`.
     pub sigma: Option<f32>,
     /// What was done.
     pub status: MatrixStatus,

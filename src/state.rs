@@ -17,6 +17,7 @@ use crate::backend::HostState;
 use crate::config::{MomentumKind, SpectralSgdConfig};
 use crate::error::{Error, Result};
 use crate::layout::BatchLayout;
+use crate::newton_schulz::UpdateRule;
 use crate::rounding::Rounding;
 use crate::scaling::Scale;
 
@@ -50,6 +51,7 @@ pub(crate) fn config_metadata(
         ("cold_iterations", config.cold_iterations.to_string()),
         ("seed", config.seed.to_string()),
         ("rounding", config.rounding.name().to_owned()),
+        ("update_rule", config.update.to_string()),
     ]
     .into_iter()
     .map(move |(key, value)| (format!("{prefix}{key}"), value))
@@ -73,6 +75,13 @@ pub(crate) fn config_from_metadata(
         Some(name) => Rounding::from_name(name)
             .ok_or_else(|| format_error(format!("unknown rounding {name:?}")))?,
     };
+    // A state saved before the setting existed ran the power-normalised rule.
+    let update = match metadata.get(&key("update_rule")) {
+        None => UpdateRule::PowerNormalised,
+        Some(text) => text
+            .parse::<UpdateRule>()
+            .map_err(|e| format_error(e.to_string()))?,
+    };
     Ok(SpectralSgdConfig {
         learning_rate: field(metadata, &key("learning_rate"))?,
         momentum: field(metadata, &key("momentum"))?,
@@ -84,6 +93,7 @@ pub(crate) fn config_from_metadata(
         cold_iterations: field(metadata, &key("cold_iterations"))?,
         seed: field(metadata, &key("seed"))?,
         rounding,
+        update,
     })
 }
 

@@ -7,6 +7,7 @@ use common::*;
 use proptest::prelude::*;
 use spectral_step::{
     MatrixShape, MatrixStatus, MomentumKind, Rounding, Scale, SpectralSgd, SpectralSgdConfig,
+    UpdateRule,
 };
 use spectral_step_reference as reference;
 
@@ -38,6 +39,8 @@ fn config_strategy() -> impl Strategy<Value = SpectralSgdConfig> {
                 seed,
                 // The weights here are f32, which neither rounding touches.
                 rounding: Rounding::default(),
+                // The oracle these properties compare with is the power-normalised rule's.
+                update: UpdateRule::PowerNormalised,
             },
         )
 }

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use spectral_step::{
-    Error, MatrixShape, MomentumKind, Rounding, Scale, SpectralSgd, SpectralSgdConfig,
+    Error, MatrixShape, MomentumKind, Rounding, Scale, SpectralSgd, SpectralSgdConfig, UpdateRule,
 };
 
 fn shapes() -> Vec<MatrixShape> {
@@ -35,6 +35,7 @@ fn trained() -> (SpectralSgd, Vec<Vec<f32>>) {
         cold_iterations: 6,
         seed: 99,
         rounding: Rounding::Nearest,
+        update: UpdateRule::PowerNormalised,
     };
     let mut optimizer = SpectralSgd::new(&shapes(), config).unwrap();
     let mut weights: Vec<Vec<f32>> = shapes()

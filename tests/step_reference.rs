@@ -198,6 +198,7 @@ fn all_configs() -> Vec<SpectralSgdConfig> {
                         cold_iterations: 8,
                         seed: 11,
                         rounding: Rounding::Stochastic,
+                        ..SpectralSgdConfig::default()
                     });
                 }
             }

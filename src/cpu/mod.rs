@@ -17,6 +17,7 @@
 //! read-for-ownership.
 
 mod lanczos;
+mod orthogonal;
 mod power;
 mod rows;
 mod step;
@@ -25,13 +26,14 @@ pub use lanczos::LanczosEstimate;
 pub use power::{BatchPowerIteration, Estimate};
 pub use rows::KernelPath;
 
-use crate::backend::{Backend, HostState};
+use crate::backend::{Backend, HostState, check_step};
 use crate::config::SpectralSgdConfig;
 use crate::element::Element;
 use crate::error::Result;
 use crate::kernels::records::MatrixResult;
 use crate::layout::{BatchLayout, BlockPolicy};
 use crate::memory::zeroed;
+use crate::newton_schulz::UpdateRule;
 use crate::report::StepReport;
 use power::BlockSums;
 
@@ -98,6 +100,47 @@ impl Cpu {
     }
 }
 
+/// A step's buffers, borrowed once and checked ([`check_step`]): the slices whose lengths
+/// are checked are the slices the step uses, whatever the caller's `Borrow` impls do.
+struct Borrowed<'a, TW, TG> {
+    weights: Vec<&'a mut [TW]>,
+    grads: Vec<&'a [TG]>,
+    copies: Option<Vec<&'a mut [TG]>>,
+}
+
+fn borrow_checked<'a, TW, TG, W, G, C>(
+    config: &SpectralSgdConfig,
+    layout: &BatchLayout,
+    weights: &'a mut [W],
+    grads: &'a [G],
+    copies: Option<&'a mut [C]>,
+) -> Result<Borrowed<'a, TW, TG>>
+where
+    TW: Element,
+    TG: Element,
+    W: std::borrow::BorrowMut<[TW]>,
+    G: std::borrow::Borrow<[TG]>,
+    C: std::borrow::BorrowMut<[TG]>,
+{
+    use std::borrow::{Borrow, BorrowMut};
+    let weights: Vec<&mut [TW]> = weights.iter_mut().map(BorrowMut::borrow_mut).collect();
+    let grads: Vec<&[TG]> = grads.iter().map(Borrow::borrow).collect();
+    let copies: Option<Vec<&mut [TG]>> =
+        copies.map(|copies| copies.iter_mut().map(BorrowMut::borrow_mut).collect());
+    check_step::<TW, TG>(
+        config,
+        layout,
+        weights.iter().map(|w| w.len()),
+        grads.iter().map(|g| g.len()),
+        copies.as_ref().map(|c| c.iter().map(|c| c.len())),
+    )?;
+    Ok(Borrowed {
+        weights,
+        grads,
+        copies,
+    })
+}
+
 impl Backend for Cpu {
     type Storage<T: Element> = [T];
     type Report = StepReport;
@@ -142,7 +185,12 @@ impl Backend for Cpu {
         G: std::borrow::Borrow<[TG]> + Sync,
         C: std::borrow::BorrowMut<[TG]>,
     {
-        step::run(self, config, step, weights, grads, copies)
+        match config.update {
+            UpdateRule::PowerNormalised => step::run(self, config, step, weights, grads, copies),
+            UpdateRule::Orthogonalised(schedule) => {
+                orthogonal::run(self, config, schedule, step, weights, grads, copies)
+            }
+        }
     }
 
     fn export_state(&self) -> Result<HostState> {

@@ -9,7 +9,6 @@ use rayon::prelude::*;
 use super::Cpu;
 use super::power::{FinishSettings, Kernel, finish, fused_pass, on_path};
 use super::rows::{DirectionRows, KernelPath, madd};
-use crate::backend::check_step;
 use crate::config::{MomentumRule, SpectralSgdConfig};
 use crate::element::Element;
 use crate::error::Result;
@@ -65,18 +64,11 @@ where
     G: Borrow<[TG]> + Sync,
     C: BorrowMut<[TG]>,
 {
-    // Borrowed once: the slices whose lengths are checked are the slices the passes use.
-    let mut weights: Vec<&mut [TW]> = weights.iter_mut().map(BorrowMut::borrow_mut).collect();
-    let grads: Vec<&[TG]> = grads.iter().map(Borrow::borrow).collect();
-    let mut copies: Option<Vec<&mut [TG]>> =
-        copies.map(|copies| copies.iter_mut().map(BorrowMut::borrow_mut).collect());
-    check_step::<TW, TG>(
-        config,
-        &cpu.layout,
-        weights.iter().map(|w| w.len()),
-        grads.iter().map(|g| g.len()),
-        copies.as_ref().map(|c| c.iter().map(|c| c.len())),
-    )?;
+    let super::Borrowed {
+        mut weights,
+        grads,
+        mut copies,
+    } = super::borrow_checked(config, &cpu.layout, weights, grads, copies)?;
     let rule = config.momentum_rule();
     estimate_sigmas(cpu, config, step, rule, &grads);
     cpu.host_knows_cold = false;

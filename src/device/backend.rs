@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::kernels::plan::{self, MatrixPointers, StatePointers, TablePointers};
 use crate::kernels::records::MatrixResult;
 use crate::layout::{BatchLayout, BlockPolicy, BufferPacking, MatrixShape};
+use crate::newton_schulz::UpdateRule;
 use crate::optimizer::SpectralSgd;
 use crate::policy;
 use crate::report::StepReport;
@@ -160,6 +161,17 @@ impl<D: Device> Tables<D> {
     }
 }
 
+/// The device kernels run the power-normalised rule only.
+fn check_device_rule(config: &SpectralSgdConfig) -> Result<()> {
+    match config.update {
+        UpdateRule::PowerNormalised => Ok(()),
+        rule @ UpdateRule::Orthogonalised(_) => Err(Error::Unsupported(format!(
+            "the update rule {rule} runs on the CPU backend only: the device backend has no \
+             Newton-Schulz iterations yet"
+        ))),
+    }
+}
+
 /// The optimizer on a [`Device`]: state and tables in device memory, laid out by the
 /// layout it was created for ([`BlockPolicy::CUDA`] by default), each step enqueued without
 /// waiting. On a CUDA GPU this is [`Cuda`](crate::cuda::Cuda), on the simulator
@@ -196,6 +208,7 @@ impl<D: Device> DeviceBackend<D> {
     /// Fresh state for `layout` on `device`.
     pub fn create_on(device: D, layout: BatchLayout, config: &SpectralSgdConfig) -> Result<Self> {
         config.validate_for(&layout)?;
+        check_device_rule(config)?;
         let mut tables = Tables::new(&device, &layout)?;
         let momentum = device.alloc(4 * layout.total_elements())?;
         tables.set_momentum(device.buffer_address(&momentum));
@@ -249,6 +262,7 @@ impl<D: Device> DeviceBackend<D> {
         grads: &[&D::Slice<TG>],
         copies: Option<&mut [&mut D::Slice<TG>]>,
     ) -> Result<PendingReport> {
+        check_device_rule(config)?;
         packing.check_lengths("weight", weights.iter().map(|w| D::slice_len(w)))?;
         packing.check_lengths("gradient", grads.iter().map(|g| D::slice_len(g)))?;
         if let Some(copies) = copies.as_ref() {
