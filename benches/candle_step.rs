@@ -25,19 +25,7 @@ use candle_nn::Optimizer;
 use spectral_step::candle::{OptimizerConfig, Route, Routing, SpectralOptimizer};
 use spectral_step::{MatrixShape, SpectralSgd, SpectralSgdConfig};
 
-use common::{gpt2_small, hashed, median, per_round_ratios, rounds_arg};
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split(':').nth(1))
-                .map(|name| name.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
+use common::{cpu_model, gpt2_small, hashed, median, per_round_ratios, rounds_arg};
 
 /// Matrices of these shapes as candle variables (named `h.{j}.weight`), each a fresh copy
 /// of the hashed values.
