@@ -92,6 +92,23 @@ impl Coefficients {
     pub fn as_slice(&self) -> &[(f32, f32, f32)] {
         &self.triples[..usize::from(self.len)]
     }
+
+    /// The map `p_K(...p_1(x))`, `p(x) = a x + b x³ + c x⁵`, in `f64`: what the iteration
+    /// does to each singular value `x` of its (normalised) start, in exact arithmetic
+    /// (math §5b).
+    ///
+    /// ```
+    /// use spectral_step::newton_schulz::Coefficients;
+    /// let cubic = Coefficients::new(&[(1.5, -0.5, 0.0); 10])?;
+    /// assert!((cubic.scalar_map(0.5) - 1.0).abs() < 1e-3);
+    /// # Ok::<(), spectral_step::Error>(())
+    /// ```
+    pub fn scalar_map(&self, x: f64) -> f64 {
+        self.as_slice().iter().fold(x, |x, &(a, b, c)| {
+            let (a, b, c) = (f64::from(a), f64::from(b), f64::from(c));
+            a * x + b * x.powi(3) + c * x.powi(5)
+        })
+    }
 }
 
 /// Which coefficients the iterations use.
@@ -290,6 +307,50 @@ mod tests {
             "orthogonalised:newton:5",
         ] {
             assert!(bad.parse::<UpdateRule>().is_err(), "{bad:?}");
+        }
+    }
+
+    /// The scalar map `p_K ∘ ... ∘ p_1` of a schedule at `x = σ / ||U||_F`, in f64.
+    fn scalar_map(schedule: Schedule, x: f64) -> f64 {
+        let x = x / f64::from(schedule.norm_factor());
+        schedule.coefficients().unwrap().scalar_map(x)
+    }
+
+    /// The bands of math §5b's table (and README's), measured here: the least and greatest
+    /// value of each schedule's scalar map over 20,001 points spaced geometrically in
+    /// `[low, 1]`, printed, and checked against the table's bounds rounded outward to two
+    /// decimals (each within 0.01 of the measured extreme).
+    #[test]
+    fn scalar_maps_stay_in_the_documented_bands() {
+        let table = [
+            (Schedule::MUON, 1e-2f64, 0.68, 1.14),
+            (Schedule::MUON, 1e-3, 0.47, 1.21),
+            (Schedule::PolarExpress { iterations: 5 }, 1e-2, 0.87, 1.13),
+            (Schedule::PolarExpress { iterations: 5 }, 1e-3, 0.84, 1.13),
+            (
+                Schedule::PolarExpress { iterations: 8 },
+                1e-3,
+                0.9999,
+                1.0001,
+            ),
+        ];
+        for (schedule, low, band_low, band_high) in table {
+            let (mut least, mut greatest) = (f64::INFINITY, f64::NEG_INFINITY);
+            for i in 0..=20_000 {
+                let x = low * (1.0 / low).powf(f64::from(i) / 20_000.0);
+                let y = scalar_map(schedule, x);
+                least = least.min(y);
+                greatest = greatest.max(y);
+            }
+            println!("{schedule:?} on [{low}, 1]: {least:.4} to {greatest:.4}");
+            assert!(
+                band_low <= least && least < band_low + 0.01,
+                "{schedule:?} on [{low}, 1]: least {least}, table {band_low}"
+            );
+            assert!(
+                greatest <= band_high && greatest > band_high - 0.01,
+                "{schedule:?} on [{low}, 1]: greatest {greatest}, table {band_high}"
+            );
         }
     }
 

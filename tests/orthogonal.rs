@@ -44,15 +44,7 @@ fn orthogonalised(schedule: Schedule, shape: MatrixShape, grad: &[f32]) -> Vec<f
 
 /// `p_K(...p_1(x))`, the schedule's scalar map, in f64.
 fn scalar_map(schedule: Schedule, x: f64) -> f64 {
-    schedule
-        .coefficients()
-        .unwrap()
-        .as_slice()
-        .iter()
-        .fold(x, |x, &(a, b, c)| {
-            let (a, b, c) = (f64::from(a), f64::from(b), f64::from(c));
-            a * x + b * x.powi(3) + c * x.powi(5)
-        })
+    schedule.coefficients().unwrap().scalar_map(x)
 }
 
 fn sorted_singular_values(matrix: &[f64], shape: MatrixShape) -> Vec<f64> {

@@ -44,6 +44,14 @@ pub(crate) struct CudaModel {
     /// Per spectral group that keeps master weights, one `f32` variable per member
     /// parameter, in the group's order.
     pub group_masters: Vec<Option<Vec<Var>>>,
+    /// The parameters the step's nest borrows, in order: the spectral ones (AdamW's are
+    /// written by candle's own operations after the nest). Each group's masters follow them.
+    pub spectral: Vec<usize>,
+    /// Per parameter, its place in `spectral`; `usize::MAX` for the others.
+    pub position: Vec<usize>,
+    /// Per group, the place in the nest of its first master (after `spectral` and the
+    /// masters of the groups before it).
+    pub master_start: Vec<usize>,
 }
 
 /// An AdamW parameter's moments and master weights on the device.
@@ -107,10 +115,29 @@ impl CudaModel {
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
+        let spectral: Vec<usize> = optimizer
+            .active
+            .iter()
+            .copied()
+            .filter(|&index| matches!(optimizer.params[index].role, Role::Spectral { .. }))
+            .collect();
+        let mut position = vec![usize::MAX; optimizer.params.len()];
+        for (held_index, &index) in spectral.iter().enumerate() {
+            position[index] = held_index;
+        }
+        let mut master_start = Vec::with_capacity(group_masters.len());
+        let mut next = spectral.len();
+        for masters in &group_masters {
+            master_start.push(next);
+            next += masters.as_ref().map_or(0, Vec::len);
+        }
         Ok(Self {
             stream,
             slots,
             group_masters,
+            spectral,
+            position,
+            master_start,
         })
     }
 
@@ -253,20 +280,9 @@ pub(crate) fn step(
             "internal: a CUDA step without a CUDA model".into(),
         ));
     };
-    // The variables the nest borrows: the spectral parameters (AdamW's are written by
-    // candle's own operations afterwards), then each group's masters; and each spectral
-    // parameter's place among them.
-    let spectral: Vec<usize> = optimizer
-        .active
-        .iter()
-        .copied()
-        .filter(|&index| matches!(optimizer.params[index].role, Role::Spectral { .. }))
-        .collect();
-    let mut position = vec![usize::MAX; optimizer.params.len()];
-    for (held_index, &index) in spectral.iter().enumerate() {
-        position[index] = held_index;
-    }
-    let mut vars: Vec<(&str, &Var)> = spectral
+    // The variables the nest borrows (`CudaModel::spectral`, then each group's masters).
+    let mut vars: Vec<(&str, &Var)> = model
+        .spectral
         .iter()
         .map(|&index| {
             (
@@ -279,9 +295,7 @@ pub(crate) fn step(
         let param = &optimizer.params[slot.param];
         (param.name.as_str(), &param.var)
     });
-    let mut master_start = Vec::with_capacity(optimizer.groups.len());
     for (group, masters) in optimizer.groups.iter().zip(&model.group_masters) {
-        master_start.push(vars.len());
         for (master, &(index, _)) in masters.iter().flatten().zip(&group.members) {
             vars.push((optimizer.params[index].name.as_str(), master));
         }
@@ -318,8 +332,9 @@ pub(crate) fn step(
         })
         .collect();
     let var_refs: Vec<&Var> = vars.iter().map(|(_, var)| *var).collect();
-    let spectral_len = spectral.len();
-    let position = &position;
+    let spectral_len = model.spectral.len();
+    let position = &model.position;
+    let master_start = &model.master_start;
     let groups = &mut optimizer.groups;
     // Beyond `NEST_ON_CALLER` variables the nest runs on a thread of its own, and a candle
     // device's default stream is per thread: these events order the nest's launches after
@@ -338,7 +353,7 @@ pub(crate) fn step(
         for ((group, masters), &start) in groups
             .iter_mut()
             .zip(&model.group_masters)
-            .zip(&master_start)
+            .zip(master_start)
         {
             let first = start - spectral_len;
             let masters = masters

@@ -9,6 +9,7 @@
 //! the learning-rate schedule keeps, whether master weights are on, each parameter's route,
 //! element type and dimensions, and a CRC-32 over all of it and every tensor's bytes.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use safetensors::tensor::Dtype as StDtype;
@@ -92,14 +93,22 @@ fn f32_entry(name: String, shape: Vec<usize>, values: &[f32]) -> Entry {
 
 /// The optimizer's state on the host, as the file holds it: per spectral group its state
 /// and master weights (one per matrix), per AdamW slot its moments and master weights.
-pub(crate) struct Snapshot {
+/// Borrowed from a CPU model, copied from a device.
+pub(crate) struct Snapshot<'a> {
     pub groups: Vec<HostState>,
-    pub group_masters: Vec<Option<Vec<Vec<f32>>>>,
-    pub slots: Vec<SlotState>,
+    pub group_masters: Vec<Option<Cow<'a, [Vec<f32>]>>>,
+    pub slots: Vec<SlotView<'a>>,
 }
 
-/// The state of `optimizer` on the host (a copy; on a device, this waits for the device).
-fn snapshot(optimizer: &SpectralOptimizer) -> Result<Snapshot> {
+/// One AdamW slot's state in a [`Snapshot`].
+pub(crate) struct SlotView<'a> {
+    pub m: Cow<'a, [f32]>,
+    pub v: Cow<'a, [f32]>,
+    pub master: Option<Cow<'a, [f32]>>,
+}
+
+/// The state of `optimizer` on the host (on a device, this waits for the device).
+fn snapshot(optimizer: &SpectralOptimizer) -> Result<Snapshot<'_>> {
     let groups = optimizer
         .groups
         .iter()
@@ -120,7 +129,7 @@ fn snapshot(optimizer: &SpectralOptimizer) -> Result<Snapshot> {
                         for (master, &(_, placement)) in masters.iter().zip(&group.members) {
                             matrices.extend(placement.matrices(&to_host(master)?));
                         }
-                        Ok(matrices)
+                        Ok(Cow::Owned(matrices))
                     })
                     .transpose()
             })
@@ -129,10 +138,15 @@ fn snapshot(optimizer: &SpectralOptimizer) -> Result<Snapshot> {
             .slots
             .iter()
             .map(|slot| {
-                Ok(SlotState {
-                    m: to_host(&slot.m)?,
-                    v: to_host(&slot.v)?,
-                    master: slot.master.as_ref().map(to_host).transpose()?,
+                Ok(SlotView {
+                    m: Cow::Owned(to_host(&slot.m)?),
+                    v: Cow::Owned(to_host(&slot.v)?),
+                    master: slot
+                        .master
+                        .as_ref()
+                        .map(to_host)
+                        .transpose()?
+                        .map(Cow::Owned),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -147,15 +161,15 @@ fn snapshot(optimizer: &SpectralOptimizer) -> Result<Snapshot> {
         group_masters: optimizer
             .groups
             .iter()
-            .map(|group| group.master.clone())
+            .map(|group| group.master.as_deref().map(Cow::Borrowed))
             .collect(),
         slots: optimizer
             .slots
             .iter()
-            .map(|slot| SlotState {
-                m: slot.m.clone(),
-                v: slot.v.clone(),
-                master: slot.master.clone(),
+            .map(|slot| SlotView {
+                m: Cow::Borrowed(&slot.m),
+                v: Cow::Borrowed(&slot.v),
+                master: slot.master.as_deref().map(Cow::Borrowed),
             })
             .collect(),
     })

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::Cpu;
 use super::power::{Kernel, on_path};
 use super::rows::madd;
+use super::step::{StoreMomentum, refresh_copy};
 use crate::config::{MomentumRule, SpectralSgdConfig};
 use crate::element::Element;
 use crate::error::Result;
@@ -113,71 +114,70 @@ fn step_matrix<TW: Element, TG: Element>(
     matrix: Matrix<'_, TW, TG>,
 ) -> Result<MatrixReport> {
     let MatrixShape { fan_out, fan_in } = matrix.shape;
-    let elements = matrix.shape.len();
-    let mut new_momentum: Vec<f32> = zeroed(elements, "the new momentum")?;
-    let mut direction: Vec<f32> = zeroed(elements, "the update direction")?;
-    on_path(
-        settings.path,
-        Direction {
-            rule: settings.rule,
-            grads: matrix.grads,
-            momentum: matrix.momentum,
-            new_momentum: &mut new_momentum,
-            direction: &mut direction,
-        },
-    );
-    let skipped = MatrixReport {
-        sigma: None,
-        status: MatrixStatus::SkippedNonFinite,
-    };
-    if direction.iter().any(|u| !u.is_finite()) {
-        refresh_copy(matrix.copy, matrix.weights);
-        return Ok(skipped);
-    }
-    // ||U||_F in f64: no overflow or underflow of the sum of squares of finite f32 values.
-    let norm = direction
-        .iter()
-        .map(|&u| f64::from(u) * f64::from(u))
-        .sum::<f64>()
-        .sqrt();
-    if norm == 0.0 {
-        matrix.momentum.copy_from_slice(&new_momentum);
-        refresh_copy(matrix.copy, matrix.weights);
-        return Ok(MatrixReport {
-            sigma: Some(0.0),
-            status: MatrixStatus::ZeroDirection,
-        });
-    }
-    // X_0 = U / (f ||U||_F + ε), laid out (short, long): Uᵀ when fan_out > fan_in.
+    // X laid out (short, long): Uᵀ when fan_out > fan_in.
     let transposed = fan_out > fan_in;
     let (short, long) = if transposed {
         (fan_in, fan_out)
     } else {
         (fan_out, fan_in)
     };
-    let start = (1.0 / (norm * f64::from(settings.norm_factor) + f64::from(NORM_EPSILON))) as f32;
-    let mut x: Vec<f32> = zeroed(elements, "the Newton-Schulz iterate")?;
-    if transposed {
-        for (row, values) in direction.chunks_exact(fan_in).enumerate() {
-            for (column, &u) in values.iter().enumerate() {
-                x[column * fan_out + row] = u * start;
-            }
-        }
-    } else {
-        for (x, &u) in x.iter_mut().zip(&direction) {
-            *x = u * start;
-        }
+    let mut x: Vec<f32> = zeroed(matrix.shape.len(), "the Newton-Schulz iterate")?;
+    on_path(
+        settings.path,
+        Direction {
+            rule: settings.rule,
+            grads: matrix.grads,
+            momentum: matrix.momentum,
+            fan_in,
+            transposed,
+            direction: &mut x,
+        },
+    );
+    let skipped = MatrixReport {
+        sigma: None,
+        status: MatrixStatus::SkippedNonFinite,
+    };
+    if x.iter().any(|u| !u.is_finite()) {
+        refresh_copy(matrix.copy, matrix.weights);
+        return Ok(skipped);
     }
-    drop(direction);
+    let store_momentum = |momentum: &mut [f32]| {
+        on_path(
+            settings.path,
+            StoreMomentum {
+                rule: settings.rule,
+                grads: matrix.grads,
+                momentum,
+            },
+        )
+    };
+    // ||U||_F in f64: no overflow or underflow of the sum of squares of finite f32 values.
+    let norm = x
+        .iter()
+        .map(|&u| f64::from(u) * f64::from(u))
+        .sum::<f64>()
+        .sqrt();
+    if norm == 0.0 {
+        store_momentum(matrix.momentum);
+        refresh_copy(matrix.copy, matrix.weights);
+        return Ok(MatrixReport {
+            sigma: Some(0.0),
+            status: MatrixStatus::ZeroDirection,
+        });
+    }
+    // X_0 = U / (f ||U||_F + ε).
+    let start = (1.0 / (norm * f64::from(settings.norm_factor) + f64::from(NORM_EPSILON))) as f32;
+    for value in &mut x {
+        *value *= start;
+    }
     let orthogonal = newton_schulz(&settings.coefficients, short, long, x)?;
     if orthogonal.iter().any(|x| !x.is_finite()) {
         refresh_copy(matrix.copy, matrix.weights);
         return Ok(skipped);
     }
-    let coefficient = settings.learning_rate * matrix.target;
     let update = Update {
         decay: settings.decay,
-        coefficient,
+        coefficient: settings.learning_rate * matrix.target,
         orthogonal: &orthogonal,
         fan_out,
         fan_in,
@@ -187,7 +187,9 @@ fn step_matrix<TW: Element, TG: Element>(
         copy: matrix.copy,
     };
     on_path(settings.path, update);
-    matrix.momentum.copy_from_slice(&new_momentum);
+    // M <- M_new, recomputed from the old M and G as the power rule's pass B does, so that a
+    // skipped matrix leaves M as it was without a buffer of its own.
+    store_momentum(matrix.momentum);
     Ok(MatrixReport {
         sigma: None,
         status: MatrixStatus::Updated,
@@ -302,12 +304,13 @@ fn gemm(left: Operand<'_>, right: Operand<'_>, beta: f32, alpha: f32, out: &mut 
     }
 }
 
-/// `M_new` and `U` of every element (math §5.1).
+/// `U` of every element (math §5.1), written as `Uᵀ` when `transposed`; `M` is not stored.
 struct Direction<'a, T> {
     rule: MomentumRule,
     grads: &'a [T],
     momentum: &'a [f32],
-    new_momentum: &'a mut [f32],
+    fan_in: usize,
+    transposed: bool,
     direction: &'a mut [f32],
 }
 
@@ -315,18 +318,25 @@ impl<T: Element> Kernel for Direction<'_, T> {
     type Output = ();
     #[inline(always)]
     fn run<const FMA: bool>(self) {
-        let elements = self
+        let fan_out = self.grads.len() / self.fan_in;
+        let rows = self
             .grads
-            .iter()
-            .zip(self.momentum)
-            .zip(self.new_momentum.iter_mut())
-            .zip(self.direction.iter_mut());
-        for (((&g, &m), new_m), u) in elements {
-            (*new_m, *u) = if self.rule.nesterov {
-                self.rule.apply::<true, FMA>(m, g.to_f32())
-            } else {
-                self.rule.apply::<false, FMA>(m, g.to_f32())
-            };
+            .chunks_exact(self.fan_in)
+            .zip(self.momentum.chunks_exact(self.fan_in));
+        for (row, (grads, momentum)) in rows.enumerate() {
+            for (column, (&g, &m)) in grads.iter().zip(momentum).enumerate() {
+                let (_, u) = if self.rule.nesterov {
+                    self.rule.apply::<true, FMA>(m, g.to_f32())
+                } else {
+                    self.rule.apply::<false, FMA>(m, g.to_f32())
+                };
+                let at = if self.transposed {
+                    column * fan_out + row
+                } else {
+                    row * self.fan_in + column
+                };
+                self.direction[at] = u;
+            }
         }
     }
 }
@@ -379,14 +389,5 @@ impl<TW: Element, TG: Element> Kernel for Update<'_, TW, TG> {
             }
         }
         refresh_copy(self.copy, self.weights);
-    }
-}
-
-/// `copy <- rne(weights)`.
-fn refresh_copy<TW: Element, TG: Element>(copy: Option<&mut [TG]>, weights: &[TW]) {
-    if let Some(copy) = copy {
-        for (c, &w) in copy.iter_mut().zip(weights) {
-            *c = TG::from_f32_rne(w.to_f32());
-        }
     }
 }

@@ -276,7 +276,7 @@ fn update_pass<TW: Element, TG: Element>(
 }
 
 /// `copy <- rne(weights)`, for a matrix whose weights the step leaves as they are.
-fn refresh_copy<TW: Element, TG: Element>(copy: Option<&mut [TG]>, weights: &[TW]) {
+pub(super) fn refresh_copy<TW: Element, TG: Element>(copy: Option<&mut [TG]>, weights: &[TW]) {
     if let Some(copy) = copy {
         for (c, &w) in copy.iter_mut().zip(weights) {
             *c = TG::from_f32_rne(w.to_f32());
@@ -285,10 +285,10 @@ fn refresh_copy<TW: Element, TG: Element>(copy: Option<&mut [TG]>, weights: &[TW
 }
 
 /// `M <- M_new` only (a zero update direction).
-struct StoreMomentum<'a, T> {
-    rule: MomentumRule,
-    grads: &'a [T],
-    momentum: &'a mut [f32],
+pub(super) struct StoreMomentum<'a, T> {
+    pub rule: MomentumRule,
+    pub grads: &'a [T],
+    pub momentum: &'a mut [f32],
 }
 
 impl<T: Element> Kernel for StoreMomentum<'_, T> {

@@ -187,6 +187,8 @@ pub struct DeviceBackend<D: Device> {
     layout: BatchLayout,
     momentum: D::Buffer,
     tables: Tables<D>,
+    /// The layout with one matrix per buffer: how [`Backend::step`]'s buffers lie.
+    one_per_buffer: BufferPacking,
     /// The host knows that some power vector is cold (first step, reset, state load).
     host_knows_cold: bool,
     last_step: Option<u64>,
@@ -213,7 +215,9 @@ impl<D: Device> DeviceBackend<D> {
         let momentum = device.alloc(4 * layout.total_elements())?;
         tables.set_momentum(device.buffer_address(&momentum));
         tables.reset_power_vectors(&device, &layout, config.seed)?;
+        let one_per_buffer = layout.buffer_packing(&vec![1; layout.len()])?;
         Ok(Self {
+            one_per_buffer,
             device,
             layout,
             momentum,
@@ -246,23 +250,25 @@ impl<D: Device> DeviceBackend<D> {
         if copies.is_some() {
             types.check_copy()?;
         }
-        self.enqueue_step(config, step, types, &packing, weights, grads, copies)
+        self.enqueue_step(config, step, types, Some(&packing), weights, grads, copies)
     }
 
-    /// Checks every buffer's length against `packing` (made from this backend's layout) and
-    /// enqueues the step's launches. The caller checked the element types and the config.
+    /// Checks every buffer's length against `packing` (made from this backend's layout; one
+    /// matrix per buffer when `None`) and enqueues the step's launches. The caller checked the
+    /// element types and the config.
     #[allow(clippy::too_many_arguments)]
     fn enqueue_step<TW: Element, TG: Element>(
         &mut self,
         config: &SpectralSgdConfig,
         step: u64,
         types: StepTypes,
-        packing: &BufferPacking,
+        packing: Option<&BufferPacking>,
         weights: &mut [&mut D::Slice<TW>],
         grads: &[&D::Slice<TG>],
         copies: Option<&mut [&mut D::Slice<TG>]>,
     ) -> Result<PendingReport> {
         check_device_rule(config)?;
+        let packing = packing.unwrap_or(&self.one_per_buffer);
         packing.check_lengths("weight", weights.iter().map(|w| D::slice_len(w)))?;
         packing.check_lengths("gradient", grads.iter().map(|g| D::slice_len(g)))?;
         if let Some(copies) = copies.as_ref() {
@@ -382,12 +388,11 @@ impl<D: Device> Backend for DeviceBackend<D> {
             grads.iter().map(|g| D::slice_len(g)),
             copies.as_ref().map(|c| c.iter().map(|c| D::slice_len(c))),
         )?;
-        let packing = self.layout.buffer_packing(&vec![1; self.layout.len()])?;
         self.enqueue_step(
             config,
             step,
             types,
-            &packing,
+            None,
             &mut weights,
             &grads,
             copies.as_deref_mut(),
