@@ -10,6 +10,11 @@
 //!    Lanczos on `U^T U` over the fused pass (`BatchPowerIteration::lanczos`).
 //! 2. One warm power iteration over the GPT-2-small matrix set (fused, one read).
 //! 3. The full spectral step on the GPT-2-small set, f32 and bf16 weights/gradients.
+//! 4. The orthogonalised step (math §5b) on that set, f32 and bf16, configured as
+//!    `torch.optim.Muon(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True)` steps:
+//!    EMA momentum, Nesterov, Muon's five quintic iterations, `Scale::MuonMax1` (torch's
+//!    `adjust_lr_fn="original"`), round-to-nearest 16-bit weights. At most 3 rounds: a step
+//!    takes seconds.
 //!
 //! The GPT-2 inputs come from a hash of the element index that numpy reproduces bit for bit
 //! (`value(i) = ((h >> 40) / 2^24) * 2 - 1`, `h = (i ^ (salt + j)) * 0x9E3779B97F4A7C15`),
@@ -26,8 +31,10 @@ use std::time::Instant;
 
 use spectral_step::cpu::{BatchPowerIteration, Estimate};
 use spectral_step::half::bf16;
+use spectral_step::newton_schulz::{Schedule, UpdateRule};
 use spectral_step::{
-    BatchLayout, BlockPolicy, Element, MatrixShape, Rounding, SpectralSgd, SpectralSgdConfig,
+    BatchLayout, BlockPolicy, Element, MatrixShape, MomentumKind, Rounding, Scale, SpectralSgd,
+    SpectralSgdConfig,
 };
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -129,11 +136,65 @@ fn step<T: Element>(out: &Path, rounds: usize, json: &mut String) -> Result<()> 
         rounding: Rounding::Nearest,
         ..SpectralSgdConfig::default()
     };
-    let mut optimizer = SpectralSgd::new(&shapes, config)?;
+    let optimizer = SpectralSgd::new(&shapes, config)?;
     let start: Vec<f32> = (0..shapes.len())
         .flat_map(|j| optimizer.power_vector(j).to_vec())
         .collect();
     write_f32(&out.join("step_vectors.bin"), &start)?;
+    timed_step::<T>(optimizer, "step", "step", out, rounds, json)
+}
+
+/// The settings of `torch.optim.Muon(lr=0.02, weight_decay=0.1, momentum=0.95,
+/// nesterov=True)`, which peers.py's side uses: torch's `buf.lerp_(g, 1 - beta)` and
+/// `g.lerp_(buf, beta)` are the EMA momentum with Nesterov.
+fn muon_config() -> SpectralSgdConfig {
+    SpectralSgdConfig {
+        learning_rate: 0.02,
+        momentum: 0.95,
+        momentum_kind: MomentumKind::Ema,
+        nesterov: true,
+        weight_decay: 0.1,
+        scale: Scale::MuonMax1,
+        rounding: Rounding::Nearest,
+        update: UpdateRule::Orthogonalised(Schedule::MUON),
+        ..SpectralSgdConfig::default()
+    }
+}
+
+fn orthogonal_step<T: Element>(out: &Path, rounds: usize, json: &mut String) -> Result<()> {
+    let optimizer = SpectralSgd::new(&gpt2_small(), muon_config())?;
+    timed_step::<T>(
+        optimizer,
+        "orthogonal_step",
+        "orth",
+        out,
+        rounds.min(3),
+        json,
+    )
+}
+
+/// The first layer's orthogonalised update alone, `-η s orth(U)`: one step from zero `f32`
+/// weights (decay of zero is zero), written to `OUT/orth_f32_update.bin` for the tight check
+/// against torch's iteration run in `f32`.
+fn orthogonal_update(out: &Path) -> Result<()> {
+    let shapes = &gpt2_small()[..4];
+    let mut optimizer = SpectralSgd::new(shapes, muon_config())?;
+    let mut weights: Vec<Vec<f32>> = shapes.iter().map(|s| vec![0.0; s.len()]).collect();
+    optimizer.step(&mut weights, &hashed::<f32>(shapes, 1000))?;
+    write_f32(&out.join("orth_f32_update.bin"), &weights.concat())
+}
+
+/// One step from the hashed weights and gradients (its first layer's new weights written to
+/// `OUT/{file}_{dtype}_weights.bin` for the agreement check), then `rounds` timed steps.
+fn timed_step<T: Element>(
+    mut optimizer: SpectralSgd,
+    task: &str,
+    file: &str,
+    out: &Path,
+    rounds: usize,
+    json: &mut String,
+) -> Result<()> {
+    let shapes = gpt2_small();
     let mut weights = hashed::<T>(&shapes, 1);
     let grads = hashed::<T>(&shapes, 1000);
     let report = optimizer.step(&mut weights, &grads)?;
@@ -146,7 +207,7 @@ fn step<T: Element>(out: &Path, rounds: usize, json: &mut String) -> Result<()> 
         .flat_map(|w| w.iter().map(|x| x.to_f32()))
         .collect();
     write_f32(
-        &out.join(format!("step_{}_weights.bin", T::DTYPE.name())),
+        &out.join(format!("{file}_{}_weights.bin", T::DTYPE.name())),
         &layer,
     )?;
     let timing = time(rounds, || {
@@ -154,13 +215,13 @@ fn step<T: Element>(out: &Path, rounds: usize, json: &mut String) -> Result<()> 
         Ok(())
     })?;
     eprintln!(
-        "warm step (GPT-2 set, {}): {:.2} ms",
+        "warm {task} (GPT-2 set, {}): {:.2} ms",
         T::DTYPE.name(),
         timing.0
     );
     json_timing(
         json,
-        "step",
+        task,
         &format!("gpt2-small {}", T::DTYPE.name()),
         timing,
         "",
@@ -195,6 +256,9 @@ fn main() {
         warm_power_iteration(&out, rounds, &mut json)?;
         step::<f32>(&out, rounds, &mut json)?;
         step::<bf16>(&out, rounds, &mut json)?;
+        orthogonal_update(&out)?;
+        orthogonal_step::<f32>(&out, rounds, &mut json)?;
+        orthogonal_step::<bf16>(&out, rounds, &mut json)?;
         Ok(json)
     };
     match run() {

@@ -12,7 +12,8 @@ the subcommands are
 
 Tasks (see bench/peers/README.md): 1. spectral norm to 1e-3 relative error (cold start),
 2. one warm power iteration over the GPT-2-small matrix set, 3. the full spectral step on that
-set (f32 and bf16), written in eager PyTorch the way a user would.
+set (f32 and bf16), written in eager PyTorch the way a user would, 4. the orthogonalised step
+(Muon's rule) on that set against torch.optim.Muon itself (f32 and bf16 parameters).
 """
 import json
 import math
@@ -45,6 +46,20 @@ def shape_set():
 
 SHAPES = shape_set()
 LEARNING_RATE, MOMENTUM, COLD, WARM = 0.02, 0.95, 8, 1  # SpectralSgdConfig::default()
+# torch.optim.Muon's settings in task 4; benches/peers.rs's muon_config() is the crate's side.
+MUON = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True)
+# Agreement of task 4 (see bench/peers/README.md). torch's iteration in f32 against the crate's:
+# relative Frobenius difference of the first layer's update. Against torch.optim.Muon, which
+# orthogonalises in bf16 and adds a bf16 update: f32 parameters, relative Frobenius
+# difference of the change, and every element within ORTH_MUON_ELEMENT_TOLERANCE of the
+# change's RMS; bf16 parameters, every element within ORTH_BF16_ULPS bf16 ulps plus that.
+ORTH_F32_ITERATION_TOLERANCE, ORTH_MUON_F32_TOLERANCE = 1e-4, 3e-2
+# Element by element, torch's bf16 iteration departs from an f32 one by up to about 0.13 of
+# the update's RMS (measured on this set's f32 run, which also checks it).
+ORTH_MUON_ELEMENT_TOLERANCE = 0.2
+# torch rounds bf16 weights twice per step (after the decay, after the update: within one ulp
+# of the exact result), the crate once (within half an ulp), so they may differ by two ulps.
+ORTH_BF16_ULPS = 2
 
 
 def hashed(salt):
@@ -173,12 +188,86 @@ def run(data, out, rounds):
         record("step", f"gpt2-small {dtype_name}", "eager PyTorch step", timed(rounds, lambda: step(WARM)))
         del weights, grads, momenta
 
+    orthogonal_step(torch, out, rounds, results, record)
+
     with open(out / "peers.json", "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
     with open(out / "environment.json", "w") as f:
         json.dump(dict(torch=torch.__version__, numpy=np.__version__, scipy=__import__("scipy").__version__,
                        torch_threads=torch.get_num_threads(), python=platform.python_version()), f)
+
+
+def relative_difference(ours, theirs):
+    """||ours - theirs||_F / ||theirs||_F, in float64."""
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+
+
+def bf16_ulp(values):
+    """The spacing of bf16 numbers at each value (8 significant bits)."""
+    magnitude = np.maximum(np.abs(np.asarray(values, np.float64)), 2.0 ** -126)
+    return 2.0 ** (np.floor(np.log2(magnitude)) - 7)
+
+
+def orthogonal_step(torch, out, rounds, results, record):
+    """Task 4: the crate's orthogonalised step against torch.optim.Muon on the GPT-2 set."""
+    import torch.optim._muon as muon
+
+    layer = SHAPES[:4]
+    size = sum(rows * cols for rows, cols in layer)
+    adjusted = [MUON["lr"] * math.sqrt(max(1, rows / cols)) for rows, cols in layer]
+
+    # torch's own iteration run in f32: for this call its module sees torch.bfloat16 as
+    # torch.float32 (it casts with grad.to(dtype=torch.bfloat16, copy=True)).
+    class F32Torch:
+        def __getattr__(self, name):
+            return torch.float32 if name == "bfloat16" else getattr(torch, name)
+
+    coefficients = (muon.DEFAULT_A, muon.DEFAULT_B, muon.DEFAULT_C)
+    muon.torch = F32Torch()
+    try:
+        theirs = np.concatenate([
+            (-lr * muon._zeropower_via_newtonschulz(torch.from_numpy(g), coefficients, muon.DEFAULT_NS_STEPS, muon.EPS)).numpy().ravel()
+            for g, lr in zip(hashed(1000)[:4], adjusted)
+        ])
+    finally:
+        muon.torch = torch
+    ours = np.fromfile(out / "orth_f32_update.bin", dtype=np.float32)
+    difference = relative_difference(ours, theirs)
+    if not difference <= ORTH_F32_ITERATION_TOLERANCE:
+        raise SystemExit(f"orthogonalised update: {difference:.2e} from torch's iteration in f32 (> {ORTH_F32_ITERATION_TOLERANCE})")
+    results.append(dict(side="check", task="orthogonal_step", case="torch iteration in f32", relative_difference=difference))
+
+    for dtype_name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        params = [torch.nn.Parameter(torch.from_numpy(w).to(dtype)) for w in hashed(1)]
+        for p, g in zip(params, hashed(1000)):
+            p.grad = torch.from_numpy(g).to(dtype)
+        optimizer = torch.optim.Muon(params, **MUON)
+        before = np.concatenate([p.detach().float().numpy().ravel() for p in params[:4]])
+        optimizer.step()
+        after = np.concatenate([p.detach().float().numpy().ravel() for p in params[:4]])
+        ours = np.fromfile(out / f"orth_{dtype_name}_weights.bin", dtype=np.float32)
+        assert ours.size == after.size == size
+        before, ours, after = (np.asarray(x, np.float64) for x in (before, ours, after))
+        gap = np.abs(ours - after)
+        update_rms = float(np.sqrt(np.mean((after - before) ** 2)))
+        if dtype_name == "f32":
+            difference = relative_difference(ours - before, after - before)
+            check = dict(relative_difference=difference, largest_gap_per_update_rms=float(gap.max()) / update_rms)
+            if not (difference <= ORTH_MUON_F32_TOLERANCE and np.all(gap <= ORTH_MUON_ELEMENT_TOLERANCE * update_rms)):
+                raise SystemExit(f"orthogonalised step f32: the change departs from torch.optim.Muon's beyond {ORTH_MUON_F32_TOLERANCE} "
+                                 f"(Frobenius) or {ORTH_MUON_ELEMENT_TOLERANCE} of its RMS (an element): {check}")
+        else:
+            allowed = ORTH_BF16_ULPS * bf16_ulp(np.maximum(np.abs(ours), np.abs(after))) + ORTH_MUON_ELEMENT_TOLERANCE * update_rms
+            check = dict(identical_fraction=float(np.mean(gap == 0)), largest_gap=float(gap.max()),
+                         largest_gap_per_allowed=float(np.max(gap / allowed)))
+            if not np.all(gap <= allowed):
+                raise SystemExit(f"orthogonalised step bf16: weights differ by more than {ORTH_BF16_ULPS} ulps plus "
+                                 f"{ORTH_MUON_ELEMENT_TOLERANCE} of the change's RMS: {check}")
+        results.append(dict(side="check", task="orthogonal_step", case=f"gpt2-small {dtype_name}", **check))
+        record("orthogonal_step", f"gpt2-small {dtype_name}", "torch.optim.Muon", timed(max(1, min(rounds, 3)), optimizer.step))
+        del params, optimizer
 
 
 def eager_step(torch, weights, grads, momenta, vectors, scales, dtype):

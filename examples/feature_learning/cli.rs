@@ -10,8 +10,9 @@ use crate::feature_learning::experiments::Settings;
 /// Does spectral scaling make a network learn features at every width, and do its
 /// hyper-parameters transfer?
 ///
-/// Reproduces the experiments of math §7: a width sweep of 3-layer ReLU MLPs under four
-/// parametrisations (NTK, standard, spectral 3a and 3b), a learning-rate sweep at several
+/// Reproduces the experiments of math §7: a width sweep of 3-layer ReLU MLPs under five
+/// parametrisations (NTK, standard, spectral 3a and 3b, and spectral init with the
+/// orthogonalised rule of math §5b), a learning-rate sweep at several
 /// widths, and the stable rank of one-step gradient updates against batch size. Writes CSVs
 /// and PNG/SVG figures into --out and prints a summary.
 #[derive(Debug, Parser)]
@@ -52,6 +53,11 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = positive)]
     pub steps: Option<usize>,
 
+    /// The orthogonalised rule trains at widths up to N in both sweeps; its step costs
+    /// O(N^3) [default: 1024; 512 with --quick]
+    #[arg(long, value_name = "N", value_parser = positive)]
+    pub orthogonalised_max_width: Option<usize>,
+
     /// Where the spectral (3a) runs step
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
@@ -80,6 +86,9 @@ impl Args {
         if let Some(steps) = self.steps {
             settings.steps = steps;
             settings.sweep_steps = steps;
+        }
+        if let Some(max) = self.orthogonalised_max_width {
+            settings.orthogonalised_max_width = max;
         }
         settings
     }

@@ -143,6 +143,10 @@ pub fn draw(
                 Parametrisation::SpectralNormalised,
                 "spectral (SpectralSgd)",
             ),
+            lr_panel(
+                Parametrisation::SpectralOrthogonalised,
+                "spectral, orthogonalised (Muon's iteration)",
+            ),
         ],
     )?;
     let by_activation = |value: fn(&LowRankResult) -> f64| -> Vec<Series> {

@@ -7,14 +7,16 @@
 //! ```
 //!
 //! 1. **Width sweep.** 3-layer ReLU MLPs (`16 -> n -> n -> 4`) learn a fixed random teacher at
-//!    widths 2^6..2^11 (`--max-width` extends it), 3 seeds, under four parametrisations:
+//!    widths 2^6..2^11 (`--max-width` extends it), 3 seeds, under five parametrisations:
 //!    NTK (`N(0, 1/fan_in)`, SGD with `eta ∝ 1/fan_in`), standard (PyTorch's default init, one
-//!    SGD rate), spectral by normalisation (math §3a: `spectral_init` + `SpectralSgd`) and the
-//!    spectral parametrisation (math §3b). Measured: `||h2 - h2_0|| / ||h2_0||`,
+//!    SGD rate), spectral by normalisation (math §3a: `spectral_init` + `SpectralSgd`), the
+//!    spectral parametrisation (math §3b), and spectral init with `SpectralSgd`'s
+//!    orthogonalised rule (math §5b, Muon's iteration; up to width 1024, 512 with `--quick`,
+//!    `--orthogonalised-max-width` changes it). Measured: `||h2 - h2_0|| / ||h2_0||`,
 //!    `||W2 - W2_0||_* / ||W2_0||_*`, the training loss, and log-log slopes against width.
 //!    Expected: spectral flat, NTK slope about -1/2, standard growing.
 //! 2. **Learning-rate transfer.** Loss against learning rate at several widths, for standard
-//!    and spectral scaling: the optimum should stay put under spectral scaling.
+//!    scaling and both spectral rules: the optimum should stay put under spectral scaling.
 //! 3. **Low-rank updates** (math §7.2). The stable rank of a one-step gradient update of the
 //!    hidden layer against batch size, ReLU and tanh, and its alignment with the layer input.
 //! 4. **Training in bf16** (math §5a). The spectral (3a) MLP at width 1024 (512 with
@@ -41,7 +43,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use cli::Args;
 use feature_learning::experiments::{self, BATCH};
-use feature_learning::parametrisation::Parametrisation;
 use feature_learning::precision::{self, Precision};
 use feature_learning::statistics;
 
@@ -68,8 +69,8 @@ fn run(args: &Args) -> Result<(), String> {
         BATCH,
         use_cuda.as_deref().unwrap_or("the CPU")
     );
-    let total = (Parametrisation::ALL.len() * settings.widths.len() * settings.seeds as usize)
-        + 2 * settings.sweep_widths.len() * settings.sweep_exponents.len()
+    let total = settings.width_sweep_runs().len()
+        + settings.learning_rate_sweep_runs().len()
         + 2 * settings.batch_sizes.len()
         + Precision::ALL.len() * settings.seeds as usize;
     let bar = ProgressBar::new(total as u64);

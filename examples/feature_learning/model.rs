@@ -215,7 +215,7 @@ impl Mlp {
                     let uniform = Uniform::new(-bound, bound).expect("a non-empty range");
                     (0..shape.len()).map(|_| uniform.sample(&mut rng)).collect()
                 }
-                Parametrisation::SpectralNormalised => {
+                Parametrisation::SpectralNormalised | Parametrisation::SpectralOrthogonalised => {
                     let mut w = vec![0.0; shape.len()];
                     spectral_init(
                         &mut w,

@@ -1,4 +1,4 @@
-//! The four parametrisations of the width sweep (math §7): how each initialises and updates
+//! The five parametrisations of the width sweep (math §7): how each initialises and updates
 //! the weights.
 
 /// Width at which the NTK learning rate is `eta` for a hidden layer (`eta * BASE / fan_in`).
@@ -18,16 +18,29 @@ pub enum Parametrisation {
     /// math §3b: `N(0, sigma_l^2)` with `sigma_l = init_std(shape, 1)`, plain SGD with
     /// `eta_l = eta * fan_out / fan_in`.
     SpectralParametrisation,
+    /// math §5b: spectral init, and `SpectralSgd` replacing every update by `eta * s` times
+    /// its Newton–Schulz orthogonalisation (Muon's five quintic iterations): every singular
+    /// value of the update near `eta * s`, not only the top one.
+    SpectralOrthogonalised,
 }
 
 impl Parametrisation {
-    /// All four, in plotting order.
-    pub const ALL: [Parametrisation; 4] = [
+    /// All five, in plotting order.
+    pub const ALL: [Parametrisation; 5] = [
         Parametrisation::Ntk,
         Parametrisation::Standard,
         Parametrisation::SpectralNormalised,
         Parametrisation::SpectralParametrisation,
+        Parametrisation::SpectralOrthogonalised,
     ];
+
+    /// The two that step with `SpectralSgd` (and start from `spectral_init`).
+    pub fn uses_spectral_sgd(self) -> bool {
+        matches!(
+            self,
+            Parametrisation::SpectralNormalised | Parametrisation::SpectralOrthogonalised
+        )
+    }
 
     /// Short name for tables and files.
     pub fn name(self) -> &'static str {
@@ -36,6 +49,7 @@ impl Parametrisation {
             Parametrisation::Standard => "standard",
             Parametrisation::SpectralNormalised => "spectral-3a",
             Parametrisation::SpectralParametrisation => "spectral-3b",
+            Parametrisation::SpectralOrthogonalised => "spectral-orth",
         }
     }
 
@@ -49,6 +63,7 @@ impl Parametrisation {
             Parametrisation::Standard => 0.05,
             Parametrisation::SpectralNormalised => 0.01,
             Parametrisation::SpectralParametrisation => 0.5,
+            Parametrisation::SpectralOrthogonalised => 0.01,
         }
     }
 }

@@ -46,18 +46,27 @@ pub struct Slope {
     pub std: f64,
 }
 
-/// Slopes of feature and weight change against width, per parametrisation, over seeds.
+/// Slopes of feature and weight change against width, per parametrisation, over seeds
+/// (none for a parametrisation trained at fewer than two widths).
 pub fn slopes(results: &[RunResult]) -> Vec<Slope> {
     let mut out = Vec::new();
     for parametrisation in Parametrisation::ALL {
-        for quantity in ["feature_change", "weight_change"] {
-            let mut seeds: Vec<u64> = results
+        // The distinct values of `key` over the runs of `parametrisation`, in order.
+        let distinct = |key: fn(&RunResult) -> u64| {
+            let mut values: Vec<u64> = results
                 .iter()
                 .filter(|r| r.parametrisation == parametrisation)
-                .map(|r| r.seed)
+                .map(key)
                 .collect();
-            seeds.sort_unstable();
-            seeds.dedup();
+            values.sort_unstable();
+            values.dedup();
+            values
+        };
+        if distinct(|r| r.width as u64).len() < 2 {
+            continue;
+        }
+        let seeds = distinct(|r| r.seed);
+        for quantity in ["feature_change", "weight_change"] {
             let per_seed: Vec<f64> = seeds
                 .iter()
                 .map(|&seed| {

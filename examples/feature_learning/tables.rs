@@ -28,6 +28,10 @@ pub fn print(
                 .iter()
                 .filter(|r| r.parametrisation == p && r.width == width)
                 .collect();
+            if runs.is_empty() {
+                print!(" | {:^26}", "not trained");
+                continue;
+            }
             let mean = |f: fn(&RunResult) -> f64| {
                 runs.iter().map(|r| f(r)).sum::<f64>() / runs.len() as f64
             };
@@ -77,17 +81,21 @@ pub fn print(
             r.alignment
         );
     }
-    let spectral_updates: Vec<f64> = sweep
-        .iter()
-        .filter(|r| r.parametrisation == Parametrisation::SpectralNormalised)
-        .map(|r| r.last_update_ratio / f64::from(r.learning_rate))
-        .collect();
-    let (low_ratio, high_ratio) = spectral_updates
-        .iter()
-        .fold((f64::INFINITY, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
-    println!(
-        "\nSpectralSgd: last update |dW2|_* / (eta s) in [{low_ratio:.3}, {high_ratio:.3}] over all widths and seeds"
-    );
+    println!("\nSpectralSgd: last update |dW2|_* / (eta s) over all widths and seeds");
+    for parametrisation in [
+        Parametrisation::SpectralNormalised,
+        Parametrisation::SpectralOrthogonalised,
+    ] {
+        let (low_ratio, high_ratio) = sweep
+            .iter()
+            .filter(|r| r.parametrisation == parametrisation)
+            .map(|r| r.last_update_ratio / f64::from(r.learning_rate))
+            .fold((f64::INFINITY, 0.0f64), |(a, b), x| (a.min(x), b.max(x)));
+        println!(
+            "{:>14}: [{low_ratio:.3}, {high_ratio:.3}]",
+            parametrisation.name()
+        );
+    }
     println!(
         "\nbf16 training at width {}, {} steps: final loss (last 10 steps, mean over {} seeds)",
         settings.precision_width, settings.precision_steps, settings.seeds

@@ -1,7 +1,9 @@
 //! The optimiser step of each parametrisation, on the CPU or (spectral 3a) a CUDA device.
+//! The orthogonalised rule steps on the CPU: the device backend does not run it yet.
 
 use spectral_step::cuda::cudarc::driver::CudaSlice;
 use spectral_step::cuda::{Cuda, CudaDevice};
+use spectral_step::newton_schulz::{Schedule, UpdateRule};
 use spectral_step::scaling::sgd_learning_rate_multiplier;
 use spectral_step::{MatrixShape, SpectralSgd, SpectralSgdConfig};
 
@@ -22,7 +24,8 @@ pub struct Trainer {
 
 impl Trainer {
     /// The optimiser of `parametrisation` for `model`: `SpectralSgd` (momentum 0.9) for
-    /// spectral 3a, on the CUDA device if `cuda`; plain SGD otherwise.
+    /// spectral 3a, on the CUDA device if `cuda`, and with Muon's orthogonalised rule for
+    /// spectral-orth, on the CPU; plain SGD otherwise.
     pub fn new(
         parametrisation: Parametrisation,
         learning_rate: f32,
@@ -34,13 +37,21 @@ impl Trainer {
             momentum: 0.9,
             ..SpectralSgdConfig::default()
         };
-        let normalised = parametrisation == Parametrisation::SpectralNormalised;
-        let (spectral, device) = match (normalised, cuda) {
-            (true, true) => (
+        let (spectral, device) = match parametrisation {
+            Parametrisation::SpectralNormalised if cuda => (
                 None,
                 Some(DeviceEngine::new(&model.shapes, config, &model.weights)?),
             ),
-            (true, false) => (Some(SpectralSgd::new(&model.shapes, config)?), None),
+            Parametrisation::SpectralNormalised => {
+                (Some(SpectralSgd::new(&model.shapes, config)?), None)
+            }
+            Parametrisation::SpectralOrthogonalised => {
+                let config = SpectralSgdConfig {
+                    update: UpdateRule::Orthogonalised(Schedule::MUON),
+                    ..config
+                };
+                (Some(SpectralSgd::new(&model.shapes, config)?), None)
+            }
             _ => (None, None),
         };
         Ok(Self {
@@ -88,7 +99,8 @@ impl Trainer {
                     Parametrisation::SpectralParametrisation => {
                         self.learning_rate * sgd_learning_rate_multiplier(shape)
                     }
-                    Parametrisation::SpectralNormalised => unreachable!("handled above"),
+                    Parametrisation::SpectralNormalised
+                    | Parametrisation::SpectralOrthogonalised => unreachable!("handled above"),
                 };
             model.weights[layer]
                 .iter_mut()
