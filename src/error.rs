@@ -155,6 +155,25 @@ pub enum Error {
     /// partial does not fit in the device's shared memory, or a dimension above `u32`).
     #[error("not supported by the CUDA kernels: {0}")]
     DeviceLimit(String),
+
+    /// No cuBLAS library loads on this machine (CUDA 13's and 12's names are tried). What
+    /// needs cuBLAS cannot run on the device; the rest of the CUDA path can.
+    #[error("cuBLAS is not available: none of {tried} loads ({message})")]
+    NoCublas {
+        /// The library file names tried, in order.
+        tried: String,
+        /// The loader's error for each of them.
+        message: String,
+    },
+
+    /// A cuBLAS call returned an error status.
+    #[error("cuBLAS {call} failed with status {status}")]
+    Cublas {
+        /// The cuBLAS function.
+        call: &'static str,
+        /// Its `cublasStatus_t`.
+        status: i32,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

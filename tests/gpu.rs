@@ -414,3 +414,103 @@ fn buffers_of_another_handle_of_the_same_device_are_accepted() {
     assert!(gpu.report().unwrap().all_updated());
     assert_ne!(download(&other, &weights)[0], vec![0.5f32; 128]);
 }
+
+/// cuBLAS loads (CUDA 13's name first, then CUDA 12's) or the error names every file tried.
+/// Runs everywhere: a machine without cuBLAS must get the typed error, not a panic.
+#[test]
+fn cublas_loads_or_names_every_library_file_it_tried() {
+    use spectral_step::cuda::cublas::{self, CUBLAS_LIBRARY_NAMES};
+    match cublas::load() {
+        Ok(name) => {
+            eprintln!("cuBLAS from {name}");
+            assert!(CUBLAS_LIBRARY_NAMES.contains(&name), "{name}");
+        }
+        Err(Error::NoCublas { tried, message }) => {
+            eprintln!("no cuBLAS here: {message}");
+            for name in CUBLAS_LIBRARY_NAMES {
+                assert!(tried.contains(name), "{tried:?} lacks {name}");
+            }
+        }
+        Err(other) => panic!("unexpected error {other:?}"),
+    }
+}
+
+/// The Newton–Schulz products of math §5b on cuBLAS (`bf16` in and out, `f32` accumulation,
+/// one strided batch per shape) against the same products in `f64` on the host from the
+/// same `bf16` inputs: every element within a `bf16` rounding (2^-8 relative) plus `f32`
+/// accumulation error (1e-4 of the row's scale). A wrongly sized buffer is refused.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cublas_bf16_batched_products_match_a_plain_product() {
+    use spectral_step::cuda::cublas::{Cublas, GemmBatch};
+    let device = device();
+    let stream = device.stream().clone();
+    let cublas = Cublas::new(stream.clone()).expect("cuBLAS on a GPU machine");
+    eprintln!("cuBLAS from {}", cublas.library_name());
+    // X Xᵀ of a 768 x 2304 iterate, A·A of its Gram matrix, and B X: (m, n, k, A^T, B^T).
+    let cases = [
+        (768, 768, 2304, false, true),
+        (768, 768, 768, false, false),
+        (768, 2304, 768, false, false),
+        (37, 5, 301, true, false),
+    ];
+    for (seed, &(m, n, k, transpose_a, transpose_b)) in cases.iter().enumerate() {
+        let batch = GemmBatch {
+            m,
+            n,
+            k,
+            batch: 3,
+            transpose_a,
+            transpose_b,
+            alpha: 0.75,
+            beta: -0.5,
+        };
+        let a: Vec<bf16> = random_matrix(MatrixShape::new(3 * m, k), 1.0, 10 + seed as u64);
+        let b: Vec<bf16> = random_matrix(MatrixShape::new(3 * k, n), 1.0, 20 + seed as u64);
+        let c: Vec<bf16> = random_matrix(MatrixShape::new(3 * m, n), 1.0, 30 + seed as u64);
+        let (a_dev, b_dev) = (
+            stream.clone_htod(&a).unwrap(),
+            stream.clone_htod(&b).unwrap(),
+        );
+        let mut c_dev = stream.clone_htod(&c).unwrap();
+        cublas
+            .gemm_bf16(&batch, &a_dev, &b_dev, &mut c_dev)
+            .unwrap();
+        let got = stream.clone_dtoh(&c_dev).unwrap();
+        let (a, b, c) = (to_f64(&a), to_f64(&b), to_f64(&c));
+        for i in 0..3 {
+            for row in 0..m {
+                for col in 0..n {
+                    let (mut sum, mut scale) = (0.0, 0.0);
+                    for inner in 0..k {
+                        let a_value = if transpose_a {
+                            a[i * m * k + inner * m + row]
+                        } else {
+                            a[i * m * k + row * k + inner]
+                        };
+                        let b_value = if transpose_b {
+                            b[i * k * n + col * k + inner]
+                        } else {
+                            b[i * k * n + inner * n + col]
+                        };
+                        sum += a_value * b_value;
+                        scale += (a_value * b_value).abs();
+                    }
+                    let index = i * m * n + row * n + col;
+                    let expected = 0.75 * sum - 0.5 * c[index];
+                    let actual = f64::from(got[index].to_f32());
+                    let tolerance = expected.abs() / 256.0 + 1e-4 * (scale + c[index].abs());
+                    assert!(
+                        (actual - expected).abs() <= tolerance,
+                        "case {seed} product {i} ({row}, {col}): {actual} vs {expected}"
+                    );
+                }
+            }
+        }
+        let short = stream.clone_htod(&vec![bf16::ZERO; 3]).unwrap();
+        assert!(matches!(
+            cublas.gemm_bf16(&batch, &short, &b_dev, &mut c_dev),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}

@@ -20,6 +20,7 @@
 //! }
 //! ```
 
+pub mod cublas;
 mod device;
 mod loader;
 
