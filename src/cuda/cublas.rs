@@ -230,9 +230,9 @@ impl Cublas {
     }
 
     /// Enqueues `batch` on the handle's stream: `bf16` operands and result, `f32`
-    /// accumulation (`CUBLAS_COMPUTE_32F`). Each buffer's length must be exactly its
-    /// operand's (`batch * m * k`, `batch * k * n`, `batch * m * n`), else
-    /// [`Error::InvalidArgument`] and nothing is enqueued.
+    /// accumulation (`CUBLAS_COMPUTE_32F`). Each buffer must belong to the stream's context
+    /// and hold exactly its operand's elements (`batch * m * k`, `batch * k * n`,
+    /// `batch * m * n`), else [`Error::InvalidArgument`] and nothing is enqueued.
     pub fn gemm_bf16(
         &self,
         batch: &GemmBatch,
@@ -241,6 +241,17 @@ impl Cublas {
         c: &mut CudaSlice<bf16>,
     ) -> Result<()> {
         let (a_len, b_len, c_len) = batch.lengths()?;
+        // The same driver context, even through another `CudaContext` handle of it.
+        let context = self.stream.context();
+        if [a.context(), b.context(), c.context()]
+            .iter()
+            .any(|buffer_context| ***buffer_context != **context)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "a buffer of another CUDA context was passed to cuBLAS on device {}",
+                context.ordinal()
+            )));
+        }
         if (a.len(), b.len(), c.len()) != (a_len, b_len, c_len) {
             return Err(Error::InvalidArgument(format!(
                 "cuBLAS batch {batch:?} needs buffers of {a_len}, {b_len} and {c_len} \
@@ -276,8 +287,8 @@ impl Cublas {
         let (a_ptr, _a_guard) = a.device_ptr(&self.stream);
         let (b_ptr, _b_guard) = b.device_ptr(&self.stream);
         let (c_ptr, _c_guard) = c.device_ptr_mut(&self.stream);
-        // SAFETY: the three buffers hold exactly `batch` packed matrices of the shapes
-        // above (checked), so every access the strided batch makes with these leading
+        // SAFETY: the three buffers are of the stream's context and hold exactly `batch`
+        // packed matrices of the shapes above (both checked), so every access the strided batch makes with these leading
         // dimensions and strides is inside them; `c` is borrowed mutably, so it aliases
         // neither input; alpha and beta are host `f32`s, as CUBLAS_COMPUTE_32F with the
         // default host pointer mode reads them, alive for the call; the guards order the
