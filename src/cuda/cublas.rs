@@ -279,11 +279,8 @@ impl Cublas {
         let lda = row_length(m, k, batch.transpose_a);
         let ldb = row_length(k, n, batch.transpose_b);
         let op = |transposed: bool| if transposed { OP_T } else { OP_N };
-        let (stride_a, stride_b, stride_c) = (
-            (batch.m * batch.k) as c_longlong,
-            (batch.k * batch.n) as c_longlong,
-            (batch.m * batch.n) as c_longlong,
-        );
+        let stride = |len: usize| (len / batch.batch) as c_longlong;
+        let (stride_a, stride_b, stride_c) = (stride(a_len), stride(b_len), stride(c_len));
         let (a_ptr, _a_guard) = a.device_ptr(&self.stream);
         let (b_ptr, _b_guard) = b.device_ptr(&self.stream);
         let (c_ptr, _c_guard) = c.device_ptr_mut(&self.stream);
