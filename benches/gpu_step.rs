@@ -9,6 +9,12 @@
 //! - copy: reads and writes N bytes: 2N.
 //!
 //! Targets on an H200: step >= 85% and power pass >= 80% of the copy's bandwidth.
+//!
+//! Then the orthogonalised step (Muon's rule, 5 Newton–Schulz iterations, `f32` parameters)
+//! on the same set, against the step's own cuBLAS products run alone on buffers of the same
+//! layout, interleaved: throughput by the flop model `5 (4 m^2 n + 2 m^3)` per matrix
+//! (`m <= n` its sides), and the step's time over the products' (what the crate's kernels,
+//! the polynomial and the launches add).
 //! Without a driver or a device it prints NOT RUN and why, and exits 0 (it is a benchmark,
 //! not a test); any other error is FAILED and exit status 1.
 //!
@@ -24,8 +30,14 @@ use spectral_step::cuda::cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DeviceRepr, sys::CUevent_flags,
 };
 use spectral_step::cuda::{Cuda, CudaDevice, PowerIteration};
+use spectral_step::device::Device;
 use spectral_step::half::bf16;
-use spectral_step::{Element, SpectralSgd, SpectralSgdConfig};
+use spectral_step::kernels::iterate::IterateLayout;
+use spectral_step::kernels::plan::{self, IteratePointers, Operation, TablePointers};
+use spectral_step::{
+    BatchLayout, BlockPolicy, Element, Schedule, SpectralSgd, SpectralSgdConfig, StepTypes,
+    UpdateRule,
+};
 
 use common::{gpt2_small, hashed as fill, median, rounds_arg};
 
@@ -149,6 +161,128 @@ fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<f64> {
     Ok(step_ms)
 }
 
+/// Times the orthogonalised step beside its products alone; returns the step's median ms.
+fn orthogonal(rounds: usize) -> Result<f64> {
+    let shapes = gpt2_small();
+    let device = CudaDevice::open(0)?;
+    let config = SpectralSgdConfig {
+        learning_rate: 0.02,
+        weight_decay: 0.1,
+        update: UpdateRule::MUON,
+        ..SpectralSgdConfig::default()
+    };
+    let mut optimizer = SpectralSgd::<Cuda>::on_device(&shapes, config, device)?;
+    let stream = optimizer.device().stream().clone();
+    let context = optimizer.device().context().clone();
+    let upload = |salt: u64| -> Result<Vec<CudaSlice<f32>>> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(j, s)| Ok(stream.clone_htod(&fill::<f32>(s.len(), salt + j as u64))?))
+            .collect()
+    };
+    let mut weights = upload(1)?;
+    let grads = upload(1000)?;
+    optimizer.step(&mut weights, &grads)?;
+    assert!(
+        optimizer.report()?.all_updated(),
+        "warm-up step skipped a matrix"
+    );
+
+    // The step's own products, on buffers laid out as the step's.
+    let layout = BatchLayout::new(&shapes, BlockPolicy::CUDA)?;
+    let iterates = IterateLayout::new(&layout)?;
+    let bf16_buffer = |elements: usize| stream.alloc_zeros::<bf16>(elements);
+    let x = [
+        bf16_buffer(iterates.iterate_elements())?,
+        bf16_buffer(iterates.iterate_elements())?,
+    ];
+    let gram = bf16_buffer(iterates.gram_elements())?;
+    let gram_square = stream.alloc_zeros::<f32>(iterates.gram_elements())?;
+    let polynomial = bf16_buffer(iterates.gram_elements())?;
+    let address = |buffer: &CudaSlice<bf16>| {
+        use spectral_step::cuda::cudarc::driver::DevicePtr;
+        buffer.device_ptr(&stream).0
+    };
+    let pointers = IteratePointers {
+        iterates: [address(&x[0]), address(&x[1])],
+        gram: address(&gram),
+        gram_square: {
+            use spectral_step::cuda::cudarc::driver::DevicePtr;
+            gram_square.device_ptr(&stream).0
+        },
+        polynomial: address(&polynomial),
+        block_norms: 0,
+    };
+    let products: Vec<_> = plan::orthogonal_step_operations(
+        &layout,
+        &iterates,
+        &config,
+        &Schedule::MUON,
+        StepTypes::same(spectral_step::Dtype::F32),
+        TablePointers::default(),
+        pointers,
+        1,
+    )?
+    .into_iter()
+    .filter_map(|operation| match operation {
+        Operation::Gemm(gemm) => Some(gemm),
+        Operation::Launch(_) => None,
+    })
+    .collect();
+    let gemm_device = CudaDevice::on_stream(stream.clone())?;
+    gemm_device.prepare_gemm()?;
+    let flops: f64 = shapes
+        .iter()
+        .map(|s| {
+            let (m, n) = (
+                s.fan_out.min(s.fan_in) as f64,
+                s.fan_out.max(s.fan_in) as f64,
+            );
+            5.0 * (4.0 * m * m * n + 2.0 * m * m * m)
+        })
+        .sum();
+    let (mut step_times, mut product_times, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let wall = Instant::now();
+    for _ in 0..rounds {
+        let step_ms = timed(&context, &stream, &mut || {
+            optimizer.step(&mut weights, &grads)?;
+            Ok(())
+        })?;
+        let products_ms = timed(&context, &stream, &mut || {
+            for gemm in &products {
+                // SAFETY: every product's operands are the shape groups' iterates and Gram
+                // matrices at the offsets of `iterates`, the layout these buffers were
+                // allocated from, alive until the end of this function (the last `timed`
+                // waits for the stream); A, A^2, P and the iterate buffers are distinct.
+                unsafe { gemm_device.gemm(gemm)? };
+            }
+            Ok(())
+        })?;
+        step_times.push(step_ms);
+        product_times.push(products_ms);
+        ratios.push(step_ms / products_ms);
+    }
+    assert!(
+        optimizer.report()?.all_updated(),
+        "a timed step skipped a matrix"
+    );
+    let (step_ms, products_ms) = (median(&mut step_times), median(&mut product_times));
+    let tflops = |ms: f64| flops / (ms * 1e9);
+    println!(
+        "  orth | step {step_ms:7.3} ms = {:6.1} TFLOP/s | its {} cuBLAS products alone {products_ms:7.3} ms = {:6.1} TFLOP/s | step / products {:.3} (min {:.3} max {:.3}) | {} rounds in {:.1} s",
+        tflops(step_ms),
+        products.len(),
+        tflops(products_ms),
+        median(&mut ratios),
+        ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        ratios.iter().copied().fold(0.0, f64::max),
+        rounds,
+        wall.elapsed().as_secs_f64()
+    );
+    Ok(step_ms)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rounds = rounds_arg(21);
@@ -164,7 +298,12 @@ fn main() {
         "GPT-2-small set, warm step and one power iteration vs device-to-device copy (median of {rounds} interleaved rounds)"
     );
     let mut lines = String::new();
-    for (name, result) in [("f32", run::<f32>(rounds)), ("bf16", run::<bf16>(rounds))] {
+    let cases = [
+        ("f32", run::<f32>(rounds)),
+        ("bf16", run::<bf16>(rounds)),
+        ("orth_f32", orthogonal(rounds.min(11))),
+    ];
+    for (name, result) in cases {
         match result {
             Ok(ms) => lines.push_str(&format!(
                 "{{\"side\": \"crate\", \"task\": \"gpu_step\", \"case\": \"{name}\", \"median_ms\": {ms:.4}}}\n"

@@ -113,7 +113,8 @@ pub struct ModuleSpec {
 const UPDATE_PAIRS: [(usize, usize); 5] = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2)];
 
 /// Every module, in a fixed order: the power passes per type and variant, the finish, the
-/// updates per pair of types.
+/// updates per variant and pair of types, then the orthogonalised rule's element-wise
+/// kernels.
 pub fn module_specs() -> Vec<ModuleSpec> {
     let mut specs = Vec::new();
     for element in &ELEMENT_TYPES {
@@ -130,18 +131,37 @@ pub fn module_specs() -> Vec<ModuleSpec> {
         roles: Roles::NONE,
         variant: "",
     });
-    for (w, g) in UPDATE_PAIRS {
+    for variant in ["power", "orth"] {
+        for (w, g) in UPDATE_PAIRS {
+            specs.push(ModuleSpec {
+                file: "update.ptx",
+                roles: Roles::update(&ELEMENT_TYPES[w], &ELEMENT_TYPES[g]),
+                variant,
+            });
+        }
+    }
+    for element in &ELEMENT_TYPES {
+        for variant in ["norm", "start"] {
+            specs.push(ModuleSpec {
+                file: "orth_direction.ptx",
+                roles: Roles::single(element),
+                variant,
+            });
+        }
+    }
+    for file in ["orth_polynomial.ptx", "orth_check.ptx"] {
         specs.push(ModuleSpec {
-            file: "update.ptx",
-            roles: Roles::update(&ELEMENT_TYPES[w], &ELEMENT_TYPES[g]),
+            file,
+            roles: Roles::NONE,
             variant: "",
         });
     }
     specs
 }
 
-/// The variant tags a line may start with (`@step `, `@plain `).
-const VARIANT_TAGS: [&str; 2] = ["step", "plain"];
+/// The variant tags a line may start with (`@step `, `@plain ` in `power_pass.ptx`;
+/// `@power `, `@orth ` in `update.ptx`; `@norm `, `@start ` in `orth_direction.ptx`).
+const VARIANT_TAGS: [&str; 6] = ["step", "plain", "power", "orth", "norm", "start"];
 
 /// Whether a line with this type tag is kept: `@half ` / `@half:R ` for a 16-bit type in
 /// role `T` / `R`, `@mixed ` for `f32` weights with 16-bit gradients. `None`: no type tag.
@@ -947,21 +967,26 @@ mod tests {
     #[test]
     fn the_module_specs_name_each_pair_once() {
         let specs = module_specs();
-        let updates: Vec<(&str, &str)> = specs
-            .iter()
-            .filter(|spec| spec.file == "update.ptx")
-            .map(|spec| (spec.roles.w.unwrap().name, spec.roles.g.unwrap().name))
-            .collect();
-        assert_eq!(
-            updates,
-            [
-                ("f32", "f32"),
-                ("f16", "f16"),
-                ("bf16", "bf16"),
-                ("f32", "f16"),
-                ("f32", "bf16")
-            ]
-        );
-        assert_eq!(specs.len(), 6 + 1 + 5);
+        for variant in ["power", "orth"] {
+            let updates: Vec<(&str, &str)> = specs
+                .iter()
+                .filter(|spec| spec.file == "update.ptx" && spec.variant == variant)
+                .map(|spec| (spec.roles.w.unwrap().name, spec.roles.g.unwrap().name))
+                .collect();
+            assert_eq!(
+                updates,
+                [
+                    ("f32", "f32"),
+                    ("f16", "f16"),
+                    ("bf16", "bf16"),
+                    ("f32", "f16"),
+                    ("f32", "bf16")
+                ],
+                "{variant}"
+            );
+        }
+        // Power passes, finish, both updates, the orthogonalised rule's direction kernels,
+        // polynomial and check.
+        assert_eq!(specs.len(), 6 + 1 + 2 * 5 + 6 + 2);
     }
 }

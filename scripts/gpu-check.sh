@@ -79,7 +79,7 @@ within_budget() {
 }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 echo "== device tests (tests/gpu.rs, ignored ones included)"
-timeout 40 ./gpu --include-ignored --test-threads=1 || status=1
+timeout 60 ./gpu --include-ignored --test-threads=1 || status=1
 echo "== the candle adapter on CUDA tensors (tests/candle_cuda.rs, ignored ones included)"
 if [[ -f candle_cuda.xz && ! -x candle_cuda ]]; then
     python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open("candle_cuda.xz"), open("candle_cuda", "wb"))' \

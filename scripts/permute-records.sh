@@ -37,7 +37,7 @@ for match in re.finditer(r"record! \{.*?pub struct (\w+) \{\n(.*?)\n    \}\n\}",
     names = [re.search(r"pub (\w+):", f[-1]).group(1) for f in reversed(fields)]
     reversed_records.append(f"{name}: {', '.join(names)}")
 out.append(text[pos:])
-assert len(reversed_records) == 5, reversed_records
+assert len(reversed_records) == 6, reversed_records
 open(path, "w").write("".join(out))
 print("records with their fields reversed:")
 print("\n".join("  " + r for r in reversed_records))

@@ -52,7 +52,7 @@ pub(crate) fn decide(
     iterations_needed: u32,
 ) -> Decision {
     let eta = f64::from(learning_rate);
-    let decay = (1.0 - eta * f64::from(weight_decay)) as f32;
+    let decay = decay(learning_rate, weight_decay);
     let record = |sigma: f32, status: Status, coefficient: f32| MatrixResult {
         sigma,
         power_estimate: 0.0,
@@ -172,6 +172,11 @@ pub(crate) fn iterations_after(round: u32, previous: &MatrixResult, decided: &Ma
 /// count); a vector's estimate is exact after one pass (math §4.3).
 pub(crate) fn continues(round: u32, is_vector: bool, previous: &MatrixResult) -> bool {
     !is_vector && previous.status == Status::Updated as u32 && round < previous.iterations_needed
+}
+
+/// `1 - eta lambda`, in `f64` and rounded once: the weight decay factor of every rule.
+pub(crate) fn decay(learning_rate: f32, weight_decay: f32) -> f32 {
+    (1.0 - f64::from(learning_rate) * f64::from(weight_decay)) as f32
 }
 
 /// The report line of a result record, with the same meaning on every backend. Errors on a

@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytemuck::Pod;
 use ptx_sim::DevicePtr;
 
-use crate::device::{Device, DeviceBackend, PowerIteration, checked_end, sealed};
+use crate::device::{Device, DeviceBackend, Gemm, GemmOutput, PowerIteration, checked_end, sealed};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::kernels::{self, KernelId, Launch, LaunchArg};
@@ -119,6 +119,8 @@ pub struct SimStats {
     /// Host-to-device copies into the backend's buffers (tables and state), through the
     /// [`Device`] seam: a step on unchanged buffers makes none.
     pub backend_uploads: u64,
+    /// Strided batches of products ([`Device::gemm`]), run on the host.
+    pub gemms: u64,
 }
 
 struct SimState {
@@ -528,6 +530,46 @@ impl Device for SimDevice {
         stats.thread_instructions += run.thread_instructions;
         stats.global_vector_accesses += run.global_vector_accesses;
         Ok(())
+    }
+
+    /// The simulator multiplies on the host: nothing to load.
+    fn prepare_gemm(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs `gemm` at once with [`host_gemm`](crate::device::host_gemm) on the simulated
+    /// memory: every operand is read and written through the simulator's bounds checks, so
+    /// an address outside a live allocation is an error here, not undefined behaviour.
+    unsafe fn gemm(&self, gemm: &Gemm) -> Result<()> {
+        let (a_bytes, b_bytes, c_bytes) = gemm.byte_lengths()?;
+        let mut state = self.state()?;
+        let read = |state: &SimState, address: u64, len: usize| {
+            state
+                .memory
+                .read(DevicePtr(address), len)
+                .map_err(sim_error("reading a GEMM operand"))
+        };
+        let halves = |bytes: Vec<u8>| -> Vec<half::bf16> { bytemuck::pod_collect_to_vec(&bytes) };
+        let a = halves(read(&state, gemm.a, a_bytes)?);
+        let b = halves(read(&state, gemm.b, b_bytes)?);
+        let old = read(&state, gemm.c, c_bytes)?;
+        let mut c: Vec<f32> = match gemm.output {
+            GemmOutput::Bf16 => halves(old).iter().map(|v| v.to_f32()).collect(),
+            GemmOutput::F32 => bytemuck::pod_collect_to_vec(&old),
+        };
+        crate::device::host_gemm(&gemm.batch, &a, &b, &mut c)?;
+        let bytes: Vec<u8> = match gemm.output {
+            GemmOutput::Bf16 => c
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+                .collect(),
+            GemmOutput::F32 => bytemuck::cast_slice(&c).to_vec(),
+        };
+        state.stats.gemms += 1;
+        state
+            .memory
+            .write(DevicePtr(gemm.c), &bytes)
+            .map_err(sim_error("writing a GEMM result"))
     }
 
     /// Nothing to wait for: launches run when they are enqueued.

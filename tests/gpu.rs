@@ -17,7 +17,8 @@ use spectral_step::cuda::{
 use spectral_step::half::{bf16, f16};
 use spectral_step::kernels::{self, KernelId};
 use spectral_step::{
-    Element, Error, MatrixShape, MatrixStatus, MomentumKind, SpectralSgd, SpectralSgdConfig,
+    Element, Error, MatrixShape, MatrixStatus, MomentumKind, Schedule, SpectralSgd,
+    SpectralSgdConfig, UpdateRule,
 };
 
 #[test]
@@ -392,6 +393,16 @@ fn sanitizer_workload() {
         let matrices = upload(power.device(), &weights);
         power.iterate(&matrices, 2).unwrap();
         assert!(power.report().unwrap().all_updated());
+        // The orthogonalised rule: its kernels and cuBLAS's products on the same stream.
+        let config = SpectralSgdConfig {
+            update: UpdateRule::MUON,
+            ..config
+        };
+        let mut gpu = SpectralSgd::<Cuda>::on_device(shapes, config, device()).unwrap();
+        let mut device_weights = upload(gpu.device(), &weights);
+        gpu.step(&mut device_weights, &device_grads).unwrap();
+        let report = gpu.report().unwrap();
+        assert_eq!(report.matrices[3].status, MatrixStatus::SkippedNonFinite);
     }
     steps::<f32>(&shapes);
     steps::<bf16>(&shapes);
@@ -512,5 +523,88 @@ fn cublas_bf16_batched_products_match_a_plain_product() {
             cublas.gemm_bf16(&batch, &short, &b_dev, &mut c_dev),
             Err(Error::InvalidArgument(_))
         ));
+    }
+}
+
+/// The orthogonalised rule (math §5b) on the GPU, cuBLAS's products and the crate's kernels,
+/// against the CPU path (`f32` iterates) with the simulator suite's bounds: two steps of Muon
+/// and of Polar Express x8 on ragged and GPT-2-sized shapes, and a zero and a non-finite
+/// gradient treated as on the CPU.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_orthogonalised_step_matches_cpu() {
+    let mut shapes: Vec<MatrixShape> = [(1, 1), (1, 17), (17, 1), (13, 7), (7, 13), (97, 3)]
+        .into_iter()
+        .map(MatrixShape::from)
+        .collect();
+    shapes.extend([(768, 2304), (768, 768), (768, 3072), (3072, 768)].map(MatrixShape::from));
+    shapes.extend([(8, 12), (12, 8)].map(MatrixShape::from));
+    let last = shapes.len() - 1;
+    for schedule in [Schedule::MUON, Schedule::PolarExpress { iterations: 8 }] {
+        let config = SpectralSgdConfig {
+            learning_rate: 0.02,
+            weight_decay: 0.1,
+            update: UpdateRule::Orthogonalised(schedule),
+            ..SpectralSgdConfig::default()
+        };
+        let mut cpu = SpectralSgd::new(&shapes, config).unwrap();
+        let exact_momentum = KernelPath::Avx2Fma.is_supported();
+        if exact_momentum {
+            cpu.set_kernel_path(KernelPath::Avx2Fma).unwrap();
+        }
+        let device = device();
+        let mut gpu = SpectralSgd::<Cuda>::on_device(&shapes, config, device).unwrap();
+        let initial: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(j, &s)| random_matrix(s, 0.05, j as u64))
+            .collect();
+        let mut weights = initial.clone();
+        let mut device_weights = upload(gpu.device(), &weights);
+        let mut grads: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(j, &s)| random_matrix(s, 1.0, 500 + j as u64))
+            .collect();
+        grads[last - 1].fill(0.0);
+        grads[last][5] = f32::NAN;
+        let device_grads = upload(gpu.device(), &grads);
+        let mut cpu_report = None;
+        for _ in 0..2 {
+            cpu_report = Some(cpu.step(&mut weights, &grads).unwrap());
+            gpu.step(&mut device_weights, &device_grads).unwrap();
+        }
+        let cpu_report = cpu_report.unwrap();
+        let report = gpu.report().unwrap();
+        let got = download(gpu.device(), &device_weights);
+        for (j, &shape) in shapes.iter().enumerate() {
+            let what = format!("{schedule:?} {}x{}", shape.fan_out, shape.fan_in);
+            assert_eq!(
+                report.matrices[j].status, cpu_report.matrices[j].status,
+                "{what}"
+            );
+            let momentum = gpu.momentum_to_host(j).unwrap();
+            if exact_momentum {
+                assert_same_bits(&format!("{what} momentum"), &momentum, cpu.momentum(j));
+            }
+            if report.matrices[j].status != MatrixStatus::Updated {
+                assert_same_bits(&format!("{what} weights"), &got[j], &initial[j]);
+                continue;
+            }
+            let distance = relative_distance(
+                &change(&got[j], &initial[j]),
+                &change(&weights[j], &initial[j]),
+            );
+            eprintln!("{what}: GPU vs CPU change {distance:.2e}");
+            assert!(
+                distance < orthogonal_change_bound(shape),
+                "{what}: {distance:.3e}"
+            );
+        }
+        assert_eq!(
+            report.matrices[last - 1].status,
+            MatrixStatus::ZeroDirection
+        );
+        assert_eq!(report.matrices[last].status, MatrixStatus::SkippedNonFinite);
     }
 }

@@ -330,6 +330,32 @@ def gpu_step(crate_json, rounds):
         else:
             print(f"| {dtype_name} | {theirs:.3f} | {ours['median_ms']:.3f} | **{theirs / ours['median_ms']:.2f}x** |")
         del weights, grads, momenta
+    # The orthogonalised step: torch.optim.Muon (bf16 Newton-Schulz, 5 iterations) on f32
+    # parameters, beside the crate's Muon rule on the same set.
+    if not hasattr(torch.optim, "Muon"):
+        print(f"| orth f32 | NOT RUN: torch {torch.__version__} has no torch.optim.Muon (2.9+) | | |")
+        return
+    params = [torch.nn.Parameter(torch.from_numpy(w).to(device=device, dtype=torch.float32)) for w in hashed(1)]
+    for p, g in zip(params, hashed(1000)):
+        p.grad = torch.from_numpy(g).to(device=device, dtype=torch.float32)
+    optimizer = torch.optim.Muon(params, **MUON)
+    optimizer.step()
+    times = []
+    for _ in range(max(1, min(rounds, 11))):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        optimizer.step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    theirs = times[len(times) // 2]
+    ours = crate.get("orth_f32")
+    label = "orth f32 (torch.optim.Muon)"
+    if ours is None:
+        print(f"| {label} | {theirs:.3f} | NOT RUN | |")
+    else:
+        print(f"| {label} | {theirs:.3f} | {ours['median_ms']:.3f} | **{theirs / ours['median_ms']:.2f}x** |")
 
 
 def report(out, command):

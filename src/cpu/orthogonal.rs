@@ -49,7 +49,7 @@ where
         coefficients: schedule.coefficients()?,
         norm_factor: schedule.norm_factor(),
         learning_rate: config.learning_rate,
-        decay: 1.0 - config.learning_rate * config.weight_decay,
+        decay: crate::policy::decay(config.learning_rate, config.weight_decay),
         stochastic: config
             .rounds_stochastically(TW::DTYPE)
             .then(|| RoundingKey::new(config.seed, step)),

@@ -14,6 +14,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use super::cuda_error;
+pub use crate::device::{Gemm, GemmBatch, GemmOutput};
 use crate::error::{Error, Result};
 
 /// The cuBLAS library files tried, in order: CUDA 13's, then CUDA 12's.
@@ -29,6 +30,7 @@ const STATUS_SUCCESS: Status = 0;
 const OP_N: c_int = 0;
 const OP_T: c_int = 1;
 const CUDA_R_16BF: c_int = 14;
+const CUDA_R_32F: c_int = 0;
 const COMPUTE_32F: c_int = 68;
 const GEMM_DEFAULT: c_int = -1;
 
@@ -138,50 +140,24 @@ fn check(call: &'static str, status: Status) -> Result<()> {
     }
 }
 
-/// One strided batch of row-major products `C_i = alpha op(A_i) op(B_i) + beta C_i`, the
-/// matrices of each operand packed one after another: `op(A_i)` is `m x k`, `op(B_i)` is
-/// `k x n`, `C_i` is `m x n`, and `op` transposes where asked (`A_i` is then stored `k x m`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GemmBatch {
-    /// Rows of `op(A_i)` and `C_i`.
-    pub m: usize,
-    /// Columns of `op(B_i)` and `C_i`.
-    pub n: usize,
-    /// Columns of `op(A_i)`, rows of `op(B_i)`.
-    pub k: usize,
-    /// Products in the batch.
-    pub batch: usize,
-    /// Use `A_iᵀ`.
-    pub transpose_a: bool,
-    /// Use `B_iᵀ`.
-    pub transpose_b: bool,
-    /// `alpha`.
-    pub alpha: f32,
-    /// `beta` (0: `C` is only written).
-    pub beta: f32,
+/// An element type cuBLAS stores a product's result in: `bf16` or `f32`.
+pub trait GemmResult: cudarc::driver::DeviceRepr + private::Sealed {
+    /// Its [`GemmOutput`].
+    const OUTPUT: GemmOutput;
 }
 
-impl GemmBatch {
-    /// Elements of (A, B, C): every dimension at least 1 and below `i32::MAX`, as cuBLAS
-    /// takes them, and each operand's length exactly its matrices'.
-    fn lengths(&self) -> Result<(usize, usize, usize)> {
-        let dims = [self.m, self.n, self.k, self.batch];
-        let bad = |why: &str| Error::InvalidArgument(format!("cuBLAS batch {self:?}: {why}"));
-        if dims.iter().any(|&d| d == 0 || d > i32::MAX as usize) {
-            return Err(bad("every dimension must be in 1..=i32::MAX"));
-        }
-        let product = |a: usize, b: usize| {
-            a.checked_mul(b)
-                .and_then(|size| size.checked_mul(self.batch))
-                .filter(|&len| len <= i64::MAX as usize)
-                .ok_or_else(|| bad("an operand overflows"))
-        };
-        Ok((
-            product(self.m, self.k)?,
-            product(self.k, self.n)?,
-            product(self.m, self.n)?,
-        ))
-    }
+mod private {
+    pub trait Sealed {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for f32 {}
+}
+
+impl GemmResult for bf16 {
+    const OUTPUT: GemmOutput = GemmOutput::Bf16;
+}
+
+impl GemmResult for f32 {
+    const OUTPUT: GemmOutput = GemmOutput::F32;
 }
 
 /// A cuBLAS handle on one stream of a device.
@@ -190,6 +166,13 @@ pub struct Cublas {
     stream: Arc<CudaStream>,
     library: &'static Library,
 }
+
+// SAFETY: cuBLAS allows a handle to be used from any host thread, and from several at once
+// so long as its configuration does not change meanwhile (cuBLAS guide, "Thread Safety");
+// this type sets the stream once, in `new`, and changes nothing after.
+unsafe impl Send for Cublas {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Cublas {}
 
 impl std::fmt::Debug for Cublas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -229,16 +212,16 @@ impl Cublas {
         self.library.name
     }
 
-    /// Enqueues `batch` on the handle's stream: `bf16` operands and result, `f32`
-    /// accumulation (`CUBLAS_COMPUTE_32F`). Each buffer must belong to the stream's context
+    /// Enqueues `batch` on the handle's stream: `bf16` operands, `f32` accumulation
+    /// (`CUBLAS_COMPUTE_32F`), the result stored as `C` (`bf16` or `f32`). Each buffer must belong to the stream's context
     /// and hold exactly its operand's elements (`batch * m * k`, `batch * k * n`,
     /// `batch * m * n`), else [`Error::InvalidArgument`] and nothing is enqueued.
-    pub fn gemm_bf16(
+    pub fn gemm_bf16<C: GemmResult>(
         &self,
         batch: &GemmBatch,
         a: &CudaSlice<bf16>,
         b: &CudaSlice<bf16>,
-        c: &mut CudaSlice<bf16>,
+        c: &mut CudaSlice<C>,
     ) -> Result<()> {
         let (a_len, b_len, c_len) = batch.lengths()?;
         // The same driver context, even through another `CudaContext` handle of it.
@@ -261,6 +244,33 @@ impl Cublas {
                 c.len()
             )));
         }
+        let (a_ptr, _a_guard) = a.device_ptr(&self.stream);
+        let (b_ptr, _b_guard) = b.device_ptr(&self.stream);
+        let (c_ptr, _c_guard) = c.device_ptr_mut(&self.stream);
+        let gemm = Gemm {
+            batch: *batch,
+            a: a_ptr,
+            b: b_ptr,
+            c: c_ptr,
+            output: C::OUTPUT,
+        };
+        // SAFETY: the three buffers are of the stream's context and hold exactly `batch`
+        // packed matrices of the shapes above (both checked); `c` is borrowed mutably, so it
+        // aliases neither input; the guards order the buffers' use on the stream.
+        unsafe { self.gemm(&gemm) }
+    }
+
+    /// Enqueues `gemm` on the handle's stream: `bf16` operands, `f32` accumulation
+    /// (`CUBLAS_COMPUTE_32F`), `C` stored as `gemm.output`.
+    ///
+    /// # Safety
+    ///
+    /// `gemm.a`, `gemm.b` and `gemm.c` must be addresses in the stream's context of live
+    /// allocations holding at least [`Gemm::byte_lengths`] bytes from those addresses until
+    /// the batch has run, and `C` must not overlap `A` or `B`.
+    pub(crate) unsafe fn gemm(&self, gemm: &Gemm) -> Result<()> {
+        let batch = &gemm.batch;
+        let (a_len, b_len, c_len) = batch.lengths()?;
         self.stream
             .context()
             .bind_to_thread()
@@ -281,15 +291,15 @@ impl Cublas {
         let op = |transposed: bool| if transposed { OP_T } else { OP_N };
         let stride = |len: usize| (len / batch.batch) as c_longlong;
         let (stride_a, stride_b, stride_c) = (stride(a_len), stride(b_len), stride(c_len));
-        let (a_ptr, _a_guard) = a.device_ptr(&self.stream);
-        let (b_ptr, _b_guard) = b.device_ptr(&self.stream);
-        let (c_ptr, _c_guard) = c.device_ptr_mut(&self.stream);
-        // SAFETY: the three buffers are of the stream's context and hold exactly `batch`
-        // packed matrices of the shapes above (both checked), so every access the strided batch makes with these leading
-        // dimensions and strides is inside them; `c` is borrowed mutably, so it aliases
-        // neither input; alpha and beta are host `f32`s, as CUBLAS_COMPUTE_32F with the
-        // default host pointer mode reads them, alive for the call; the guards order the
-        // buffers' use on the stream.
+        let c_type = match gemm.output {
+            GemmOutput::Bf16 => CUDA_R_16BF,
+            GemmOutput::F32 => CUDA_R_32F,
+        };
+        // SAFETY: by this function's contract the three addresses hold `batch` packed
+        // matrices of the shapes above, so every access the strided batch makes with these
+        // leading dimensions and strides is inside them, and C aliases neither input; alpha
+        // and beta are host `f32`s, as CUBLAS_COMPUTE_32F with the default host pointer mode
+        // reads them, alive for the call.
         check("cublasGemmStridedBatchedEx", unsafe {
             (self.library.gemm_strided_batched_ex)(
                 self.handle,
@@ -299,17 +309,17 @@ impl Cublas {
                 m,
                 k,
                 (&batch.alpha as *const f32).cast(),
-                b_ptr as *const c_void,
+                gemm.b as *const c_void,
                 CUDA_R_16BF,
                 ldb,
                 stride_b,
-                a_ptr as *const c_void,
+                gemm.a as *const c_void,
                 CUDA_R_16BF,
                 lda,
                 stride_a,
                 (&batch.beta as *const f32).cast(),
-                c_ptr as *mut c_void,
-                CUDA_R_16BF,
+                gemm.c as *mut c_void,
+                c_type,
                 n,
                 stride_c,
                 batch.batch as c_int,

@@ -8,7 +8,7 @@
 //! does not.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
@@ -16,9 +16,10 @@ use cudarc::driver::{
     PinnedHostSlice, PushKernelArg, SyncOnDrop,
 };
 
+use super::cublas::Cublas;
 use super::cuda_error;
 use super::loader::{LoadedFrom, LoadedKernels};
-use crate::device::{Device, checked_end, sealed};
+use crate::device::{Device, Gemm, checked_end, sealed};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::kernels::{KernelId, Launch, LaunchArg};
@@ -103,6 +104,8 @@ pub struct CudaDevice {
     info: DeviceInfo,
     max_shared_bytes: u32,
     kernels: LoadedKernels,
+    /// cuBLAS on `stream`, made by the first [`Device::prepare_gemm`].
+    cublas: OnceLock<Cublas>,
 }
 
 impl CudaDevice {
@@ -172,6 +175,7 @@ impl CudaDevice {
             stream,
             max_shared_bytes,
             kernels,
+            cublas: OnceLock::new(),
         })
     }
 
@@ -369,6 +373,24 @@ impl Device for CudaDevice {
         // large enough; `function` is the module `launch.kernel` names, loaded at creation.
         unsafe { builder.launch(config) }.map_err(cuda_error("launching a kernel"))?;
         Ok(())
+    }
+
+    fn prepare_gemm(&self) -> Result<()> {
+        if self.cublas.get().is_none() {
+            // Two threads racing here each make a handle; one is kept, the other dropped.
+            let _ = self.cublas.set(Cublas::new(self.stream.clone())?);
+        }
+        Ok(())
+    }
+
+    unsafe fn gemm(&self, gemm: &Gemm) -> Result<()> {
+        let cublas = self.cublas.get().ok_or_else(|| {
+            Error::InvalidArgument("a GEMM was enqueued before prepare_gemm".into())
+        })?;
+        // SAFETY: the caller guarantees what `Cublas::gemm` asks: live allocations of this
+        // device (whose context the handle's stream belongs to) large enough for the batch,
+        // C overlapping neither input.
+        unsafe { cublas.gemm(gemm) }
     }
 
     fn synchronize(&self) -> Result<()> {

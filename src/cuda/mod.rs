@@ -7,7 +7,9 @@
 //! simulated device ([`crate::sim`]): a warm step is three launches for the whole model,
 //! enqueued on the device's stream without waiting, and nothing is allocated after the first
 //! step, so a step can be captured in a CUDA graph. Reading what happened is a separate
-//! call, [`SpectralSgd::report`], which waits for the stream.
+//! call, [`SpectralSgd::report`], which waits for the stream. The orthogonalised rule
+//! (math §5b) adds cuBLAS's strided-batched products ([`cublas`]) on the same stream, between
+//! its element-wise kernels.
 //!
 //! Without a driver or a device every entry point returns [`Error::NoCudaDriver`] or
 //! [`Error::NoDevice`]; [`choose_backend`] tells a program which path it can take.

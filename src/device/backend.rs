@@ -8,7 +8,10 @@ use crate::backend::{Backend, HostState, check_step};
 use crate::config::SpectralSgdConfig;
 use crate::element::{Element, StepTypes};
 use crate::error::{Error, Result};
-use crate::kernels::plan::{self, MatrixPointers, StatePointers, TablePointers};
+use crate::kernels::iterate::IterateLayout;
+use crate::kernels::plan::{
+    self, IteratePointers, MatrixPointers, Operation, StatePointers, TablePointers,
+};
 use crate::kernels::records::MatrixResult;
 use crate::layout::{BatchLayout, BlockPolicy, BufferPacking, MatrixShape};
 use crate::newton_schulz::UpdateRule;
@@ -110,6 +113,8 @@ impl<D: Device> Tables<D> {
     }
 
     /// Uploads the matrix table for these buffers unless it is already on the device.
+    /// `iterates` is the orthogonalised rule's iterate layout (the same on every call of one
+    /// backend), `None` for the power-normalised rule.
     pub fn upload_matrix_table(
         &mut self,
         device: &D,
@@ -117,6 +122,7 @@ impl<D: Device> Tables<D> {
         scale: Scale,
         types: StepTypes,
         pointers: Vec<MatrixPointers>,
+        iterates: Option<&IterateLayout>,
     ) -> Result<()> {
         let key = TableKey {
             types,
@@ -126,7 +132,8 @@ impl<D: Device> Tables<D> {
         if self.uploaded.as_ref() == Some(&key) {
             return Ok(());
         }
-        let table = plan::matrix_descriptors(layout, scale, types, self.state, &key.pointers)?;
+        let table =
+            plan::matrix_descriptors(layout, scale, types, self.state, &key.pointers, iterates)?;
         // Forget the old key first: if the upload fails, the next step uploads again.
         self.uploaded = None;
         device.upload_staged(
@@ -150,25 +157,78 @@ impl<D: Device> Tables<D> {
         device.upload(&mut self.warm, 0, &vec![0u8; 4 * layout.len()])
     }
 
-    /// The results of the last finish, as reports. Waits for the device.
-    pub fn report(&self, device: &D, layout: &BatchLayout, step: u64) -> Result<StepReport> {
+    /// The results of the last finish (or of the orthogonalised rule's kernels, when
+    /// `orthogonalised`: no `sigma` is formed, as on the CPU), as reports. Waits for the
+    /// device.
+    pub fn report(
+        &self,
+        device: &D,
+        layout: &BatchLayout,
+        step: u64,
+        orthogonalised: bool,
+    ) -> Result<StepReport> {
         let bytes = device.download(&self.results, 0, layout.len() * MatrixResult::SIZE)?;
         let matrices = bytes
             .chunks_exact(MatrixResult::SIZE)
-            .map(|record| policy::report_of(&bytemuck::pod_read_unaligned(record)))
+            .map(|record| {
+                let mut report = policy::report_of(&bytemuck::pod_read_unaligned(record))?;
+                // The orthogonalised rule forms no sigma (math §5b).
+                if orthogonalised && report.status == crate::report::MatrixStatus::Updated {
+                    report.sigma = None;
+                }
+                Ok(report)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(StepReport { step, matrices })
     }
 }
 
-/// The device kernels run the power-normalised rule only.
-fn check_device_rule(config: &SpectralSgdConfig) -> Result<()> {
-    match config.update {
-        UpdateRule::PowerNormalised => Ok(()),
-        rule @ UpdateRule::Orthogonalised(_) => Err(Error::Unsupported(format!(
-            "the update rule {rule} runs on the CPU backend only: the device backend has no \
-             Newton-Schulz iterations yet"
-        ))),
+/// The orthogonalised rule's buffers (math §5b): two iterate buffers used in turn, the Gram
+/// buffers `A`, `A^2`, `P`, and the blocks' `||U||_F^2`, laid out by one [`IterateLayout`].
+/// Allocated once, when the backend is made for that rule or at its first step with it.
+#[derive(Debug)]
+struct Orthogonal<D: Device> {
+    layout: IterateLayout,
+    pointers: IteratePointers,
+    /// Held for the kernels and products, which reach them through `pointers`.
+    _buffers: Vec<D::Buffer>,
+}
+
+impl<D: Device> Orthogonal<D> {
+    /// Loads what the products need (cuBLAS on CUDA) and allocates the buffers.
+    fn new(device: &D, layout: &BatchLayout) -> Result<Self> {
+        device.prepare_gemm()?;
+        let iterates = IterateLayout::new(layout)?;
+        let bytes = |elements: usize, size: usize| {
+            elements
+                .checked_mul(size)
+                .ok_or_else(|| Error::DeviceLimit("the Newton-Schulz buffers overflow".into()))
+        };
+        let sizes = [
+            bytes(iterates.iterate_elements(), 2)?,
+            bytes(iterates.iterate_elements(), 2)?,
+            bytes(iterates.gram_elements(), 2)?,
+            bytes(iterates.gram_elements(), 4)?,
+            bytes(iterates.gram_elements(), 2)?,
+            bytes(layout.blocks().len(), 8)?,
+        ];
+        let buffers = sizes
+            .iter()
+            .map(|&size| device.alloc(size))
+            .collect::<Result<Vec<_>>>()?;
+        let address = |index: usize| device.buffer_address(&buffers[index]);
+        let pointers = IteratePointers {
+            iterates: [address(0), address(1)],
+            gram: address(2),
+            gram_square: address(3),
+            polynomial: address(4),
+            block_norms: address(5),
+        };
+        Ok(Self {
+            layout: iterates,
+            pointers,
+            _buffers: buffers,
+        })
     }
 }
 
@@ -180,18 +240,25 @@ fn check_device_rule(config: &SpectralSgdConfig) -> Result<()> {
 /// A warm step is three launches for the whole model (power pass, finish, update; math
 /// §5.2): `sigma` and the per-matrix decisions stay on the device, and no device memory is
 /// allocated after the first step (the host builds the launch list, a few small vectors). A cold step (the first, or after a reset or a state load) runs
-/// `cold_iterations` rounds of power pass and finish before the update (math §4.7). Reading
-/// what happened is a separate call, [`SpectralSgd::report`], which waits.
+/// `cold_iterations` rounds of power pass and finish before the update (math §4.7). With
+/// the orthogonalised rule (math §5b) a step is its element-wise kernels around the device's
+/// batched products ([`Device::gemm`]), also without waiting. Reading what happened is a
+/// separate call, [`SpectralSgd::report`], which waits.
 pub struct DeviceBackend<D: Device> {
     device: D,
     layout: BatchLayout,
     momentum: D::Buffer,
     tables: Tables<D>,
+    /// The orthogonalised rule's buffers: made with the backend when its config asks for
+    /// that rule, else at the first step that does (after a state load changed the rule).
+    orthogonal: Option<Orthogonal<D>>,
     /// The layout with one matrix per buffer: how [`Backend::step`]'s buffers lie.
     one_per_buffer: BufferPacking,
     /// The host knows that some power vector is cold (first step, reset, state load).
     host_knows_cold: bool,
     last_step: Option<u64>,
+    /// The last step ran the orthogonalised rule (its report has no sigma).
+    last_orthogonal: bool,
 }
 
 impl<D: Device> std::fmt::Debug for DeviceBackend<D> {
@@ -210,8 +277,11 @@ impl<D: Device> DeviceBackend<D> {
     /// Fresh state for `layout` on `device`.
     pub fn create_on(device: D, layout: BatchLayout, config: &SpectralSgdConfig) -> Result<Self> {
         config.validate_for(&layout)?;
-        check_device_rule(config)?;
         let mut tables = Tables::new(&device, &layout)?;
+        let orthogonal = match config.update {
+            UpdateRule::PowerNormalised => None,
+            UpdateRule::Orthogonalised(_) => Some(Orthogonal::new(&device, &layout)?),
+        };
         let momentum = device.alloc(4 * layout.total_elements())?;
         tables.set_momentum(device.buffer_address(&momentum));
         tables.reset_power_vectors(&device, &layout, config.seed)?;
@@ -222,8 +292,10 @@ impl<D: Device> DeviceBackend<D> {
             layout,
             momentum,
             tables,
+            orthogonal,
             host_knows_cold: true,
             last_step: None,
+            last_orthogonal: false,
         })
     }
 
@@ -267,7 +339,14 @@ impl<D: Device> DeviceBackend<D> {
         grads: &[&D::Slice<TG>],
         copies: Option<&mut [&mut D::Slice<TG>]>,
     ) -> Result<PendingReport> {
-        check_device_rule(config)?;
+        let schedule = match config.update {
+            UpdateRule::PowerNormalised => None,
+            UpdateRule::Orthogonalised(schedule) => Some(schedule),
+        };
+        if schedule.is_some() && self.orthogonal.is_none() {
+            // The rule came with a loaded state: its buffers are made at its first step, once.
+            self.orthogonal = Some(Orthogonal::new(&self.device, &self.layout)?);
+        }
         let packing = packing.unwrap_or(&self.one_per_buffer);
         packing.check_lengths("weight", weights.iter().map(|w| D::slice_len(w)))?;
         packing.check_lengths("gradient", grads.iter().map(|g| D::slice_len(g)))?;
@@ -318,8 +397,41 @@ impl<D: Device> DeviceBackend<D> {
                 }
             })
             .collect();
+        let iterates = self.orthogonal.as_ref().map(|o| &o.layout);
         self.tables
-            .upload_matrix_table(device, layout, config.scale, types, pointers)?;
+            .upload_matrix_table(device, layout, config.scale, types, pointers, iterates)?;
+        if let (Some(schedule), Some(orthogonal)) = (schedule, self.orthogonal.as_ref()) {
+            let operations = plan::orthogonal_step_operations(
+                layout,
+                &orthogonal.layout,
+                config,
+                &schedule,
+                types,
+                self.tables.pointers,
+                orthogonal.pointers,
+                step,
+            )?;
+            for operation in &operations {
+                match operation {
+                    // SAFETY: as for the power rule's launches below; the iterate, Gram and
+                    // block-norm buffers the orthogonalised kernels reach were allocated in
+                    // `Orthogonal::new` at the sizes `orthogonal.layout` gives for this
+                    // layout, and every descriptor's `iterate` offset comes from that same
+                    // layout, so each block's elements lie inside them.
+                    Operation::Launch(launch) => unsafe { device.launch(launch)? },
+                    // SAFETY: every product's operands are one shape group's iterates or
+                    // Gram matrices, at the group's offsets in buffers sized by
+                    // `orthogonal.layout` (which made the groups), alive in `self`; A, A^2,
+                    // P and the two iterate buffers are distinct allocations, so C overlaps
+                    // neither input; `Orthogonal::new` ran `prepare_gemm`.
+                    Operation::Gemm(gemm) => unsafe { device.gemm(gemm)? },
+                }
+            }
+            drop(guards);
+            self.last_step = Some(step);
+            self.last_orthogonal = true;
+            return Ok(PendingReport { step });
+        }
         let rounds = policy::rounds_to_launch(config, self.host_knows_cold);
         let launches =
             plan::step_launches(layout, config, types, self.tables.pointers, rounds, step)?;
@@ -341,6 +453,7 @@ impl<D: Device> DeviceBackend<D> {
         drop(guards);
         self.host_knows_cold = false;
         self.last_step = Some(step);
+        self.last_orthogonal = false;
         Ok(PendingReport { step })
     }
 }
@@ -519,9 +632,12 @@ impl<D: Device> SpectralSgd<DeviceBackend<D>> {
         let step = backend.last_step.ok_or_else(|| {
             Error::InvalidArgument("no step has been taken yet, so there is no report".into())
         })?;
-        backend
-            .tables
-            .report(&backend.device, &backend.layout, step)
+        backend.tables.report(
+            &backend.device,
+            &backend.layout,
+            step,
+            backend.last_orthogonal,
+        )
     }
 
     /// Waits until every step enqueued so far has finished on the device.

@@ -31,9 +31,11 @@
 //! ```
 
 mod backend;
+mod gemm;
 mod power;
 
 pub use backend::{DeviceBackend, PendingReport};
+pub use gemm::{Gemm, GemmBatch, GemmOutput, host_gemm};
 pub use power::PowerIteration;
 
 use std::fmt;
@@ -134,6 +136,22 @@ pub trait Device: sealed::Sealed + fmt::Debug + Sized {
     /// be a live allocation of this device large enough for the accesses the kernel makes
     /// for the grid and layout it was built for, until the launch has run.
     unsafe fn launch(&self, launch: &Launch) -> Result<()>;
+
+    /// Readies [`gemm`](Self::gemm): on CUDA loads cuBLAS and binds a handle to the
+    /// device's stream ([`Error::NoCublas`](crate::Error::NoCublas) where no cuBLAS loads:
+    /// what needs products cannot run on this device, the rest can). Idempotent.
+    fn prepare_gemm(&self) -> Result<()>;
+
+    /// Enqueues `gemm` in order with the launches: `bf16` operands, `f32` accumulation, `C`
+    /// stored as `gemm.output` (cuBLAS on CUDA, [`host_gemm`] on the simulator). Errors
+    /// unless [`prepare_gemm`](Self::prepare_gemm) succeeded.
+    ///
+    /// # Safety
+    ///
+    /// `gemm.a`, `gemm.b` and `gemm.c` must be addresses of live allocations of this device
+    /// holding at least [`Gemm::byte_lengths`] bytes from those addresses until the batch has
+    /// run, and `C` must not overlap `A` or `B`.
+    unsafe fn gemm(&self, gemm: &Gemm) -> Result<()>;
 
     /// Waits until everything enqueued has run.
     fn synchronize(&self) -> Result<()>;

@@ -88,6 +88,7 @@ impl<D: Device> PowerIteration<D> {
             Scale::Spectral,
             StepTypes::same(T::DTYPE),
             addresses,
+            None,
         )?;
         let launches =
             plan::power_launches(&self.layout, T::DTYPE, self.tables.pointers, iterations)?;
@@ -110,7 +111,7 @@ impl<D: Device> PowerIteration<D> {
                 "no iteration has run yet, so there is no report".into(),
             ));
         }
-        self.tables.report(&self.device, &self.layout, 0)
+        self.tables.report(&self.device, &self.layout, 0, false)
     }
 
     /// The power vector of matrix `index`, copied to the host (waits). Panics if `index` is

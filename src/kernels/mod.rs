@@ -17,6 +17,14 @@
 //! | [`KernelId::PowerPlain`] | `power_plain_{T}`: fused power pass on a stored matrix | blocks | §4.2 |
 //! | [`KernelId::Finish`] | `power_finish`: partials → `sigma`, `v`, coefficients | matrices | §4.2–4.6 |
 //! | [`KernelId::Update`] | `update_{W}_{G}`: `M <- M_new`, `W <- decay W - coefficient U`, rounded as §5a says, and the copy of `f32` master weights | blocks | §5.2 (pass B), §5a |
+//! | [`KernelId::OrthNorm`] | `orth_norm_{T}`: per block `||U||_F^2` of `U = f(G, M)` in `f64` | blocks | §5b |
+//! | [`KernelId::OrthStart`] | `orth_start_{T}`: the matrix's decision, `X_0 = U / (f ||U||_F + eps)` in `bf16` | blocks | §5b |
+//! | [`KernelId::OrthPolynomial`] | `orth_polynomial`: `P = a I + b A + c A^2` between the Newton–Schulz GEMMs | any | §5b |
+//! | [`KernelId::OrthCheck`] | `orth_check`: a non-finite last iterate skips its matrix | blocks | §5b |
+//! | [`KernelId::OrthUpdate`] | `orth_update_{W}_{G}`: `M <- M_new`, `W <- decay W - eta s X`, rounded as §5a says | blocks | §5b, §5a |
+//!
+//! The orthogonalised rule's products (`A = X Xᵀ`, `A^2`, `P X`) are not kernels of this crate:
+//! they are strided-batched GEMMs ([`crate::device::Gemm`]), cuBLAS on a GPU.
 //!
 //! ```
 //! use spectral_step::{Dtype, StepTypes};
@@ -32,6 +40,7 @@
 //!
 //! [`BatchLayout`]: crate::BatchLayout
 
+pub mod iterate;
 pub mod plan;
 pub mod records;
 
@@ -85,11 +94,21 @@ pub enum KernelId {
     Finish,
     /// The update (pass B) for weights and gradients of the given types.
     Update(StepTypes),
+    /// The orthogonalised rule's per-block `||U||_F^2`, gradients of the given type.
+    OrthNorm(Dtype),
+    /// The orthogonalised rule's decision and its first iterate `X_0 = U / (f ||U||_F + eps)`.
+    OrthStart(Dtype),
+    /// `P = a I + b A + c A^2` of one Newton–Schulz iteration (one kernel for every type).
+    OrthPolynomial,
+    /// Marks a matrix whose last iterate is not finite as skipped.
+    OrthCheck,
+    /// The orthogonalised rule's update, `W <- decay W - eta s X`, for the given types.
+    OrthUpdate(StepTypes),
 }
 
 impl KernelId {
     /// Every kernel, in a fixed order ([`index`](Self::index) is the position here).
-    pub const ALL: [KernelId; 12] = [
+    pub const ALL: [KernelId; 25] = [
         KernelId::PowerStep(Dtype::F32),
         KernelId::PowerStep(Dtype::F16),
         KernelId::PowerStep(Dtype::Bf16),
@@ -102,6 +121,19 @@ impl KernelId {
         KernelId::Update(StepTypes::ALL[2]),
         KernelId::Update(StepTypes::ALL[3]),
         KernelId::Update(StepTypes::ALL[4]),
+        KernelId::OrthNorm(Dtype::F32),
+        KernelId::OrthNorm(Dtype::F16),
+        KernelId::OrthNorm(Dtype::Bf16),
+        KernelId::OrthStart(Dtype::F32),
+        KernelId::OrthStart(Dtype::F16),
+        KernelId::OrthStart(Dtype::Bf16),
+        KernelId::OrthPolynomial,
+        KernelId::OrthCheck,
+        KernelId::OrthUpdate(StepTypes::ALL[0]),
+        KernelId::OrthUpdate(StepTypes::ALL[1]),
+        KernelId::OrthUpdate(StepTypes::ALL[2]),
+        KernelId::OrthUpdate(StepTypes::ALL[3]),
+        KernelId::OrthUpdate(StepTypes::ALL[4]),
     ];
 
     /// Position in [`ALL`](Self::ALL): a dense index for per-kernel tables.
@@ -118,6 +150,11 @@ impl KernelId {
             KernelId::PowerPlain(t) => 3 + dtype(t),
             KernelId::Finish => 6,
             KernelId::Update(types) => 7 + types.index(),
+            KernelId::OrthNorm(t) => 12 + dtype(t),
+            KernelId::OrthStart(t) => 15 + dtype(t),
+            KernelId::OrthPolynomial => 18,
+            KernelId::OrthCheck => 19,
+            KernelId::OrthUpdate(types) => 20 + types.index(),
         }
     }
 
@@ -138,6 +175,21 @@ impl KernelId {
                 "update_bf16_bf16",
                 "update_f32_f16",
                 "update_f32_bf16",
+            ][types.index()],
+            KernelId::OrthNorm(Dtype::F32) => "orth_norm_f32",
+            KernelId::OrthNorm(Dtype::F16) => "orth_norm_f16",
+            KernelId::OrthNorm(Dtype::Bf16) => "orth_norm_bf16",
+            KernelId::OrthStart(Dtype::F32) => "orth_start_f32",
+            KernelId::OrthStart(Dtype::F16) => "orth_start_f16",
+            KernelId::OrthStart(Dtype::Bf16) => "orth_start_bf16",
+            KernelId::OrthPolynomial => "orth_polynomial",
+            KernelId::OrthCheck => "orth_check",
+            KernelId::OrthUpdate(types) => [
+                "orth_update_f32_f32",
+                "orth_update_f16_f16",
+                "orth_update_bf16_bf16",
+                "orth_update_f32_f16",
+                "orth_update_f32_bf16",
             ][types.index()],
         }
     }

@@ -2,13 +2,16 @@
 //! [`BatchLayout`], the layout checks, and the launch sequence of a step (math §5.2).
 
 use crate::config::SpectralSgdConfig;
+use crate::device::{Gemm, GemmBatch, GemmOutput};
 use crate::element::{Dtype, StepTypes};
 use crate::error::{Error, Result};
 use crate::kernels::KernelId;
+use crate::kernels::iterate::IterateLayout;
 use crate::kernels::records::{
     BlockDescriptor, Flag, MAX_THREADS, MatrixDescriptor, POWER_PARTIAL_OFFSET,
 };
 use crate::layout::BatchLayout;
+use crate::newton_schulz::{NORM_EPSILON, Schedule};
 use crate::rounding::RoundingKey;
 use crate::scaling::Scale;
 
@@ -107,13 +110,15 @@ pub struct MatrixPointers {
 /// A matrix moves in 4-element vectors ([`Flag::Quads`]) only when `fan_in` is a multiple of
 /// 4 and every one of its addresses is aligned for that (16 bytes for `f32`, 8 for 16-bit
 /// elements); the copy's alignment is a flag of its own ([`Flag::CopyQuads`]), which only
-/// the update reads.
+/// the update reads. `iterates` places each matrix's Newton–Schulz iterate (the
+/// orthogonalised rule; `iterate` is 0 without it).
 pub fn matrix_descriptors(
     layout: &BatchLayout,
     scale: Scale,
     types: StepTypes,
     state: StatePointers,
     pointers: &[MatrixPointers],
+    iterates: Option<&IterateLayout>,
 ) -> Result<Vec<MatrixDescriptor>> {
     if pointers.len() != layout.len() {
         return Err(Error::MatrixCountMismatch {
@@ -134,7 +139,8 @@ pub fn matrix_descriptors(
         .matrices()
         .iter()
         .zip(pointers)
-        .map(|(entry, buffers)| {
+        .enumerate()
+        .map(|(index, (entry, buffers))| {
             let shape = entry.shape;
             let momentum = f32_address(state.momentum, entry.element_offset);
             let power_vector = f32_address(state.power_vectors, entry.vector_offset);
@@ -163,6 +169,7 @@ pub fn matrix_descriptors(
                 momentum,
                 power_vector,
                 partials,
+                iterate: iterates.map_or(0, |iterates| iterates.iterate_offset(index) as u64),
                 fan_out: shape.fan_out as u32,
                 fan_in: shape.fan_in as u32,
                 first_block: entry.first_block as u32,
@@ -239,6 +246,18 @@ fn momentum_args(config: &SpectralSgdConfig) -> [LaunchArg; 3] {
     ]
 }
 
+/// The rounding of the new weights as both update kernels take it (`key0`, `key1`,
+/// `step_lo`, `stochastic`; math §5a).
+fn rounding_args(config: &SpectralSgdConfig, types: StepTypes, step: u64) -> [LaunchArg; 4] {
+    let rounding = RoundingKey::new(config.seed, step);
+    [
+        LaunchArg::U32(rounding.key[0]),
+        LaunchArg::U32(rounding.key[1]),
+        LaunchArg::U32(rounding.step_lo),
+        LaunchArg::U32(u32::from(config.rounds_stochastically(types.weights()))),
+    ]
+}
+
 /// The launches of one optimizer step (math §5.2): `rounds` rounds of power pass and finish,
 /// then the update. A warm step (`rounds == warm_iterations == 1`) is three launches.
 /// Matrices that need fewer iterations than were launched (warm ones in a step that also
@@ -281,13 +300,7 @@ pub fn step_launches(
         LaunchArg::U64(tables.results),
     ];
     args.extend(momentum);
-    let rounding = RoundingKey::new(config.seed, step);
-    args.extend([
-        LaunchArg::U32(rounding.key[0]),
-        LaunchArg::U32(rounding.key[1]),
-        LaunchArg::U32(rounding.step_lo),
-        LaunchArg::U32(u32::from(config.rounds_stochastically(types.weights()))),
-    ]);
+    args.extend(rounding_args(config, types, step));
     launches.push(Launch {
         kernel: KernelId::Update(types),
         grid: blocks,
@@ -296,6 +309,186 @@ pub fn step_launches(
         args,
     });
     Ok(launches)
+}
+
+/// Device addresses of the orthogonalised rule's buffers, laid out by an [`IterateLayout`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IteratePointers {
+    /// Two `bf16` iterate buffers, used in turn; the last iterate is always in `iterates[0]`.
+    pub iterates: [u64; 2],
+    /// `A` (`bf16`), one Gram buffer.
+    pub gram: u64,
+    /// `A^2` (`f32`), one Gram buffer.
+    pub gram_square: u64,
+    /// `P` (`bf16`), one Gram buffer.
+    pub polynomial: u64,
+    /// `f64` per block: the blocks' `||U||_F^2`.
+    pub block_norms: u64,
+}
+
+/// One enqueued operation of a step: a kernel launch or a batch of products.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Operation {
+    /// A kernel of this crate.
+    Launch(Launch),
+    /// A strided batch of `bf16` products (cuBLAS on a GPU).
+    Gemm(Gemm),
+}
+
+/// CTAs of an element-wise launch over `elements` elements (each thread loops past the grid).
+fn element_grid(elements: usize) -> u32 {
+    elements
+        .div_ceil(THREADS_PER_BLOCK as usize)
+        .clamp(1, 65_535) as u32
+}
+
+/// The operations of one orthogonalised step (math §5b), in order: `orth_norm` and
+/// `orth_start` (the decision and `X_0`), per iteration and per shape group the products
+/// `A = X Xᵀ` (`Xᵀ X` for a tall group), `A^2`, the polynomial `P = a I + b A + c A^2` and
+/// `X <- P X` (`X Pᵀ`), then `orth_check` and the update. The start goes to the iterate
+/// buffer that makes the last iterate land in `buffers.iterates[0]`.
+#[allow(clippy::too_many_arguments)]
+pub fn orthogonal_step_operations(
+    layout: &BatchLayout,
+    iterates: &IterateLayout,
+    config: &SpectralSgdConfig,
+    schedule: &Schedule,
+    types: StepTypes,
+    tables: TablePointers,
+    buffers: IteratePointers,
+    step: u64,
+) -> Result<Vec<Operation>> {
+    let coefficients = schedule.coefficients()?;
+    let triples = coefficients.as_slice();
+    let blocks = layout.blocks().len() as u32;
+    let momentum = momentum_args(config);
+    let mut operations = Vec::new();
+    let per_block = |kernel: KernelId, args: Vec<LaunchArg>| {
+        Operation::Launch(Launch {
+            kernel,
+            grid: blocks,
+            block: THREADS_PER_BLOCK,
+            shared_bytes: 0,
+            args,
+        })
+    };
+    let mut args = vec![
+        LaunchArg::U64(tables.matrices),
+        LaunchArg::U64(tables.blocks),
+        LaunchArg::U64(buffers.block_norms),
+    ];
+    args.extend(momentum);
+    operations.push(per_block(KernelId::OrthNorm(types.grads()), args));
+    let mut current = triples.len() % 2;
+    let mut args = vec![
+        LaunchArg::U64(tables.matrices),
+        LaunchArg::U64(tables.blocks),
+        LaunchArg::U64(buffers.block_norms),
+        LaunchArg::U64(tables.results),
+        LaunchArg::U64(buffers.iterates[current]),
+        LaunchArg::F32(schedule.norm_factor()),
+        LaunchArg::F32(NORM_EPSILON),
+        LaunchArg::F32(config.learning_rate),
+        LaunchArg::F32(crate::policy::decay(
+            config.learning_rate,
+            config.weight_decay,
+        )),
+    ];
+    args.extend(momentum);
+    operations.push(per_block(KernelId::OrthStart(types.grads()), args));
+    for &(a, b, c) in triples {
+        let (from, to) = (buffers.iterates[current], buffers.iterates[1 - current]);
+        for group in iterates.groups() {
+            let (short, long, count) =
+                (group.short_side(), group.long_side(), group.matrices.len());
+            let tall = group.is_tall();
+            let x = from + 2 * group.iterate_offset as u64;
+            let next = to + 2 * group.iterate_offset as u64;
+            let gram = buffers.gram + 2 * group.gram_offset as u64;
+            let gram_square = buffers.gram_square + 4 * group.gram_offset as u64;
+            let polynomial = buffers.polynomial + 2 * group.gram_offset as u64;
+            let batch = |m, n, k, transpose_a, transpose_b| GemmBatch {
+                m,
+                n,
+                k,
+                batch: count,
+                transpose_a,
+                transpose_b,
+                alpha: 1.0,
+                beta: 0.0,
+            };
+            // A = X Xᵀ (wide: X is short x long) or Xᵀ X (tall: X is long x short).
+            operations.push(Operation::Gemm(Gemm {
+                batch: batch(short, short, long, tall, !tall),
+                a: x,
+                b: x,
+                c: gram,
+                output: GemmOutput::Bf16,
+            }));
+            operations.push(Operation::Gemm(Gemm {
+                batch: batch(short, short, short, false, false),
+                a: gram,
+                b: gram,
+                c: gram_square,
+                output: GemmOutput::F32,
+            }));
+            operations.push(Operation::Launch(Launch {
+                kernel: KernelId::OrthPolynomial,
+                grid: element_grid(group.gram_elements()),
+                block: THREADS_PER_BLOCK,
+                shared_bytes: 0,
+                args: vec![
+                    LaunchArg::U64(gram),
+                    LaunchArg::U64(gram_square),
+                    LaunchArg::U64(polynomial),
+                    LaunchArg::U32(short as u32),
+                    LaunchArg::U32(group.gram_elements() as u32),
+                    LaunchArg::F32(a),
+                    LaunchArg::F32(b),
+                    LaunchArg::F32(c),
+                ],
+            }));
+            // X <- P X (wide) or X Pᵀ (tall).
+            operations.push(Operation::Gemm(if tall {
+                Gemm {
+                    batch: batch(long, short, short, false, true),
+                    a: x,
+                    b: polynomial,
+                    c: next,
+                    output: GemmOutput::Bf16,
+                }
+            } else {
+                Gemm {
+                    batch: batch(short, long, short, false, false),
+                    a: polynomial,
+                    b: x,
+                    c: next,
+                    output: GemmOutput::Bf16,
+                }
+            }));
+        }
+        current = 1 - current;
+    }
+    debug_assert_eq!(current, 0, "the last iterate is in iterates[0]");
+    operations.push(per_block(
+        KernelId::OrthCheck,
+        vec![
+            LaunchArg::U64(tables.matrices),
+            LaunchArg::U64(tables.blocks),
+            LaunchArg::U64(tables.results),
+            LaunchArg::U64(buffers.iterates[0]),
+        ],
+    ));
+    let mut args = vec![
+        LaunchArg::U64(tables.matrices),
+        LaunchArg::U64(tables.blocks),
+        LaunchArg::U64(tables.results),
+        LaunchArg::U64(buffers.iterates[0]),
+    ];
+    args.extend(momentum);
+    args.extend(rounding_args(config, types, step));
+    operations.push(per_block(KernelId::OrthUpdate(types), args));
+    Ok(operations)
 }
 
 /// The launches of `iterations` power iterations on stored matrices (the descriptors'
@@ -402,6 +595,7 @@ mod tests {
                 StepTypes::same(dtype),
                 state,
                 &[pointers; 3],
+                None,
             )
             .unwrap()
             .iter()
@@ -431,7 +625,7 @@ mod tests {
                 copy,
             };
             let types = StepTypes::new(Dtype::F32, Dtype::Bf16).unwrap();
-            matrix_descriptors(&layout, Scale::Spectral, types, state, &[pointers; 3])
+            matrix_descriptors(&layout, Scale::Spectral, types, state, &[pointers; 3], None)
                 .unwrap()
                 .iter()
                 .map(|d| d.flags)
@@ -478,6 +672,7 @@ mod tests {
             f32_step,
             state,
             &pointers([8, 16], [24, 32]),
+            None,
         )
         .unwrap();
         for (entry, descriptor) in layout.matrices().iter().zip(&table) {
@@ -506,6 +701,7 @@ mod tests {
             f32_step,
             no_momentum,
             &pointers([8, 16], [8, 16]),
+            None,
         )
         .unwrap();
         assert!(table.iter().all(|d| d.momentum == 0));
@@ -515,7 +711,8 @@ mod tests {
                 Scale::Spectral,
                 f32_step,
                 state,
-                &pointers([8, 16], [8, 16])[..1]
+                &pointers([8, 16], [8, 16])[..1],
+                None,
             ),
             Err(Error::MatrixCountMismatch { .. })
         ));

@@ -73,6 +73,10 @@ record! {
         /// `f32` partials of the matrix's first block; block `b` of the matrix at
         /// `partials + 4 * b * fan_in`.
         pub partials: u64,
+        /// Element offset of the matrix's Newton–Schulz iterate in each `bf16` iterate buffer
+        /// of the orthogonalised rule (`IterateLayout`), laid out as `W` is; 0 where the rule
+        /// is not run.
+        pub iterate: u64,
         /// Rows.
         pub fan_out: u32,
         /// Columns.
@@ -151,6 +155,19 @@ record! {
     }
 }
 
+record! {
+    /// The static shared memory of the orthogonalised rule's element-wise kernels
+    /// (`orth_norm_{T}`, `orth_start_{T}`).
+    pub struct OrthShared {
+        /// Per thread, its part of the block's `||U||_F^2` (`f64`).
+        pub thread_sums: [f64; MAX_THREADS],
+        /// The start's factor `1 / (f ||U||_F + eps)` as thread 0 computed it.
+        pub start: f32,
+        /// The [`Status`] thread 0 decided.
+        pub status: u32,
+    }
+}
+
 // What the kernels assume of the records' sizes (the `Pod` derives already refuse padding):
 // in a table of records every 8-byte field stays 8-byte aligned, and the finish's static
 // shared memory fits the limit every device has.
@@ -158,11 +175,16 @@ const _: () = assert!(MatrixDescriptor::SIZE.is_multiple_of(8));
 const _: () = assert!(BlockDescriptor::SIZE.is_multiple_of(4));
 const _: () = assert!(MatrixResult::SIZE.is_multiple_of(4));
 const _: () = assert!(FinishShared::SIZE.is_multiple_of(8));
+const _: () = assert!(OrthShared::SIZE.is_multiple_of(8));
 /// Shared memory a CTA may use without CUDA's opt-in (`cuFuncSetAttribute` with
 /// `MAX_DYNAMIC_SHARED_SIZE_BYTES`), static and dynamic together.
 pub const DEFAULT_SHARED_BYTES: u32 = 48 * 1024;
 const _: () = assert!(
     FinishShared::SIZE <= DEFAULT_SHARED_BYTES as usize,
+    "static shared memory limit"
+);
+const _: () = assert!(
+    OrthShared::SIZE <= DEFAULT_SHARED_BYTES as usize,
     "static shared memory limit"
 );
 
@@ -315,6 +337,7 @@ pub fn template_values() -> Vec<(String, u64)> {
     record("MatrixResult", MatrixResult::FIELDS, MatrixResult::SIZE);
     record("PowerShared", PowerShared::FIELDS, PowerShared::SIZE);
     record("FinishShared", FinishShared::FIELDS, FinishShared::SIZE);
+    record("OrthShared", OrthShared::FIELDS, OrthShared::SIZE);
     for status in Status::ALL {
         values.push((format!("Status.{}", status.name()), status as u64));
     }
