@@ -61,7 +61,7 @@ open(path, "w").write(text)
 PY
 # A target directory of its own: cargo does not tell the copy's crates from the tree's by
 # their path, so sharing one would mix the two builds.
-kernel_tests=(--lib --test kernel_conformance --test hostile --test master_weights --test orthogonal
+kernel_tests=(--lib --test kernel_conformance --test hostile --test master_weights --test orthogonal_device
     --test build_template)
 CARGO_TARGET_DIR="$copy/target" cargo test -p spectral-step --no-fail-fast "${kernel_tests[@]}" 2>&1 \
     | tee "$root/target/permuted-records.log" \
