@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use spectral_step::cuda::cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DeviceRepr, sys::CUevent_flags,
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, sys::CUevent_flags,
 };
 use spectral_step::cuda::{Cuda, CudaDevice, PowerIteration};
 use spectral_step::device::Device;
@@ -161,6 +161,11 @@ fn run<T: Element + DeviceRepr>(rounds: usize) -> Result<f64> {
     Ok(step_ms)
 }
 
+/// The device address of `buffer` (the benchmark's own buffers, alive while it uses them).
+fn address<T>(buffer: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    buffer.device_ptr(stream).0
+}
+
 /// Times the orthogonalised step beside its products alone; returns the step's median ms.
 fn orthogonal(rounds: usize) -> Result<f64> {
     let shapes = gpt2_small();
@@ -200,18 +205,11 @@ fn orthogonal(rounds: usize) -> Result<f64> {
     let gram = bf16_buffer(iterates.gram_elements())?;
     let gram_square = stream.alloc_zeros::<f32>(iterates.gram_elements())?;
     let polynomial = bf16_buffer(iterates.gram_elements())?;
-    let address = |buffer: &CudaSlice<bf16>| {
-        use spectral_step::cuda::cudarc::driver::DevicePtr;
-        buffer.device_ptr(&stream).0
-    };
     let pointers = IteratePointers {
-        iterates: [address(&x[0]), address(&x[1])],
-        gram: address(&gram),
-        gram_square: {
-            use spectral_step::cuda::cudarc::driver::DevicePtr;
-            gram_square.device_ptr(&stream).0
-        },
-        polynomial: address(&polynomial),
+        iterates: [address(&x[0], &stream), address(&x[1], &stream)],
+        gram: address(&gram, &stream),
+        gram_square: address(&gram_square, &stream),
+        polynomial: address(&polynomial, &stream),
         block_norms: 0,
     };
     let products: Vec<_> = plan::orthogonal_step_operations(
