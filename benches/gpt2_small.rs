@@ -1,6 +1,8 @@
 //! GPT-2-small matrix set (12 layers x {2304x768, 768x768, 3072x768, 768x3072}, 85M
 //! parameters): one warm power iteration (fused and two-matvec) and the full warm step, in
-//! `f32`, `bf16` and `f16`, each beside a memory-copy baseline of the same byte count.
+//! `f32`, `bf16` and `f16`, each beside two baselines of the same byte count: a memory copy,
+//! and a read-only pass (a reduction over the bytes, the real limit of a pass that only
+//! reads). Every row reports its bandwidth "vs read" and "vs copy".
 //!
 //! For 16-bit weights the warm step runs twice per round, with stochastic rounding (the
 //! default) and with round-to-nearest, and the cost of stochastic rounding is printed as the
@@ -10,9 +12,10 @@
 //! Last, `f32` master weights with `bf16` gradients (math §5a), without and with the `bf16`
 //! copy of the weights, beside the `f32` step in the same rounds.
 //!
-//! Run: `cargo bench --bench gpt2_small` (add `-- --rounds 15` for more rounds).
+//! Run: `cargo bench --bench gpt2_small` (add `-- --rounds 15` for more rounds, `--power-only`
+//! for the power iterations alone).
 //!
-//! Variants are measured in interleaved rounds (copy, fused, two-pass, step, copy, ...) and
+//! Variants are measured in interleaved rounds (copy, read, fused, two-pass, copy, ...) and
 //! each is summarised by its median, so a slow patch on a shared machine hits all variants
 //! alike; the ratios are the result, the absolute times are only context.
 //!
@@ -42,8 +45,132 @@ fn copy_parallel(dst: &mut [u8], src: &[u8]) {
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
+/// The read-only baseline: a wrapping sum of the bytes as 64-bit words in eight independent
+/// lanes (so that LLVM keeps several vector accumulators and the loop waits on memory, not on
+/// its own adds); nothing is written.
+#[inline(always)]
+fn read_sum_portable(bytes: &[u8]) -> u64 {
+    let (head, words, tail) = bytemuck::pod_align_to::<u8, u64>(bytes);
+    let (lanes, rest) = words.as_chunks::<8>();
+    let sums = lanes.iter().fold([0u64; 8], |mut sums, lane| {
+        sums.iter_mut()
+            .zip(lane)
+            .for_each(|(sum, &word)| *sum = sum.wrapping_add(word));
+        sums
+    });
+    let edges = head.iter().chain(tail).map(|&b| u64::from(b));
+    sums.into_iter()
+        .chain(rest.iter().copied())
+        .chain(edges)
+        .fold(0, u64::wrapping_add)
+}
+
+/// [`read_sum_portable`] in 256-bit vectors where the CPU has AVX2: the fastest read this
+/// machine does, so that "vs read" is against the real limit.
+fn read_sum(bytes: &[u8]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn with_avx2(bytes: &[u8]) -> u64 {
+            read_sum_portable(bytes)
+        }
+        // SAFETY: AVX2 was detected on this CPU just above.
+        return unsafe { with_avx2(bytes) };
+    }
+    read_sum_portable(bytes)
+}
+
+/// The 1 MiB pieces of `buffers` that the read baselines sum, cut once, before timing.
+fn read_pieces<'a>(buffers: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    buffers.iter().flat_map(|b| b.chunks(1 << 20)).collect()
+}
+
+/// [`read_sum`] over every piece, on one thread.
+fn read_serial(pieces: &[&[u8]]) -> u64 {
+    pieces
+        .iter()
+        .map(|b| read_sum(b))
+        .fold(0, u64::wrapping_add)
+}
+
+/// [`read_sum`] over every piece, on the rayon pool.
+fn read_parallel(pieces: &[&[u8]]) -> u64 {
+    pieces
+        .par_iter()
+        .map(|b| read_sum(b))
+        .reduce(|| 0, u64::wrapping_add)
+}
+
+/// Index of the first measured variant: after the four [`baselines`].
+const FIRST_MEASURED: usize = 4;
+
+/// What a variant is to the table: a baseline of either kind, or a measured pass.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    CopyBaseline,
+    ReadBaseline,
+    Measured,
+}
+
+/// The four baselines over `model_bytes`: copies of `src` (half the bytes) into `dst` and
+/// `dst_parallel`, and reads of `read` (every byte, cut by [`read_pieces`]), on one thread
+/// and on the rayon pool.
+fn baselines<'a>(
+    model_bytes: f64,
+    src: &'a [u8],
+    dst: &'a mut [u8],
+    dst_parallel: &'a mut [u8],
+    read: &'a [&'a [u8]],
+) -> Vec<Variant<'a>> {
+    let variant = |name, role, run| Variant {
+        name,
+        role,
+        model_bytes,
+        run,
+        times: Vec::new(),
+    };
+    vec![
+        variant(
+            "copy, 1 thread (baseline)",
+            Role::CopyBaseline,
+            Box::new(move || dst.copy_from_slice(black_box(src))),
+        ),
+        variant(
+            "copy, rayon (baseline)",
+            Role::CopyBaseline,
+            Box::new(move || copy_parallel(dst_parallel, black_box(src))),
+        ),
+        variant(
+            "read, 1 thread (baseline)",
+            Role::ReadBaseline,
+            Box::new(move || {
+                black_box(read_serial(black_box(read)));
+            }),
+        ),
+        variant(
+            "read, rayon (baseline)",
+            Role::ReadBaseline,
+            Box::new(move || {
+                black_box(read_parallel(black_box(read)));
+            }),
+        ),
+    ]
+}
+
+/// A measured pass over `model_bytes`.
+fn measured<'a>(name: &'static str, model_bytes: f64, run: impl FnMut() + 'a) -> Variant<'a> {
+    Variant {
+        name,
+        role: Role::Measured,
+        model_bytes,
+        run: Box::new(run),
+        times: Vec::new(),
+    }
+}
+
 struct Variant<'a> {
     name: &'static str,
+    role: Role,
     /// Bytes the GB/s column counts (for the step, the two-pass minimum).
     model_bytes: f64,
     run: Box<dyn FnMut() + 'a>,
@@ -63,9 +190,9 @@ fn per_round_ratios(numerator: &Variant, denominator: &Variant) -> Vec<f64> {
     common::per_round_ratios(&numerator.times, &denominator.times)
 }
 
-/// Runs the variants in interleaved rounds and prints median time, GB/s, and the ratio of
-/// each variant's bandwidth to the first (baseline) variants'.
-fn compare(title: &str, rounds: usize, variants: &mut [Variant], baselines: usize) {
+/// Runs the variants in interleaved rounds and prints median time, GB/s, and each variant's
+/// bandwidth against the faster read-only baseline and the faster copy baseline.
+fn compare(title: &str, rounds: usize, variants: &mut [Variant]) {
     for variant in variants.iter_mut() {
         (variant.run)(); // warm-up: page faults, caches, thread pool
     }
@@ -78,25 +205,31 @@ fn compare(title: &str, rounds: usize, variants: &mut [Variant], baselines: usiz
     }
     println!("\n{title}  ({rounds} interleaved rounds, medians)");
     println!(
-        "  {:<34} {:>10} {:>10} {:>12}",
-        "variant", "ms", "GB/s", "vs copy"
+        "  {:<36} {:>9} {:>9} {:>9} {:>9}",
+        "variant", "ms", "GB/s", "vs read", "vs copy"
     );
-    let mut rows = Vec::new();
-    for variant in variants.iter_mut() {
-        let seconds = median(&variant.times);
-        rows.push((variant.name, seconds, variant.model_bytes / seconds / 1e9));
-    }
-    let copy_bandwidth = rows[..baselines].iter().map(|r| r.2).fold(0.0, f64::max);
-    for (name, seconds, bandwidth) in &rows {
+    let bandwidth = |v: &Variant| v.model_bytes / median(&v.times) / 1e9;
+    let best = |role| {
+        variants
+            .iter()
+            .filter(|v| v.role == role)
+            .map(bandwidth)
+            .fold(f64::NAN, f64::max)
+    };
+    let (read, copy) = (best(Role::ReadBaseline), best(Role::CopyBaseline));
+    for variant in variants.iter() {
+        let gbs = bandwidth(variant);
         println!(
-            "  {name:<34} {:>10.2} {bandwidth:>10.2} {:>11.1}%",
-            seconds * 1e3,
-            100.0 * bandwidth / copy_bandwidth
+            "  {:<36} {:>9.2} {gbs:>9.2} {:>8.1}% {:>8.1}%",
+            variant.name,
+            median(&variant.times) * 1e3,
+            100.0 * gbs / read,
+            100.0 * gbs / copy
         );
     }
 }
 
-fn bench_dtype<T: Element>(rounds: usize) {
+fn bench_dtype<T: Element>(rounds: usize, power_only: bool) {
     let shapes = gpt2_small();
     let layout = BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap();
     let n = layout.total_elements();
@@ -124,42 +257,25 @@ fn bench_dtype<T: Element>(rounds: usize) {
         let mut src = vec![1u8; n * b / 2];
         let (mut dst, mut dst_parallel) = (vec![0u8; n * b / 2], vec![0u8; n * b / 2]);
         let views: Vec<&[T]> = grads.iter().map(Vec::as_slice).collect();
+        // The read-only baseline reads the very bytes the passes read.
+        let read: Vec<&[u8]> = views.iter().map(|v| bytemuck::cast_slice(v)).collect();
+        let read = read_pieces(&read);
         let mut fused = BatchPowerIteration::new(layout.clone()).unwrap();
         let mut fused_vectors = fused.cold_vectors(0).unwrap();
         let mut two_pass = BatchPowerIteration::new(layout.clone()).unwrap();
         let mut two_pass_vectors = two_pass.cold_vectors(0).unwrap();
         src.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
-        let (src, dst, dst_parallel) = (&src, &mut dst, &mut dst_parallel);
-        let mut variants = vec![
-            Variant {
-                name: "copy, 1 thread (baseline)",
-                model_bytes: power_bytes,
-                run: Box::new(|| dst.copy_from_slice(black_box(src))),
-                times: Vec::new(),
+        let mut variants = baselines(power_bytes, &src, &mut dst, &mut dst_parallel, &read);
+        variants.push(measured(
+            "power iteration, fused (math §4)",
+            power_bytes,
+            || {
+                black_box(fused.fused(&views, &mut fused_vectors).unwrap());
             },
-            Variant {
-                name: "copy, rayon (baseline)",
-                model_bytes: power_bytes,
-                run: Box::new(|| copy_parallel(dst_parallel, black_box(src))),
-                times: Vec::new(),
-            },
-            Variant {
-                name: "power iteration, fused (math §4)",
-                model_bytes: power_bytes,
-                run: Box::new(|| {
-                    black_box(fused.fused(&views, &mut fused_vectors).unwrap());
-                }),
-                times: Vec::new(),
-            },
-            Variant {
-                name: "power iteration, two-matvec",
-                model_bytes: power_bytes,
-                run: Box::new(|| {
-                    black_box(two_pass.two_pass(&views, &mut two_pass_vectors).unwrap());
-                }),
-                times: Vec::new(),
-            },
-        ];
+        ));
+        variants.push(measured("power iteration, two-matvec", power_bytes, || {
+            black_box(two_pass.two_pass(&views, &mut two_pass_vectors).unwrap());
+        }));
         compare(
             &format!(
                 "{dtype} power iteration: {:.0} MB read per iteration",
@@ -167,11 +283,17 @@ fn bench_dtype<T: Element>(rounds: usize) {
             ),
             rounds,
             &mut variants,
-            2,
         );
-        let fused_time = median(&variants[2].times);
-        let two_pass_time = median(&variants[3].times);
-        let ratios = per_round_ratios(&variants[3], &variants[2]);
+        let (fused, two_pass) = (&variants[FIRST_MEASURED], &variants[FIRST_MEASURED + 1]);
+        let (fused_time, two_pass_time) = (median(&fused.times), median(&two_pass.times));
+        let ratios = per_round_ratios(two_pass, fused);
+        let read_ratios = per_round_ratios(&variants[3], fused);
+        println!(
+            "  fused / read (rayon) bandwidth: {:.1}% (median of per-round ratios, range {:.1}% to {:.1}%)",
+            100.0 * read_ratios[read_ratios.len() / 2],
+            100.0 * read_ratios[0],
+            100.0 * read_ratios[read_ratios.len() - 1]
+        );
         println!(
             "  fused speed-up over two-matvec: {:.2}x (ratio of medians), {:.2}x (median of per-round ratios, range {:.2}x to {:.2}x)",
             two_pass_time / fused_time,
@@ -182,7 +304,7 @@ fn bench_dtype<T: Element>(rounds: usize) {
     }
 
     // Full warm step (heavy-ball, the defaults).
-    {
+    if !power_only {
         let model_bytes = (n * (3 * b + 12)) as f64;
         let actual_bytes = (n * (4 * b + 12)) as f64;
         let low_precision = T::DTYPE.is_low_precision();
@@ -204,43 +326,30 @@ fn bench_dtype<T: Element>(rounds: usize) {
         let mut src = vec![1u8; half];
         let (mut dst, mut dst_parallel) = (vec![0u8; half], vec![0u8; half]);
         src.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
-        let (src, dst, dst_parallel) = (&src, &mut dst, &mut dst_parallel);
+        // The read-only baseline reads `model_bytes`: another buffer of the copy's size.
+        let read_half = src.clone();
+        let read = read_pieces(&[&src[..], &read_half[..]]);
         let (weights, grads, optimizer) = (&mut weights, &grads, &mut optimizer);
-        let mut variants = vec![
-            Variant {
-                name: "copy, 1 thread (baseline)",
-                model_bytes,
-                run: Box::new(|| dst.copy_from_slice(black_box(src))),
-                times: Vec::new(),
-            },
-            Variant {
-                name: "copy, rayon (baseline)",
-                model_bytes,
-                run: Box::new(|| copy_parallel(dst_parallel, black_box(src))),
-                times: Vec::new(),
-            },
-        ];
-        variants.push(Variant {
-            name: if low_precision {
+        let mut variants = baselines(model_bytes, &src, &mut dst, &mut dst_parallel, &read);
+        variants.push(measured(
+            if low_precision {
                 "step, warm, stochastic rounding"
             } else {
                 "step, warm (math §5)"
             },
             model_bytes,
-            run: Box::new(|| {
+            || {
                 black_box(optimizer.step(weights, grads).unwrap());
-            }),
-            times: Vec::new(),
-        });
+            },
+        ));
         if let Some((twin, twin_weights)) = &mut nearest {
-            variants.push(Variant {
-                name: "step, warm, round to nearest",
+            variants.push(measured(
+                "step, warm, round to nearest",
                 model_bytes,
-                run: Box::new(|| {
+                || {
                     black_box(twin.step(twin_weights, grads).unwrap());
-                }),
-                times: Vec::new(),
-            });
+                },
+            ));
         }
         compare(
             &format!(
@@ -250,15 +359,14 @@ fn bench_dtype<T: Element>(rounds: usize) {
             ),
             rounds,
             &mut variants,
-            2,
         );
-        let step_time = median(&variants[2].times);
+        let step_time = median(&variants[FIRST_MEASURED].times);
         println!(
             "  step bandwidth counting the bytes it actually moves: {:.2} GB/s",
             actual_bytes / step_time / 1e9
         );
         if low_precision {
-            let ratios = per_round_ratios(&variants[2], &variants[3]);
+            let ratios = per_round_ratios(&variants[FIRST_MEASURED], &variants[FIRST_MEASURED + 1]);
             println!(
                 "  stochastic rounding / round to nearest, warm step: {:.3}x (median of per-round ratios, range {:.3}x to {:.3}x)",
                 ratios[ratios.len() / 2],
@@ -308,52 +416,34 @@ fn bench_master_weights(rounds: usize) {
     let bytes = |per_parameter: usize| (n * per_parameter) as f64;
     let half = (bytes(26) / 2.0) as usize;
     let src: Vec<u8> = (0..half).map(|i| i as u8).collect();
-    let mut dst = vec![0u8; half];
-    let (src, dst) = (&src, &mut dst);
+    let read_half = src.clone();
+    let read = read_pieces(&[&src[..], &read_half[..]]);
+    let (mut dst, mut dst_parallel) = (vec![0u8; half], vec![0u8; half]);
     let grads = &grads;
     let copies = &mut copies;
     let wide_grads = &wide_grads;
-    let mut variants = vec![
-        Variant {
-            name: "copy of 26 B/param, rayon (baseline)",
-            model_bytes: bytes(26),
-            run: Box::new(|| copy_parallel(dst, black_box(src))),
-            times: Vec::new(),
+    let mut variants = baselines(bytes(26), &src, &mut dst, &mut dst_parallel, &read);
+    variants.push(measured("step, f32 W, f32 G", bytes(28), || {
+        black_box(plain.step(&mut plain_w, wide_grads).unwrap());
+    }));
+    variants.push(measured("step, f32 W, bf16 G", bytes(24), || {
+        black_box(mixed.step(&mut mixed_w, grads).unwrap());
+    }));
+    variants.push(measured(
+        "step, f32 W, bf16 G, bf16 copy",
+        bytes(26),
+        || {
+            black_box(
+                with_copy
+                    .step_with_copy(&mut copy_w, grads, copies)
+                    .unwrap(),
+            );
         },
-        Variant {
-            name: "step, f32 W, f32 G",
-            model_bytes: bytes(28),
-            run: Box::new(|| {
-                black_box(plain.step(&mut plain_w, wide_grads).unwrap());
-            }),
-            times: Vec::new(),
-        },
-        Variant {
-            name: "step, f32 W, bf16 G",
-            model_bytes: bytes(24),
-            run: Box::new(|| {
-                black_box(mixed.step(&mut mixed_w, grads).unwrap());
-            }),
-            times: Vec::new(),
-        },
-        Variant {
-            name: "step, f32 W, bf16 G, bf16 copy",
-            model_bytes: bytes(26),
-            run: Box::new(|| {
-                black_box(
-                    with_copy
-                        .step_with_copy(&mut copy_w, grads, copies)
-                        .unwrap(),
-                );
-            }),
-            times: Vec::new(),
-        },
-    ];
+    ));
     compare(
-        "f32 master weights: bytes actually moved (28, 24 and 26 per parameter)",
+        "f32 master weights: bytes actually moved (28, 24 and 26 per parameter; baselines 26)",
         rounds,
         &mut variants,
-        1,
     );
     let per_round = |a: usize, b: usize| {
         let ratios = per_round_ratios(&variants[a], &variants[b]);
@@ -361,8 +451,8 @@ fn bench_master_weights(rounds: usize) {
     };
     println!(
         "  time / f32 step (median of per-round ratios): bf16 G {:.3}x, bf16 G + copy {:.3}x (bytes: {:.3}x, {:.3}x)",
-        per_round(2, 1),
-        per_round(3, 1),
+        per_round(FIRST_MEASURED + 1, FIRST_MEASURED),
+        per_round(FIRST_MEASURED + 2, FIRST_MEASURED),
         24.0 / 28.0,
         26.0 / 28.0
     );
@@ -371,17 +461,25 @@ fn bench_master_weights(rounds: usize) {
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut rounds = 9;
+    let mut power_only = false;
     while let Some(arg) = args.next() {
-        if arg == "--rounds" {
-            rounds = args
-                .next()
-                .and_then(|r| r.parse().ok())
-                .expect("--rounds needs a number");
+        match arg.as_str() {
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .and_then(|r| r.parse().ok())
+                    .expect("--rounds needs a number")
+            }
+            "--power-only" => power_only = true,
+            // Other arguments (cargo bench passes `--bench`) are ignored.
+            _ => {}
         }
-        // Other arguments (cargo bench passes `--bench`) are ignored.
     }
-    bench_dtype::<f32>(rounds);
-    bench_dtype::<bf16>(rounds);
-    bench_dtype::<f16>(rounds);
-    bench_master_weights(rounds);
+    println!("CPU: {}", common::cpu_model());
+    bench_dtype::<f32>(rounds, power_only);
+    bench_dtype::<bf16>(rounds, power_only);
+    bench_dtype::<f16>(rounds, power_only);
+    if !power_only {
+        bench_master_weights(rounds);
+    }
 }

@@ -419,6 +419,47 @@ fn lanczos_meets_its_tolerance_against_the_exact_svd() {
     }
 }
 
+/// A known limitation, kept visible: when the top singular values form a cluster whose width
+/// is a few times the tolerance, the Ritz value can settle inside the cluster while the
+/// Kato–Temple bound (with the Ritz gap standing in for the true gap, math §4.9.1) already
+/// claims convergence. Measured: 6 to 8 passes, `converged == true`, errors 1.4e-3 to 6.4e-3
+/// at tolerance 1e-3 for the clusters below (3 to 10 values, 0.4% to 1% wide). The test states
+/// the promise the rule does not yet keep; run it with `--ignored`.
+#[test]
+#[ignore = "known limitation of the Lanczos stopping rule on clustered top singular values (math §4.9.1)"]
+fn lanczos_meets_its_tolerance_on_clustered_top_singular_values() {
+    let n = 1000;
+    for (count, width) in [(5usize, 0.004f64), (3, 0.004), (10, 0.01)] {
+        // diag(s) is as hard as U diag(s) V^T from a random start, and exact in f32.
+        let s: Vec<f64> = (0..n)
+            .map(|i| {
+                if i < count {
+                    1.0 - width * i as f64 / (count - 1) as f64
+                } else {
+                    0.9 * 0.995f64.powi((i - count) as i32)
+                }
+            })
+            .collect();
+        let mut matrix = vec![0.0f32; n * n];
+        for (i, &value) in s.iter().enumerate() {
+            matrix[i * n + i] = value as f32;
+        }
+        let mut power = power_for(&[MatrixShape::new(n, n)]);
+        for seed in 1..=3 {
+            let result = power.lanczos(&[&matrix[..]], seed, 1e-3, 300).unwrap()[0];
+            let error = (1.0 - f64::from(result.estimate.sigma())).abs();
+            eprintln!(
+                "cluster of {count}, width {width}, seed {seed}: {} passes, error {error:.2e}",
+                result.iterations
+            );
+            assert!(
+                !result.converged || error <= 1e-3,
+                "cluster of {count}, width {width}, seed {seed}: converged with error {error:.2e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn lanczos_reports_zero_and_non_finite_matrices() {
     let shapes = [MatrixShape::new(8, 6), MatrixShape::new(5, 5)];

@@ -16,6 +16,7 @@
 //! the write of `M` in pass B hits cache lines that pass B has just read, so it needs no extra
 //! read-for-ownership.
 
+mod even_odd;
 mod lanczos;
 mod orthogonal;
 mod power;

@@ -191,29 +191,49 @@ impl<R: Rows> Kernel for FusedBlock<'_, R> {
         let tile_rows = (CACHE_TILE_ELEMENTS / fan_in).clamp(1, MAX_TILE_ROWS);
         let keep_tile = R::KEEP_TILE && tile_rows * fan_in <= tile.len();
         let mut row_dots = [0.0f32; MAX_TILE_ROWS];
+        #[cfg(target_arch = "x86_64")]
+        if FMA && rows.stored_bf16(block.row_start).is_some() {
+            // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch, and a
+            // source that stores one row as bf16 stores all of them (`PlainRows<bf16>`).
+            let sum_sq = unsafe {
+                super::even_odd::fused_block(rows, block, v, partial, &mut row_dots[..tile_rows])
+            };
+            return BlockSums { sum_sq };
+        }
         let mut buffer = [0.0f32; CHUNK];
         let mut group_buffers = [[0.0f32; CHUNK]; ROW_GROUP];
         let mut sums = BlockSums::default();
         let mut tile_start = block.row_start;
         while tile_start < block.row_end {
             let tile_end = (tile_start + tile_rows).min(block.row_end);
+            let dots = &mut row_dots[..tile_end - tile_start];
+            // The second sweep computes on cached rows only; meanwhile the memory system
+            // fetches the next tile of the block (a hint: the bits do not depend on it).
+            let next_end = (tile_end + tile_rows).min(block.row_end);
+            let mut ahead = rows.ahead(tile_end * fan_in, next_end * fan_in);
             if keep_tile {
                 let rows_u = tile.chunks_exact_mut(fan_in);
-                for ((dot, row), u) in row_dots.iter_mut().zip(tile_start..tile_end).zip(rows_u) {
+                for ((dot, row), u) in dots.iter_mut().zip(tile_start..tile_end).zip(rows_u) {
                     rows.load::<FMA>(row, 0, u);
                     let row_sums = slice_sums::<FMA>(u, v);
                     *dot = row_sums.dot;
                     sums.sum_sq += row_sums.sum_sq;
                 }
-                add_scaled_tile::<FMA>(tile, fan_in, &row_dots[..tile_end - tile_start], partial);
+                add_scaled_tile::<FMA>(tile, fan_in, dots, partial, &mut ahead);
             } else {
-                for (dot, row) in row_dots.iter_mut().zip(tile_start..tile_end) {
+                for (dot, row) in dots.iter_mut().zip(tile_start..tile_end) {
                     let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer);
                     *dot = row_sums.dot;
                     sums.sum_sq += row_sums.sum_sq;
                 }
-                let dots = &row_dots[..tile_end - tile_start];
-                add_scaled_rows::<R, FMA>(rows, tile_start, dots, partial, &mut group_buffers);
+                add_scaled_rows::<R, FMA>(
+                    rows,
+                    tile_start,
+                    dots,
+                    partial,
+                    &mut group_buffers,
+                    &mut ahead,
+                );
             }
             tile_start = tile_end;
         }
@@ -622,124 +642,149 @@ mod tests {
     use crate::cpu::rows::DirectionRows;
     use half::bf16;
 
-    /// A stored matrix seen only through the generic row interface (no bf16 shortcut).
-    struct Generic<'a>(PlainRows<'a, bf16>);
+    /// A stored matrix seen only through the generic row interface: no in-place `f32` view,
+    /// no `bf16` shortcut, so every row is widened into a buffer chunk by chunk.
+    struct Generic<'a, T>(PlainRows<'a, T>);
 
-    impl Rows for Generic<'_> {
+    impl<T: Element> Rows for Generic<'_, T> {
         const KEEP_TILE: bool = false;
         fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]) {
             self.0.load::<FMA>(row, col_start, out)
         }
     }
 
-    /// The AVX2 path widens stored bf16 rows in registers; it must give the same bits as
-    /// widening through the buffer, in the fused and the two-matvec forms alike.
-    #[test]
-    fn bf16_in_register_widening_matches_the_buffered_path() {
+    /// The AVX2 path reads stored `f32` rows in place and widens stored `bf16` rows in
+    /// registers (sixteen at a time, in even-odd order, in the fused pass); it must give the
+    /// same bits as the buffered path, in the fused and the two-matvec forms alike, on rows
+    /// with and without tails and on tiles with and without a remainder of rows.
+    fn in_register_matches_the_buffered_path<T: Element>() {
         if !KernelPath::Avx2Fma.is_supported() {
-            eprintln!("NOT RUN: bf16 in-register widening needs AVX2 and FMA");
+            eprintln!("NOT RUN: the in-register paths need AVX2 and FMA");
             return;
         }
-        let (fan_out, fan_in) = (45, 517);
-        let mut values = vec![0.0f32; fan_out * fan_in];
-        crate::random::fill_gaussian(3, 0, &mut values);
-        let data: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
-        let mut v = vec![0.0f32; fan_in];
-        crate::random::fill_unit_vector(3, 1, &mut v);
-        let block = RowBlock {
-            matrix: 0,
-            row_start: 2,
-            row_end: 43,
-            partial_offset: 0,
-        };
-        let stored = PlainRows {
-            data: &data[..],
-            fan_in,
-        };
-        let generic = Generic(PlainRows {
-            data: &data[..],
-            fan_in,
-        });
-        let path = KernelPath::Avx2Fma;
-        let run_fused = |rows: &dyn Fn(&mut [f32]) -> BlockSums| {
-            let mut partial = vec![0.0f32; fan_in];
-            let sums = rows(&mut partial);
-            (
-                sums,
-                partial.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            )
-        };
-        let fast = run_fused(&|partial| {
-            on_path(
+        for (fan_out, fan_in) in [(45, 517), (70, 768), (9, 16), (40, 33), (5, 3072), (20, 1)] {
+            let mut values = vec![0.0f32; fan_out * fan_in];
+            crate::random::fill_gaussian(3, fan_in as u64, &mut values);
+            let data: Vec<T> = values.iter().map(|&x| T::from_f32_rne(x)).collect();
+            let mut v = vec![0.0f32; fan_in];
+            crate::random::fill_unit_vector(3, 1, &mut v);
+            let block = RowBlock {
+                matrix: 0,
+                row_start: 2,
+                row_end: fan_out - 2,
+                partial_offset: 0,
+            };
+            let rows = block.row_end - block.row_start;
+            let stored = PlainRows {
+                data: &data[..],
+                fan_in,
+            };
+            let generic = Generic(PlainRows {
+                data: &data[..],
+                fan_in,
+            });
+            let path = KernelPath::Avx2Fma;
+            let fused = |rows: &dyn Fn(&mut [f32]) -> BlockSums| {
+                let mut partial = vec![0.0f32; fan_in];
+                let sums = rows(&mut partial);
+                (
+                    sums,
+                    partial.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                )
+            };
+            let fast = fused(&|partial| {
+                on_path(
+                    path,
+                    FusedBlock {
+                        rows: &stored,
+                        block: &block,
+                        v: &v,
+                        partial,
+                        tile: &mut [],
+                    },
+                )
+            });
+            let slow = fused(&|partial| {
+                on_path(
+                    path,
+                    FusedBlock {
+                        rows: &generic,
+                        block: &block,
+                        v: &v,
+                        partial,
+                        tile: &mut [],
+                    },
+                )
+            });
+            let shape = format!("{} {fan_out}x{fan_in}", T::DTYPE.name());
+            assert_eq!(fast, slow, "fused, {shape}");
+            let mut products = vec![0.0f32; rows];
+            let fast_sums = on_path(
                 path,
-                FusedBlock {
+                RowProducts {
                     rows: &stored,
                     block: &block,
                     v: &v,
-                    partial,
-                    tile: &mut [],
+                    products: &mut products,
                 },
-            )
-        });
-        let slow = run_fused(&|partial| {
-            on_path(
+            );
+            let mut generic_products = vec![0.0f32; rows];
+            let slow_sums = on_path(
                 path,
-                FusedBlock {
+                RowProducts {
                     rows: &generic,
                     block: &block,
                     v: &v,
-                    partial,
-                    tile: &mut [],
+                    products: &mut generic_products,
                 },
-            )
-        });
-        assert_eq!(fast, slow);
-        let mut products = vec![0.0f32; 41];
-        let fast_sums = on_path(
-            path,
-            RowProducts {
-                rows: &stored,
-                block: &block,
-                v: &v,
-                products: &mut products,
-            },
-        );
-        let mut generic_products = vec![0.0f32; 41];
-        let slow_sums = on_path(
-            path,
-            RowProducts {
-                rows: &generic,
-                block: &block,
-                v: &v,
-                products: &mut generic_products,
-            },
-        );
-        assert_eq!((fast_sums, &products), (slow_sums, &generic_products));
-        let (mut fast_w, mut slow_w) = (vec![0.0f32; fan_in], vec![0.0f32; fan_in]);
-        on_path(
-            path,
-            TransposedProduct {
-                rows: &stored,
-                block: &block,
-                products: &products,
-                partial: &mut fast_w,
-            },
-        );
-        on_path(
-            path,
-            TransposedProduct {
-                rows: &generic,
-                block: &block,
-                products: &products,
-                partial: &mut slow_w,
-            },
-        );
-        assert_eq!(fast_w, slow_w);
-        assert_eq!(
-            fast.1,
-            fast_w.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            "fused and two-matvec differ"
-        );
+            );
+            assert_eq!(
+                (fast_sums, &products),
+                (slow_sums, &generic_products),
+                "{shape}"
+            );
+            let (mut fast_w, mut slow_w) = (vec![0.0f32; fan_in], vec![0.0f32; fan_in]);
+            on_path(
+                path,
+                TransposedProduct {
+                    rows: &stored,
+                    block: &block,
+                    products: &products,
+                    partial: &mut fast_w,
+                },
+            );
+            on_path(
+                path,
+                TransposedProduct {
+                    rows: &generic,
+                    block: &block,
+                    products: &products,
+                    partial: &mut slow_w,
+                },
+            );
+            assert_eq!(fast_w, slow_w, "{shape}");
+            assert_eq!(
+                fast.1,
+                fast_w.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "fused and two-matvec differ, {shape}"
+            );
+            assert!(fast_w.iter().any(|&x| x != 0.0), "{shape}");
+        }
+    }
+
+    #[test]
+    fn f32_in_place_rows_match_the_buffered_path() {
+        in_register_matches_the_buffered_path::<f32>();
+    }
+
+    #[test]
+    fn bf16_in_register_widening_matches_the_buffered_path() {
+        in_register_matches_the_buffered_path::<bf16>();
+    }
+
+    #[test]
+    fn f16_rows_match_between_fused_and_two_matvec() {
+        in_register_matches_the_buffered_path::<half::f16>();
     }
 
     /// Keeping the tile between the sweeps is a memory-traffic choice only: both forms must

@@ -11,9 +11,14 @@
 //! Every loop is generic over `FMA`: `true` fuses `a * b + c` into one rounding (compiled
 //! inside `#[target_feature(enable = "avx2,fma")]` wrappers, see [`KernelPath`]); `false` is
 //! the portable form. The two paths differ in the last bits, each is deterministic. Where
-//! LLVM does not vectorise the AVX2 form on its own (the eight-lane sums, widening stored bf16
-//! in registers), it is written with intrinsics that compute exactly what the scalar form
-//! does, lane by lane.
+//! LLVM does not vectorise the AVX2 form on its own, or vectorises it with the lanes spilled to
+//! memory between chunks, it is written with intrinsics that compute exactly what the scalar
+//! form does, lane by lane: whole stored `f32` rows read in place with the lanes and their
+//! reduction tree in registers, groups of four rows added into a partial, stored `bf16` rows
+//! widened in registers (and, in the fused pass, sixteen at a time: [`super::even_odd`]).
+//!
+//! A sweep over rows already in cache fetches what the next sweep will read ([`Ahead`]), so
+//! that the memory system does not sit idle while the core computes (math §4.2).
 
 use crate::config::MomentumRule;
 use crate::element::Element;
@@ -82,6 +87,14 @@ pub(crate) trait Rows: Sync {
     /// Writes `U[row, col_start .. col_start + out.len()]` into `out`.
     fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]);
 
+    /// The source bytes of elements `[start, end)` (row-major indices, clamped to the
+    /// matrix), for a sweep over cached rows to fetch ahead ([`Ahead`]).
+    #[inline(always)]
+    fn ahead(&self, start: usize, end: usize) -> Ahead<'_> {
+        let _ = (start, end);
+        Ahead::default()
+    }
+
     /// Whether the fused pass should keep each tile's `U` as `f32` between its two sweeps
     /// rather than form it again. Measured on the GPT-2-small bench: worth it when `U` comes
     /// from `G` and `M` (two streams and the momentum rule), not for a stored matrix (an `f32`
@@ -131,6 +144,11 @@ pub(crate) struct PlainRows<'a, T> {
 
 impl<T: Element> Rows for PlainRows<'_, T> {
     const KEEP_TILE: bool = false;
+
+    #[inline(always)]
+    fn ahead(&self, start: usize, end: usize) -> Ahead<'_> {
+        Ahead::new([bytes_of(self.data, start, end), &[]])
+    }
 
     #[inline(always)]
     fn stored_f32(&self, row: usize, col_start: usize, len: usize) -> Option<&[f32]> {
@@ -198,12 +216,74 @@ impl<T: Element> Rows for DirectionRows<'_, T> {
     const KEEP_TILE: bool = true;
 
     #[inline(always)]
+    fn ahead(&self, start: usize, end: usize) -> Ahead<'_> {
+        Ahead::new([
+            bytes_of(self.grads, start, end),
+            bytes_of(self.momentum, start, end),
+        ])
+    }
+
+    #[inline(always)]
     fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]) {
         let start = row * self.fan_in + col_start;
         if self.rule.nesterov {
             self.load_with::<true, FMA>(start, out);
         } else {
             self.load_with::<false, FMA>(start, out);
+        }
+    }
+}
+
+/// Bytes per cache line, the prefetch granularity.
+const CACHE_LINE: usize = 64;
+
+/// `data[start..end]` (clamped) as bytes.
+#[inline(always)]
+fn bytes_of<T: bytemuck::Pod>(data: &[T], start: usize, end: usize) -> &[u8] {
+    let end = end.min(data.len());
+    bytemuck::cast_slice(&data[start.min(end)..end])
+}
+
+/// Source bytes that a sweep over cached rows asks the CPU to start fetching, one cache line
+/// per stream at each [`step`](Self::step): while a sweep computes on data it has already
+/// read, the memory system stays busy with what the next sweep will read (math §4.2). A hint
+/// only: results do not depend on it, and it never reads what it points at.
+pub(crate) struct Ahead<'a> {
+    next: [*const u8; 2],
+    end: [*const u8; 2],
+    source: std::marker::PhantomData<&'a [u8]>,
+}
+
+impl Default for Ahead<'_> {
+    fn default() -> Self {
+        Ahead::new([&[], &[]])
+    }
+}
+
+impl<'a> Ahead<'a> {
+    pub(crate) fn new(streams: [&'a [u8]; 2]) -> Self {
+        Ahead {
+            next: streams.map(|stream| stream.as_ptr()),
+            end: streams.map(|stream| stream.as_ptr_range().end),
+            source: std::marker::PhantomData,
+        }
+    }
+
+    /// Prefetches the next cache line of each stream that has one left.
+    #[inline(always)]
+    pub(crate) fn step(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        for (next, &end) in self.next.iter_mut().zip(&self.end) {
+            if *next < end {
+                // SAFETY: a prefetch is a hint that never faults and reads nothing the program
+                // can observe; `next` lies inside the stream it was made from.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        next.cast(),
+                    )
+                };
+                *next = next.wrapping_add(CACHE_LINE);
+            }
         }
     }
 }
@@ -224,7 +304,7 @@ fn reduce_lanes(mut lanes: [f32; LANES]) -> f32 {
 
 /// `dot += u * v`, `sum_sq += u * u`, lane by lane.
 #[inline(always)]
-fn accumulate_lanes<const FMA: bool>(
+pub(crate) fn accumulate_lanes<const FMA: bool>(
     dot: &mut [f32; LANES],
     sum_sq: &mut [f32; LANES],
     u: &[f32; LANES],
@@ -306,6 +386,90 @@ fn accumulate_chunk<const FMA: bool>(
     }
 }
 
+/// [`reduce_lanes`] of four 256-bit accumulators (lanes 0-7, 8-15, 16-23, 24-31) in
+/// registers: the same pairs added in the same order, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn reduce_lanes_avx2(lanes: [std::arch::x86_64::__m256; 4]) -> f32 {
+    use std::arch::x86_64::*;
+    // Width 32 -> 16: lanes[i] += lanes[i + 16]; 16 -> 8: lanes[i] += lanes[i + 8].
+    let eight = _mm256_add_ps(
+        _mm256_add_ps(lanes[0], lanes[2]),
+        _mm256_add_ps(lanes[1], lanes[3]),
+    );
+    // 8 -> 4, 4 -> 2, 2 -> 1.
+    let four = _mm_add_ps(
+        _mm256_castps256_ps128(eight),
+        _mm256_extractf128_ps::<1>(eight),
+    );
+    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
+}
+
+/// [`slice_sums`] in registers for a whole `f32` row: the same lanes, the same `fma` per
+/// lane, the same zero-padded tail and the same reduction tree, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn f32_sums_avx2_fma(u: &[f32], v: &[f32]) -> RowSums {
+    use std::arch::x86_64::*;
+    let (u_blocks, u_tail) = u.as_chunks::<LANES>();
+    let (v_blocks, v_tail) = v.as_chunks::<LANES>();
+    let mut dot = [_mm256_setzero_ps(); 4];
+    let mut sum_sq = [_mm256_setzero_ps(); 4];
+    let mut accumulate = |u_block: &[f32; LANES], v_block: &[f32; LANES]| {
+        let x: [__m256; 4] = bytemuck::cast(*u_block);
+        let y: [__m256; 4] = bytemuck::cast(*v_block);
+        for vector in 0..4 {
+            dot[vector] = _mm256_fmadd_ps(x[vector], y[vector], dot[vector]);
+            sum_sq[vector] = _mm256_fmadd_ps(x[vector], x[vector], sum_sq[vector]);
+        }
+    };
+    for (u_block, v_block) in u_blocks.iter().zip(v_blocks) {
+        accumulate(u_block, v_block);
+    }
+    if !u_tail.is_empty() {
+        let (mut u_pad, mut v_pad) = ([0.0f32; LANES], [0.0f32; LANES]);
+        u_pad[..u_tail.len()].copy_from_slice(u_tail);
+        v_pad[..v_tail.len()].copy_from_slice(v_tail);
+        accumulate(&u_pad, &v_pad);
+    }
+    RowSums {
+        dot: reduce_lanes_avx2(dot),
+        sum_sq: reduce_lanes_avx2(sum_sq),
+    }
+}
+
+/// [`add_scaled_group`] for four `f32` rows in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn f32_add_group_avx2_fma(
+    u: [&[f32]; ROW_GROUP],
+    t: [f32; ROW_GROUP],
+    partial: &mut [f32],
+    ahead: &mut Ahead,
+) {
+    use std::arch::x86_64::*;
+    let tail_start = partial.len() / SIMD_WIDTH * SIMD_WIDTH;
+    let (partial_lanes, partial_tail) = partial.as_chunks_mut::<SIMD_WIDTH>();
+    let [r0, r1, r2, r3] = u.map(|row| row.as_chunks::<SIMD_WIDTH>().0);
+    let [s0, s1, s2, s3] = t.map(|t| _mm256_set1_ps(t));
+    let rows = r0.iter().zip(r1).zip(r2).zip(r3);
+    for (acc, (((x0, x1), x2), x3)) in partial_lanes.iter_mut().zip(rows) {
+        ahead.step();
+        let mut lanes: __m256 = bytemuck::cast(*acc);
+        lanes = _mm256_fmadd_ps(s0, bytemuck::cast(*x0), lanes);
+        lanes = _mm256_fmadd_ps(s1, bytemuck::cast(*x1), lanes);
+        lanes = _mm256_fmadd_ps(s2, bytemuck::cast(*x2), lanes);
+        lanes = _mm256_fmadd_ps(s3, bytemuck::cast(*x3), lanes);
+        *acc = bytemuck::cast(lanes);
+    }
+    for (offset, acc) in partial_tail.iter_mut().enumerate() {
+        for (row, &t) in u.iter().zip(&t) {
+            *acc = t.mul_add(row[tail_start + offset], *acc);
+        }
+    }
+}
+
 /// Eight bf16 values widened to `f32` in a register: exact, as [`Element::to_f32`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -366,32 +530,6 @@ fn bf16_add_row_avx2_fma(u: &[u16], t: f32, partial: &mut [f32]) {
     }
 }
 
-/// [`add_scaled_group`] for four stored bf16 rows, widening in registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn bf16_add_group_avx2_fma(u: [&[u16]; ROW_GROUP], t: [f32; ROW_GROUP], partial: &mut [f32]) {
-    use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_set1_ps};
-    let tail_start = partial.len() / SIMD_WIDTH * SIMD_WIDTH;
-    let (partial_lanes, partial_tail) = partial.as_chunks_mut::<SIMD_WIDTH>();
-    let rows = u.map(|row| row.as_chunks::<SIMD_WIDTH>());
-    let scale = t.map(|t| _mm256_set1_ps(t));
-    for (index, acc) in partial_lanes.iter_mut().enumerate() {
-        let mut lanes: __m256 = bytemuck::cast(*acc);
-        for (row, &t) in rows.iter().zip(&scale) {
-            lanes = _mm256_fmadd_ps(t, widen_bf16(&row.0[index]), lanes);
-        }
-        *acc = bytemuck::cast(lanes);
-    }
-    for (offset, acc) in partial_tail.iter_mut().enumerate() {
-        for (row, &t) in u.iter().zip(&t) {
-            *acc = t.mul_add(
-                f32::from_bits(u32::from(row[tail_start + offset]) << 16),
-                *acc,
-            );
-        }
-    }
-}
-
 /// `(<u, v>, ||u||^2)` for row `row` of `rows`; `v.len()` is `fan_in`.
 #[inline(always)]
 pub(crate) fn row_sums<R: Rows, const FMA: bool>(
@@ -401,6 +539,11 @@ pub(crate) fn row_sums<R: Rows, const FMA: bool>(
     buffer: &mut [f32; CHUNK],
 ) -> RowSums {
     let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
+    #[cfg(target_arch = "x86_64")]
+    if FMA && let Some(u) = rows.stored_f32(row, 0, v.len()) {
+        // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch.
+        return unsafe { f32_sums_avx2_fma(u, v) };
+    }
     #[cfg(target_arch = "x86_64")]
     if FMA && let Some(bits) = rows.stored_bf16(row) {
         // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch, which has
@@ -424,6 +567,11 @@ pub(crate) fn row_sums<R: Rows, const FMA: bool>(
 /// [`row_sums`] of a row already widened to `f32`; bitwise the same result.
 #[inline(always)]
 pub(crate) fn slice_sums<const FMA: bool>(u: &[f32], v: &[f32]) -> RowSums {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch.
+        return unsafe { f32_sums_avx2_fma(u, v) };
+    }
     let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
     for (u_chunk, v_chunk) in u.chunks(CHUNK).zip(v.chunks(CHUNK)) {
         accumulate_chunk::<FMA>(&mut dot, &mut sum_sq, u_chunk, v_chunk);
@@ -464,7 +612,8 @@ pub(crate) fn add_scaled_group<const FMA: bool>(
     }
 }
 
-/// `partial += Σ_i dots[i] u_{first_row + i}` over consecutive rows of `rows`, in row order.
+/// `partial += Σ_i dots[i] u_{first_row + i}` over consecutive rows of `rows`, in row order,
+/// fetching `ahead` as it goes (on the AVX2 path).
 #[inline(always)]
 pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     rows: &R,
@@ -472,20 +621,22 @@ pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     dots: &[f32],
     partial: &mut [f32],
     buffers: &mut [[f32; CHUNK]; ROW_GROUP],
+    ahead: &mut Ahead,
 ) {
     let (groups, rest) = dots.as_chunks::<ROW_GROUP>();
     for (group_index, &t) in groups.iter().enumerate() {
         let row = first_row + group_index * ROW_GROUP;
         #[cfg(target_arch = "x86_64")]
-        if FMA && let Some(u0) = rows.stored_bf16(row) {
+        if FMA && let Some(u0) = rows.stored_f32(row, 0, partial.len()) {
+            let len = partial.len();
             let u = [
                 u0,
-                rows.stored_bf16(row + 1).unwrap_or_default(),
-                rows.stored_bf16(row + 2).unwrap_or_default(),
-                rows.stored_bf16(row + 3).unwrap_or_default(),
+                rows.stored_f32(row + 1, 0, len).unwrap_or_default(),
+                rows.stored_f32(row + 2, 0, len).unwrap_or_default(),
+                rows.stored_f32(row + 3, 0, len).unwrap_or_default(),
             ];
             // SAFETY: as in `row_sums`: `FMA = true` code runs only after the AVX2+FMA check.
-            unsafe { bf16_add_group_avx2_fma(u, t, partial) };
+            unsafe { f32_add_group_avx2_fma(u, t, partial, ahead) };
             continue;
         }
         for (chunk_index, partial_chunk) in partial.chunks_mut(CHUNK).enumerate() {
@@ -513,12 +664,19 @@ pub(crate) fn add_scaled_tile<const FMA: bool>(
     fan_in: usize,
     dots: &[f32],
     partial: &mut [f32],
+    ahead: &mut Ahead,
 ) {
     let (groups, rest) = dots.as_chunks::<ROW_GROUP>();
     let mut rows = tile.chunks_exact(fan_in);
     for &t in groups {
         let mut next = || rows.next().unwrap_or_default();
         let u = [next(), next(), next(), next()];
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: as in `row_sums`: `FMA = true` code runs only after the AVX2+FMA check.
+            unsafe { f32_add_group_avx2_fma(u, t, partial, ahead) };
+            continue;
+        }
         add_scaled_group::<FMA>(u, t, partial);
     }
     for (&t, u) in rest.iter().zip(rows) {
