@@ -101,6 +101,8 @@ fn read_parallel(pieces: &[&[u8]]) -> u64 {
         .reduce(|| 0, u64::wrapping_add)
 }
 
+/// Index of the rayon read among the [`baselines`] (the faster read on a multi-core machine).
+const READ_PARALLEL: usize = 3;
 /// Index of the first measured variant: after the four [`baselines`].
 const FIRST_MEASURED: usize = 4;
 
@@ -287,7 +289,7 @@ fn bench_dtype<T: Element>(rounds: usize, power_only: bool) {
         let (fused, two_pass) = (&variants[FIRST_MEASURED], &variants[FIRST_MEASURED + 1]);
         let (fused_time, two_pass_time) = (median(&fused.times), median(&two_pass.times));
         let ratios = per_round_ratios(two_pass, fused);
-        let read_ratios = per_round_ratios(&variants[3], fused);
+        let read_ratios = per_round_ratios(&variants[READ_PARALLEL], fused);
         println!(
             "  fused / read (rayon) bandwidth: {:.1}% (median of per-round ratios, range {:.1}% to {:.1}%)",
             100.0 * read_ratios[read_ratios.len() / 2],

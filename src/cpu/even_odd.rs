@@ -34,7 +34,8 @@ use crate::layout::RowBlock;
 const BLOCK: usize = 2 * SIMD_WIDTH;
 
 thread_local! {
-    /// Each worker's copy of `v` in even-odd order, kept between passes.
+    /// Each worker's buffer for `v` in even-odd order, refilled for every block and kept
+    /// allocated between blocks and passes.
     static V_EVEN_ODD: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -90,7 +91,7 @@ fn from_even_odd(values: &mut [f32]) {
 /// `(<u, v>, ||u||^2)` of one stored `bf16` row; `v_even_odd` is `v` after [`to_even_odd`].
 /// Bit for bit [`super::rows::row_sums`] on the FMA path.
 #[target_feature(enable = "avx2,fma")]
-fn row_sums(bits: &[u16], v: &[f32], v_even_odd: &[f32]) -> RowSums {
+fn even_odd_row_sums(bits: &[u16], v: &[f32], v_even_odd: &[f32]) -> RowSums {
     let (u_blocks, u_tail) = bits.as_chunks::<LANES>();
     let v_blocks = v_even_odd.as_chunks::<LANES>().0;
     let mut dot = [_mm256_set1_ps(0.0); 4];
@@ -164,12 +165,15 @@ fn add_rows<const N: usize>(
 
 /// The fused pass over one block of stored `bf16` rows (math §4): per tile of `dots.len()`
 /// rows, `t_i = <u_i, v>` into `dots`, then `partial += Σ t_i u_i`, fetching the next tile
-/// meanwhile. Returns the block's `sum of u^2`. The same bits as the in-order path with `FMA`.
+/// meanwhile. Returns the block's `sum of u^2`. The same bits as the in-order path with `FMA`
+/// (NaN payloads aside: they only ever mark the matrix non-finite). `partial` must be zeroed.
+///
+/// Every row of the block must be a stored `bf16` row (`rows.stored_bf16(row)` is `Some`; a
+/// source answers alike for all its rows), else this panics.
 ///
 /// # Safety
 ///
-/// The CPU must have AVX2 and FMA, and every row of the block must be a stored `bf16` row
-/// (`rows.stored_bf16(row)` is `Some`).
+/// The CPU must have AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn fused_block<R: Rows>(
     rows: &R,
@@ -181,16 +185,18 @@ pub(crate) unsafe fn fused_block<R: Rows>(
     V_EVEN_ODD.with_borrow_mut(|v_even_odd| {
         v_even_odd.resize(v.len(), 0.0);
         to_even_odd(v, v_even_odd);
-        let row = |index| rows.stored_bf16(index).unwrap_or_default();
+        let row = |index| {
+            rows.stored_bf16(index)
+                .expect("a source that stores one row as bf16 stores all of them")
+        };
         let tile_rows = dots.len();
         let mut sum_sq = 0.0f32;
-        partial.fill(0.0);
         let mut tile_start = block.row_start;
         while tile_start < block.row_end {
             let tile_end = (tile_start + tile_rows).min(block.row_end);
             let dots = &mut dots[..tile_end - tile_start];
             for (dot, index) in dots.iter_mut().zip(tile_start..tile_end) {
-                let sums = row_sums(row(index), v, v_even_odd);
+                let sums = even_odd_row_sums(row(index), v, v_even_odd);
                 *dot = sums.dot;
                 sum_sq += sums.sum_sq;
             }

@@ -196,6 +196,7 @@ impl Krylov {
 /// combined in a fixed tree): vectorised and free of one long chain of dependent adds, and
 /// the same bits on every run.
 fn dot(a: &[f64], b: &[f64]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
     let (a_lanes, a_tail) = a.as_chunks::<8>();
     let (b_lanes, b_tail) = b.as_chunks::<8>();
     let mut sums = [0.0f64; 8];

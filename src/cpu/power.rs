@@ -163,10 +163,11 @@ pub(crate) fn checked_path(path: KernelPath) -> Result<KernelPath> {
 }
 
 /// The fused pass over one block (math §4): per cache tile, `t_i = <u_i, v>`, then
-/// `partial += Σ t_i u_i` re-reading the tile from cache. Where forming `U` costs more than
-/// reading it back (the step's `U = f(G, M)`, see [`Rows::KEEP_TILE`]), the first sweep keeps
-/// the tile's `U` in `tile` and the second sweep reads it; the arithmetic, and so the result,
-/// is the same either way.
+/// `partial += Σ t_i u_i` re-reading the tile from cache while the next tile is fetched. Where
+/// forming `U` costs more than reading it back (the step's `U = f(G, M)`, see
+/// [`Rows::KEEP_TILE`]), the first sweep keeps the tile's `U` in `tile` and the second sweep
+/// reads it; stored `bf16` rows on the AVX2 path go to [`super::even_odd`]. The arithmetic,
+/// and so the result, is the same either way.
 struct FusedBlock<'a, R> {
     rows: &'a R,
     block: &'a RowBlock,
@@ -193,8 +194,8 @@ impl<R: Rows> Kernel for FusedBlock<'_, R> {
         let mut row_dots = [0.0f32; MAX_TILE_ROWS];
         #[cfg(target_arch = "x86_64")]
         if FMA && rows.stored_bf16(block.row_start).is_some() {
-            // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch, and a
-            // source that stores one row as bf16 stores all of them (`PlainRows<bf16>`).
+            // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch, which has
+            // checked that the CPU has both features.
             let sum_sq = unsafe {
                 super::even_odd::fused_block(rows, block, v, partial, &mut row_dots[..tile_rows])
             };

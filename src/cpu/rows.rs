@@ -110,7 +110,7 @@ pub(crate) trait Rows: Sync {
     }
 
     /// Row `row` as raw bf16 bits when `U` is a stored bf16 matrix (the AVX2 path widens
-    /// those in registers), `None` otherwise.
+    /// those in registers), `None` otherwise. A source answers alike for all its rows.
     #[inline(always)]
     fn stored_bf16(&self, row: usize) -> Option<&[u16]> {
         let _ = row;
@@ -235,6 +235,7 @@ impl<T: Element> Rows for DirectionRows<'_, T> {
 }
 
 /// Bytes per cache line, the prefetch granularity.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const CACHE_LINE: usize = 64;
 
 /// `data[start..end]` (clamped) as bytes.
@@ -248,6 +249,7 @@ fn bytes_of<T: bytemuck::Pod>(data: &[T], start: usize, end: usize) -> &[u8] {
 /// per stream at each [`step`](Self::step): while a sweep computes on data it has already
 /// read, the memory system stays busy with what the next sweep will read (math §4.2). A hint
 /// only: results do not depend on it, and it never reads what it points at.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Ahead<'a> {
     next: [*const u8; 2],
     end: [*const u8; 2],
@@ -449,6 +451,7 @@ fn f32_add_group_avx2_fma(
     ahead: &mut Ahead,
 ) {
     use std::arch::x86_64::*;
+    debug_assert!(u.iter().all(|row| row.len() == partial.len()));
     let tail_start = partial.len() / SIMD_WIDTH * SIMD_WIDTH;
     let (partial_lanes, partial_tail) = partial.as_chunks_mut::<SIMD_WIDTH>();
     let [r0, r1, r2, r3] = u.map(|row| row.as_chunks::<SIMD_WIDTH>().0);
@@ -613,7 +616,7 @@ pub(crate) fn add_scaled_group<const FMA: bool>(
 }
 
 /// `partial += Σ_i dots[i] u_{first_row + i}` over consecutive rows of `rows`, in row order,
-/// fetching `ahead` as it goes (on the AVX2 path).
+/// fetching `ahead` as it goes (for stored `f32` rows on the AVX2 path).
 #[inline(always)]
 pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     rows: &R,
@@ -657,7 +660,8 @@ pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     }
 }
 
-/// [`add_scaled_rows`] for rows already widened to `f32`, stored back to back in `tile`.
+/// [`add_scaled_rows`] for rows already widened to `f32`, stored back to back in `tile`
+/// (fetching `ahead` as it goes on the AVX2 path).
 #[inline(always)]
 pub(crate) fn add_scaled_tile<const FMA: bool>(
     tile: &[f32],
