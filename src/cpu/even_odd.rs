@@ -91,12 +91,16 @@ fn from_even_odd(values: &mut [f32]) {
 /// `(<u, v>, ||u||^2)` of one stored `bf16` row; `v_even_odd` is `v` after [`to_even_odd`].
 /// Bit for bit [`super::rows::row_sums`] on the FMA path.
 #[target_feature(enable = "avx2,fma")]
-fn even_odd_row_sums(bits: &[u16], v: &[f32], v_even_odd: &[f32]) -> RowSums {
+fn even_odd_row_sums(bits: &[u16], v: &[f32], v_even_odd: &[f32], ahead: &mut Ahead) -> RowSums {
     let (u_blocks, u_tail) = bits.as_chunks::<LANES>();
     let v_blocks = v_even_odd.as_chunks::<LANES>().0;
     let mut dot = [_mm256_set1_ps(0.0); 4];
     let mut sum_sq = [_mm256_set1_ps(0.0); 4];
-    for (u_block, v_block) in u_blocks.iter().zip(v_blocks) {
+    for (index, (u_block, v_block)) in u_blocks.iter().zip(v_blocks).enumerate() {
+        // One cache line ahead for every 128 bytes of the row.
+        if index % 2 == 0 {
+            ahead.step();
+        }
         let halves: [[u16; BLOCK]; 2] = bytemuck::cast(*u_block);
         let [even_low, odd_low] = widen_even_odd!(&halves[0]);
         let [even_high, odd_high] = widen_even_odd!(&halves[1]);
@@ -144,7 +148,10 @@ fn add_rows<const N: usize>(
     let rows = u.map(|row| &row.as_chunks::<BLOCK>().0[..blocks.len()]);
     let scale = t.map(|t| _mm256_set1_ps(t));
     for (index, block) in blocks.iter_mut().enumerate() {
-        ahead.step();
+        // One cache line ahead for every 128 bytes of rows added.
+        if index % (ROW_GROUP / N).max(1) == 0 {
+            ahead.step();
+        }
         let [mut even, mut odd]: [__m256; 2] = bytemuck::cast(*block);
         for (row, &scale) in rows.iter().zip(&scale) {
             let [row_even, row_odd] = widen_even_odd!(&row[index]);
@@ -164,8 +171,8 @@ fn add_rows<const N: usize>(
 }
 
 /// The fused pass over one block of stored `bf16` rows (math §4): per tile of `dots.len()`
-/// rows, `t_i = <u_i, v>` into `dots`, then `partial += Σ t_i u_i`, fetching the next tile
-/// meanwhile. Returns the block's `sum of u^2`. The same bits as the in-order path with `FMA`
+/// rows, `t_i = <u_i, v>` into `dots`, then `partial += Σ t_i u_i`, both sweeps fetching the
+/// next tile as they go. Returns the block's `sum of u^2`. The same bits as the in-order path with `FMA`
 /// (NaN payloads aside: they only ever mark the matrix non-finite). `partial` must be zeroed.
 ///
 /// Every row of the block must be a stored `bf16` row (`rows.stored_bf16(row)` is `Some`; a
@@ -195,13 +202,13 @@ pub(crate) unsafe fn fused_block<R: Rows>(
         while tile_start < block.row_end {
             let tile_end = (tile_start + tile_rows).min(block.row_end);
             let dots = &mut dots[..tile_end - tile_start];
+            let next_end = (tile_end + tile_rows).min(block.row_end);
+            let mut ahead = rows.ahead(tile_end * v.len(), next_end * v.len());
             for (dot, index) in dots.iter_mut().zip(tile_start..tile_end) {
-                let sums = even_odd_row_sums(row(index), v, v_even_odd);
+                let sums = even_odd_row_sums(row(index), v, v_even_odd, &mut ahead);
                 *dot = sums.dot;
                 sum_sq += sums.sum_sq;
             }
-            let next_end = (tile_end + tile_rows).min(block.row_end);
-            let mut ahead = rows.ahead(tile_end * v.len(), next_end * v.len());
             let (groups, rest) = dots.as_chunks::<ROW_GROUP>();
             for (group, &t) in groups.iter().enumerate() {
                 let first = tile_start + group * ROW_GROUP;

@@ -208,22 +208,23 @@ impl<R: Rows> Kernel for FusedBlock<'_, R> {
         while tile_start < block.row_end {
             let tile_end = (tile_start + tile_rows).min(block.row_end);
             let dots = &mut row_dots[..tile_end - tile_start];
-            // The second sweep computes on cached rows only; meanwhile the memory system
-            // fetches the next tile of the block (a hint: the bits do not depend on it).
+            // Both sweeps fetch the next tile of the block as they go, one cache line for
+            // every 128 bytes of this tile they cover, so that the memory system keeps
+            // streaming while the core computes (a hint: the bits do not depend on it).
             let next_end = (tile_end + tile_rows).min(block.row_end);
             let mut ahead = rows.ahead(tile_end * fan_in, next_end * fan_in);
             if keep_tile {
                 let rows_u = tile.chunks_exact_mut(fan_in);
                 for ((dot, row), u) in dots.iter_mut().zip(tile_start..tile_end).zip(rows_u) {
                     rows.load::<FMA>(row, 0, u);
-                    let row_sums = slice_sums::<FMA>(u, v);
+                    let row_sums = slice_sums::<FMA>(u, v, &mut ahead);
                     *dot = row_sums.dot;
                     sums.sum_sq += row_sums.sum_sq;
                 }
                 add_scaled_tile::<FMA>(tile, fan_in, dots, partial, &mut ahead);
             } else {
                 for (dot, row) in dots.iter_mut().zip(tile_start..tile_end) {
-                    let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer);
+                    let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer, &mut ahead);
                     *dot = row_sums.dot;
                     sums.sum_sq += row_sums.sum_sq;
                 }
@@ -605,7 +606,8 @@ impl<R: Rows> Kernel for RowProducts<'_, R> {
         let mut sums = BlockSums::default();
         let rows = self.block.row_start..self.block.row_end;
         for (product, row) in self.products.iter_mut().zip(rows) {
-            let row_sums = row_sums::<R, FMA>(self.rows, row, self.v, &mut buffer);
+            let row_sums =
+                row_sums::<R, FMA>(self.rows, row, self.v, &mut buffer, &mut Default::default());
             *product = row_sums.dot;
             sums.sum_sq += row_sums.sum_sq;
         }

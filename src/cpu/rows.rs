@@ -17,8 +17,8 @@
 //! reduction tree in registers, groups of four rows added into a partial, stored `bf16` rows
 //! widened in registers (and, in the fused pass, sixteen at a time: [`super::even_odd`]).
 //!
-//! A sweep over rows already in cache fetches what the next sweep will read ([`Ahead`]), so
-//! that the memory system does not sit idle while the core computes (math §4.2).
+//! Both sweeps of the fused pass fetch the next tile as they go ([`Ahead`]), so that the memory
+//! system does not sit idle while the core computes (math §4.2).
 
 use crate::config::MomentumRule;
 use crate::element::Element;
@@ -88,7 +88,7 @@ pub(crate) trait Rows: Sync {
     fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]);
 
     /// The source bytes of elements `[start, end)` (row-major indices, clamped to the
-    /// matrix), for a sweep over cached rows to fetch ahead ([`Ahead`]).
+    /// matrix), for the sweeps over a tile to fetch ahead ([`Ahead`]).
     #[inline(always)]
     fn ahead(&self, start: usize, end: usize) -> Ahead<'_> {
         let _ = (start, end);
@@ -245,10 +245,10 @@ fn bytes_of<T: bytemuck::Pod>(data: &[T], start: usize, end: usize) -> &[u8] {
     bytemuck::cast_slice(&data[start.min(end)..end])
 }
 
-/// Source bytes that a sweep over cached rows asks the CPU to start fetching, one cache line
-/// per stream at each [`step`](Self::step): while a sweep computes on data it has already
-/// read, the memory system stays busy with what the next sweep will read (math §4.2). A hint
-/// only: results do not depend on it, and it never reads what it points at.
+/// Source bytes that the sweeps over a tile ask the CPU to start fetching, one cache line per
+/// stream at each [`step`](Self::step) (one step per 128 bytes of the tile covered): while the
+/// core computes, the memory system stays busy with the next tile (math §4.2). A hint only:
+/// results do not depend on it, and it never reads what it points at.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Ahead<'a> {
     next: [*const u8; 2],
@@ -412,7 +412,7 @@ pub(crate) fn reduce_lanes_avx2(lanes: [std::arch::x86_64::__m256; 4]) -> f32 {
 /// lane, the same zero-padded tail and the same reduction tree, so the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn f32_sums_avx2_fma(u: &[f32], v: &[f32]) -> RowSums {
+fn f32_sums_avx2_fma(u: &[f32], v: &[f32], ahead: &mut Ahead) -> RowSums {
     use std::arch::x86_64::*;
     let (u_blocks, u_tail) = u.as_chunks::<LANES>();
     let (v_blocks, v_tail) = v.as_chunks::<LANES>();
@@ -427,6 +427,7 @@ fn f32_sums_avx2_fma(u: &[f32], v: &[f32]) -> RowSums {
         }
     };
     for (u_block, v_block) in u_blocks.iter().zip(v_blocks) {
+        ahead.step();
         accumulate(u_block, v_block);
     }
     if !u_tail.is_empty() {
@@ -533,19 +534,21 @@ fn bf16_add_row_avx2_fma(u: &[u16], t: f32, partial: &mut [f32]) {
     }
 }
 
-/// `(<u, v>, ||u||^2)` for row `row` of `rows`; `v.len()` is `fan_in`.
+/// `(<u, v>, ||u||^2)` for row `row` of `rows`; `v.len()` is `fan_in`. Fetches `ahead` as it
+/// goes on the AVX2 path of stored `f32` rows.
 #[inline(always)]
 pub(crate) fn row_sums<R: Rows, const FMA: bool>(
     rows: &R,
     row: usize,
     v: &[f32],
     buffer: &mut [f32; CHUNK],
+    ahead: &mut Ahead,
 ) -> RowSums {
     let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
     #[cfg(target_arch = "x86_64")]
     if FMA && let Some(u) = rows.stored_f32(row, 0, v.len()) {
         // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch.
-        return unsafe { f32_sums_avx2_fma(u, v) };
+        return unsafe { f32_sums_avx2_fma(u, v, ahead) };
     }
     #[cfg(target_arch = "x86_64")]
     if FMA && let Some(bits) = rows.stored_bf16(row) {
@@ -567,13 +570,14 @@ pub(crate) fn row_sums<R: Rows, const FMA: bool>(
     }
 }
 
-/// [`row_sums`] of a row already widened to `f32`; bitwise the same result.
+/// [`row_sums`] of a row already widened to `f32`; bitwise the same result. Fetches `ahead`
+/// as it goes on the AVX2 path.
 #[inline(always)]
-pub(crate) fn slice_sums<const FMA: bool>(u: &[f32], v: &[f32]) -> RowSums {
+pub(crate) fn slice_sums<const FMA: bool>(u: &[f32], v: &[f32], ahead: &mut Ahead) -> RowSums {
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch.
-        return unsafe { f32_sums_avx2_fma(u, v) };
+        return unsafe { f32_sums_avx2_fma(u, v, ahead) };
     }
     let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
     for (u_chunk, v_chunk) in u.chunks(CHUNK).zip(v.chunks(CHUNK)) {
