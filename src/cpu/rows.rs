@@ -442,12 +442,14 @@ fn f32_sums_avx2_fma(u: &[f32], v: &[f32], ahead: &mut Ahead) -> RowSums {
     }
 }
 
-/// [`add_scaled_group`] for four `f32` rows in registers.
+/// `partial += t[0] u[0] + ... + t[N-1] u[N-1]` for `N` `f32` rows in registers, element by
+/// element in row order: [`add_scaled_group`]'s roundings, the partial loaded and stored once
+/// per `N` rows. One cache line `ahead` per 128 bytes of rows added.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn f32_add_group_avx2_fma(
-    u: [&[f32]; ROW_GROUP],
-    t: [f32; ROW_GROUP],
+fn f32_add_rows_avx2_fma<const N: usize>(
+    u: [&[f32]; N],
+    t: [f32; N],
     partial: &mut [f32],
     ahead: &mut Ahead,
 ) {
@@ -455,22 +457,60 @@ fn f32_add_group_avx2_fma(
     debug_assert!(u.iter().all(|row| row.len() == partial.len()));
     let tail_start = partial.len() / SIMD_WIDTH * SIMD_WIDTH;
     let (partial_lanes, partial_tail) = partial.as_chunks_mut::<SIMD_WIDTH>();
-    let [r0, r1, r2, r3] = u.map(|row| row.as_chunks::<SIMD_WIDTH>().0);
-    let [s0, s1, s2, s3] = t.map(|t| _mm256_set1_ps(t));
-    let rows = r0.iter().zip(r1).zip(r2).zip(r3);
-    for (acc, (((x0, x1), x2), x3)) in partial_lanes.iter_mut().zip(rows) {
-        ahead.step();
+    // Cut to the partial's length, so that the indexing below goes unchecked.
+    let rows = u.map(|row| &row.as_chunks::<SIMD_WIDTH>().0[..partial_lanes.len()]);
+    let scale = t.map(|t| _mm256_set1_ps(t));
+    for (index, acc) in partial_lanes.iter_mut().enumerate() {
+        for _ in 0..N.div_ceil(4) {
+            ahead.step();
+        }
         let mut lanes: __m256 = bytemuck::cast(*acc);
-        lanes = _mm256_fmadd_ps(s0, bytemuck::cast(*x0), lanes);
-        lanes = _mm256_fmadd_ps(s1, bytemuck::cast(*x1), lanes);
-        lanes = _mm256_fmadd_ps(s2, bytemuck::cast(*x2), lanes);
-        lanes = _mm256_fmadd_ps(s3, bytemuck::cast(*x3), lanes);
+        for (row, &scale) in rows.iter().zip(&scale) {
+            lanes = _mm256_fmadd_ps(scale, bytemuck::cast(row[index]), lanes);
+        }
         *acc = bytemuck::cast(lanes);
     }
     for (offset, acc) in partial_tail.iter_mut().enumerate() {
         for (row, &t) in u.iter().zip(&t) {
             *acc = t.mul_add(row[tail_start + offset], *acc);
         }
+    }
+}
+
+/// [`add_scaled_rows`] for stored `f32` rows: eight rows per sweep over the partial, then
+/// four, then one, all in row order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn f32_add_stored_rows_avx2_fma<R: Rows>(
+    rows: &R,
+    first_row: usize,
+    dots: &[f32],
+    partial: &mut [f32],
+    ahead: &mut Ahead,
+) {
+    let len = partial.len();
+    let row = |index| {
+        rows.stored_f32(index, 0, len)
+            .expect("a source that stores one row as f32 stores all of them")
+    };
+    let (eights, rest) = dots.as_chunks::<8>();
+    for (group, &t) in eights.iter().enumerate() {
+        let first = first_row + 8 * group;
+        f32_add_rows_avx2_fma(std::array::from_fn(|k| row(first + k)), t, partial, ahead);
+    }
+    let first_rest = first_row + 8 * eights.len();
+    let (fours, ones) = rest.as_chunks::<4>();
+    for &t in fours {
+        f32_add_rows_avx2_fma(
+            std::array::from_fn(|k| row(first_rest + k)),
+            t,
+            partial,
+            ahead,
+        );
+    }
+    let first_one = first_rest + 4 * fours.len();
+    for (offset, &t) in ones.iter().enumerate() {
+        f32_add_rows_avx2_fma([row(first_one + offset)], [t], partial, ahead);
     }
 }
 
@@ -620,7 +660,7 @@ pub(crate) fn add_scaled_group<const FMA: bool>(
 }
 
 /// `partial += Σ_i dots[i] u_{first_row + i}` over consecutive rows of `rows`, in row order,
-/// fetching `ahead` as it goes (for stored `f32` rows on the AVX2 path).
+/// fetching `ahead` as it goes (for stored `f32` rows on the AVX2 path, eight rows per sweep).
 #[inline(always)]
 pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     rows: &R,
@@ -630,22 +670,15 @@ pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     buffers: &mut [[f32; CHUNK]; ROW_GROUP],
     ahead: &mut Ahead,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && rows.stored_f32(first_row, 0, partial.len()).is_some() {
+        // SAFETY: as in `row_sums`: `FMA = true` code runs only after the AVX2+FMA check.
+        unsafe { f32_add_stored_rows_avx2_fma(rows, first_row, dots, partial, ahead) };
+        return;
+    }
     let (groups, rest) = dots.as_chunks::<ROW_GROUP>();
     for (group_index, &t) in groups.iter().enumerate() {
         let row = first_row + group_index * ROW_GROUP;
-        #[cfg(target_arch = "x86_64")]
-        if FMA && let Some(u0) = rows.stored_f32(row, 0, partial.len()) {
-            let len = partial.len();
-            let u = [
-                u0,
-                rows.stored_f32(row + 1, 0, len).unwrap_or_default(),
-                rows.stored_f32(row + 2, 0, len).unwrap_or_default(),
-                rows.stored_f32(row + 3, 0, len).unwrap_or_default(),
-            ];
-            // SAFETY: as in `row_sums`: `FMA = true` code runs only after the AVX2+FMA check.
-            unsafe { f32_add_group_avx2_fma(u, t, partial, ahead) };
-            continue;
-        }
         for (chunk_index, partial_chunk) in partial.chunks_mut(CHUNK).enumerate() {
             let (start, len) = (chunk_index * CHUNK, partial_chunk.len());
             let [b0, b1, b2, b3] = &mut *buffers;
@@ -682,7 +715,7 @@ pub(crate) fn add_scaled_tile<const FMA: bool>(
         #[cfg(target_arch = "x86_64")]
         if FMA {
             // SAFETY: as in `row_sums`: `FMA = true` code runs only after the AVX2+FMA check.
-            unsafe { f32_add_group_avx2_fma(u, t, partial, ahead) };
+            unsafe { f32_add_rows_avx2_fma(u, t, partial, ahead) };
             continue;
         }
         add_scaled_group::<FMA>(u, t, partial);
