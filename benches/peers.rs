@@ -2,7 +2,7 @@
 //! PyTorch / SciPy side, `bench/peers/peers.py`, on the same inputs in the same run).
 //!
 //! ```text
-//! cargo bench --bench peers -- --data DIR --out DIR [--rounds N]
+//! cargo bench --bench peers -- --data DIR --out DIR [--rounds N] [--tasks A,B,...]
 //! ```
 //!
 //! 1. Spectral norm to 1e-3 relative error, cold start, of every matrix listed in
@@ -38,6 +38,14 @@ use spectral_step::{
 };
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// The tasks, by the names `bench/peers/peers.py` and the report use (`--tasks` picks some).
+const TASKS: [&str; 4] = [
+    "spectral_norm",
+    "power_iteration",
+    "step",
+    "orthogonal_step",
+];
 
 use common::{gpt2_small, hashed_batch as hashed};
 
@@ -248,17 +256,35 @@ fn main() {
         return;
     };
     let rounds: usize = value("--rounds").and_then(|r| r.parse().ok()).unwrap_or(7);
+    let tasks = value("--tasks").unwrap_or_default();
+    let tasks: Vec<&str> = tasks.split(',').filter(|t| !t.is_empty()).collect();
+    if let Some(unknown) = tasks.iter().find(|t| !TASKS.contains(t)) {
+        eprintln!(
+            "peers: unknown task {unknown:?}; the tasks are {}",
+            TASKS.join(", ")
+        );
+        std::process::exit(2);
+    }
+    let wants = |task: &str| tasks.is_empty() || tasks.contains(&task);
     let (data, out) = (PathBuf::from(data), PathBuf::from(out));
     let run = || -> Result<String> {
         fs::create_dir_all(&out)?;
         let mut json = String::new();
-        spectral_norms(&data, rounds, &mut json)?;
-        warm_power_iteration(&out, rounds, &mut json)?;
-        step::<f32>(&out, rounds, &mut json)?;
-        step::<bf16>(&out, rounds, &mut json)?;
-        orthogonal_update(&out)?;
-        orthogonal_step::<f32>(&out, rounds, &mut json)?;
-        orthogonal_step::<bf16>(&out, rounds, &mut json)?;
+        if wants("spectral_norm") {
+            spectral_norms(&data, rounds, &mut json)?;
+        }
+        if wants("power_iteration") {
+            warm_power_iteration(&out, rounds, &mut json)?;
+        }
+        if wants("step") {
+            step::<f32>(&out, rounds, &mut json)?;
+            step::<bf16>(&out, rounds, &mut json)?;
+        }
+        if wants("orthogonal_step") {
+            orthogonal_update(&out)?;
+            orthogonal_step::<f32>(&out, rounds, &mut json)?;
+            orthogonal_step::<bf16>(&out, rounds, &mut json)?;
+        }
         Ok(json)
     };
     match run() {

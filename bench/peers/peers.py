@@ -4,7 +4,10 @@ the crate's bench binary (benches/peers.rs), in the same run. bench/peers/run.sh
 the subcommands are
 
     peers.py generate DATA            shared inputs for the spectral-norm task (seeded)
-    peers.py run DATA OUT ROUNDS      time the peers, check agreement with the crate's output
+    peers.py run DATA OUT ROUNDS [TASKS]
+                                      time the peers, check agreement with the crate's output
+                                      (TASKS: a comma-separated subset of TASKS below, all
+                                      by default)
     peers.py report OUT COMMAND       the ratio table (Markdown) from OUT/{crate,peers}.json
     peers.py gpu-step CRATE ROUNDS    on a GPU machine: the eager PyTorch step on CUDA, timed
                                       beside the crate's GPU step (CRATE: the JSON lines that
@@ -27,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 SEED = 2026
+# The tasks, by the names the crate's side (benches/peers.rs) and the report use.
+TASKS = ("spectral_norm", "power_iteration", "step", "orthogonal_step")
 
 
 def shape_set():
@@ -106,7 +111,16 @@ def load_crate(out):
     return {(r["task"], r["case"]): r for r in rows}
 
 
-def run(data, out, rounds):
+def parse_tasks(text):
+    """The tasks named in `text` (comma-separated), all of them for an empty text."""
+    tasks = [t for t in text.split(",") if t] or list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"unknown tasks {unknown}; the tasks are {', '.join(TASKS)}")
+    return tasks
+
+
+def run(data, out, rounds, tasks=TASKS):
     import torch
     import torch.nn.functional as F
     from scipy.sparse.linalg import svds
@@ -120,75 +134,79 @@ def run(data, out, rounds):
         print(f"{task:15} {case:20} {peer:28} {median:10.2f} ms", file=sys.stderr)
 
     # 1. Spectral norm to 1e-3 relative error.
-    for line in (data / "manifest.txt").read_text().split("\n"):
-        if not line.strip():
-            continue
-        name, rows, cols, file = line.split()
-        a = np.fromfile(data / file, dtype=np.float32).reshape(int(rows), int(cols))
-        t = torch.from_numpy(a)
-        exact = float(torch.linalg.matrix_norm(t.double(), ord=2))
-        mn_rounds = max(1, min(rounds, 3))
-        value = {}
-        record("spectral_norm", name, "torch.linalg.matrix_norm(ord=2)",
-               timed(mn_rounds, lambda: value.__setitem__("mn", float(torch.linalg.matrix_norm(t, ord=2)))),
-               error=abs(value["mn"] - exact) / exact)
-        v0 = np.random.default_rng(1).standard_normal(int(cols))
-        record("spectral_norm", name, "scipy svds(k=1, tol=1e-3)",
-               timed(rounds, lambda: value.__setitem__("svds", float(svds(a, k=1, tol=1e-3, v0=v0, return_singular_vectors=False)[0]))),
-               error=abs(value["svds"] - exact) / exact)
-        ours = crate[("spectral_norm", name)]
-        ours["error"] = abs(ours["sigma"] - exact) / exact
-        for who, err in (("crate", ours["error"]), ("matrix_norm", results[-2]["error"]), ("svds", results[-1]["error"])):
-            if not err <= 1e-3:
-                raise SystemExit(f"{name}: {who} is {err:.2e} from the exact norm, above 1e-3")
-        results.append(dict(side="check", task="spectral_norm", case=name, exact=exact, crate_error=ours["error"]))
+    if "spectral_norm" in tasks:
+        for line in (data / "manifest.txt").read_text().split("\n"):
+            if not line.strip():
+                continue
+            name, rows, cols, file = line.split()
+            a = np.fromfile(data / file, dtype=np.float32).reshape(int(rows), int(cols))
+            t = torch.from_numpy(a)
+            exact = float(torch.linalg.matrix_norm(t.double(), ord=2))
+            mn_rounds = max(1, min(rounds, 3))
+            value = {}
+            record("spectral_norm", name, "torch.linalg.matrix_norm(ord=2)",
+                   timed(mn_rounds, lambda: value.__setitem__("mn", float(torch.linalg.matrix_norm(t, ord=2)))),
+                   error=abs(value["mn"] - exact) / exact)
+            v0 = np.random.default_rng(1).standard_normal(int(cols))
+            record("spectral_norm", name, "scipy svds(k=1, tol=1e-3)",
+                   timed(rounds, lambda: value.__setitem__("svds", float(svds(a, k=1, tol=1e-3, v0=v0, return_singular_vectors=False)[0]))),
+                   error=abs(value["svds"] - exact) / exact)
+            ours = crate[("spectral_norm", name)]
+            ours["error"] = abs(ours["sigma"] - exact) / exact
+            for who, err in (("crate", ours["error"]), ("matrix_norm", results[-2]["error"]), ("svds", results[-1]["error"])):
+                if not err <= 1e-3:
+                    raise SystemExit(f"{name}: {who} is {err:.2e} from the exact norm, above 1e-3")
+            results.append(dict(side="check", task="spectral_norm", case=name, exact=exact, crate_error=ours["error"]))
 
     # 2. One warm power iteration over the GPT-2 set, the two-matvec form.
-    weights = [torch.from_numpy(w) for w in hashed(1)]
-    start = np.fromfile(out / "power_start.bin", dtype=np.float32)
-    after = np.fromfile(out / "power_after.bin", dtype=np.float32)
     offsets = np.cumsum([0] + [c for _, c in SHAPES])
-    vectors = [torch.from_numpy(start[offsets[j]:offsets[j + 1]].copy()) for j in range(len(SHAPES))]
+    if "power_iteration" in tasks:
+        weights = [torch.from_numpy(w) for w in hashed(1)]
+        start = np.fromfile(out / "power_start.bin", dtype=np.float32)
+        after = np.fromfile(out / "power_after.bin", dtype=np.float32)
+        vectors = [torch.from_numpy(start[offsets[j]:offsets[j + 1]].copy()) for j in range(len(SHAPES))]
 
-    def power_iteration():
-        for w, v in zip(weights, vectors):
-            u = F.normalize(w @ v, dim=0)
-            v.copy_(F.normalize(w.T @ u, dim=0))
+        def power_iteration():
+            for w, v in zip(weights, vectors):
+                u = F.normalize(w @ v, dim=0)
+                v.copy_(F.normalize(w.T @ u, dim=0))
 
-    power_iteration()
-    got = torch.cat(vectors).numpy()
-    difference = float(np.max(np.abs(got - after)))
-    if not difference <= 1e-4:
-        raise SystemExit(f"power iteration: PyTorch and the crate differ by {difference:.2e} (> 1e-4)")
-    results.append(dict(side="check", task="power_iteration", case="gpt2-small f32", max_abs_difference=difference))
-    record("power_iteration", "gpt2-small f32", "torch two-matvec (u = W v, v = W^T u)", timed(rounds, power_iteration))
-    del weights
+        power_iteration()
+        got = torch.cat(vectors).numpy()
+        difference = float(np.max(np.abs(got - after)))
+        if not difference <= 1e-4:
+            raise SystemExit(f"power iteration: PyTorch and the crate differ by {difference:.2e} (> 1e-4)")
+        results.append(dict(side="check", task="power_iteration", case="gpt2-small f32", max_abs_difference=difference))
+        record("power_iteration", "gpt2-small f32", "torch two-matvec (u = W v, v = W^T u)", timed(rounds, power_iteration))
+        del weights
 
     # 3. The full step, eager PyTorch as a user writes it: _foreach momentum, a power
     # iteration per matrix, an in-place update.
-    start = np.fromfile(out / "step_vectors.bin", dtype=np.float32)
-    for dtype_name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
-        weights = [torch.from_numpy(w).to(dtype) for w in hashed(1)]
-        grads = [torch.from_numpy(g).to(dtype) for g in hashed(1000)]
-        momenta = [torch.zeros(g.shape, dtype=torch.float32) for g in grads]
-        vectors = [torch.from_numpy(start[offsets[j]:offsets[j + 1]].copy()) for j in range(len(SHAPES))]
-        scales = [math.sqrt(rows / cols) for rows, cols in SHAPES]
+    if "step" in tasks:
+        start = np.fromfile(out / "step_vectors.bin", dtype=np.float32)
+        for dtype_name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+            weights = [torch.from_numpy(w).to(dtype) for w in hashed(1)]
+            grads = [torch.from_numpy(g).to(dtype) for g in hashed(1000)]
+            momenta = [torch.zeros(g.shape, dtype=torch.float32) for g in grads]
+            vectors = [torch.from_numpy(start[offsets[j]:offsets[j + 1]].copy()) for j in range(len(SHAPES))]
+            scales = [math.sqrt(rows / cols) for rows, cols in SHAPES]
 
-        step = eager_step(torch, weights, grads, momenta, vectors, scales, dtype)
-        before = [w[...].float().clone() for w in weights[:4]]
-        step(COLD)
-        ours = np.fromfile(out / f"step_{dtype_name}_weights.bin", dtype=np.float32)
-        theirs = torch.cat([w.float().flatten() for w in weights[:4]]).numpy()
-        update = float(max((w.float() - b).abs().max() for w, b in zip(weights[:4], before)))
-        ulp = 2.0 ** -8 if dtype_name == "bf16" else 2.0 ** -23
-        difference = float(np.max(np.abs(ours - theirs)))
-        if not difference <= 1e-3 * update + ulp:
-            raise SystemExit(f"step {dtype_name}: weights differ by {difference:.2e} (update {update:.2e})")
-        results.append(dict(side="check", task="step", case=f"gpt2-small {dtype_name}", max_abs_difference=difference, largest_update=update))
-        record("step", f"gpt2-small {dtype_name}", "eager PyTorch step", timed(rounds, lambda: step(WARM)))
-        del weights, grads, momenta
+            step = eager_step(torch, weights, grads, momenta, vectors, scales, dtype)
+            before = [w[...].float().clone() for w in weights[:4]]
+            step(COLD)
+            ours = np.fromfile(out / f"step_{dtype_name}_weights.bin", dtype=np.float32)
+            theirs = torch.cat([w.float().flatten() for w in weights[:4]]).numpy()
+            update = float(max((w.float() - b).abs().max() for w, b in zip(weights[:4], before)))
+            ulp = 2.0 ** -8 if dtype_name == "bf16" else 2.0 ** -23
+            difference = float(np.max(np.abs(ours - theirs)))
+            if not difference <= 1e-3 * update + ulp:
+                raise SystemExit(f"step {dtype_name}: weights differ by {difference:.2e} (update {update:.2e})")
+            results.append(dict(side="check", task="step", case=f"gpt2-small {dtype_name}", max_abs_difference=difference, largest_update=update))
+            record("step", f"gpt2-small {dtype_name}", "eager PyTorch step", timed(rounds, lambda: step(WARM)))
+            del weights, grads, momenta
 
-    orthogonal_step(torch, out, rounds, results, record)
+    if "orthogonal_step" in tasks:
+        orthogonal_step(torch, out, rounds, results, record)
 
     with open(out / "peers.json", "w") as f:
         for r in results:
@@ -395,8 +413,8 @@ if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "generate" and len(sys.argv) == 3:
         generate(Path(sys.argv[2]))
-    elif command == "run" and len(sys.argv) == 5:
-        run(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+    elif command == "run" and len(sys.argv) in (5, 6):
+        run(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), parse_tasks(sys.argv[5] if len(sys.argv) == 6 else ""))
     elif command == "report" and len(sys.argv) == 4:
         report(Path(sys.argv[2]), sys.argv[3])
     elif command == "gpu-step" and len(sys.argv) == 4:

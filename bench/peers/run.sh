@@ -4,12 +4,17 @@
 # the peers on them in one run, agreement checks, and a ratio table written to
 # bench/results/<date>-cpu.md (and printed).
 #
-#   bash bench/peers/run.sh [ROUNDS]     # default 7 rounds per measurement
+#   bash bench/peers/run.sh [ROUNDS] [TASKS]
+#
+# ROUNDS: rounds per measurement (default 7). TASKS: a comma-separated subset of
+# spectral_norm,power_iteration,step,orthogonal_step (default: all four; the orthogonalised
+# step is by far the longest, minutes on a CPU without bf16 matrix instructions).
 #
 # Needs python3 with venv and the network to PyPI (first run only: torch is large).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds="${1:-7}"
+tasks="${2:-}"
 venv=target/peers-venv
 data=target/peers-data
 out=target/peers-out
@@ -24,10 +29,10 @@ fi
 rm -rf "$out"
 mkdir -p "$out"
 echo "== this crate (benches/peers.rs)"
-cargo bench --bench peers -- --data "$data" --out "$out" --rounds "$rounds"
+cargo bench --bench peers -- --data "$data" --out "$out" --rounds "$rounds" --tasks "$tasks"
 echo "== peers (bench/peers/peers.py), with agreement checks"
-"$venv/bin/python" bench/peers/peers.py run "$data" "$out" "$rounds"
+"$venv/bin/python" bench/peers/peers.py run "$data" "$out" "$rounds" "$tasks"
 report="bench/results/$(date +%Y-%m-%d-%H%M)-cpu.md"
-"$venv/bin/python" bench/peers/peers.py report "$out" "bash bench/peers/run.sh $rounds" > "$report"
+"$venv/bin/python" bench/peers/peers.py report "$out" "bash bench/peers/run.sh $rounds${tasks:+ $tasks}" > "$report"
 cat "$report"
 echo "wrote $report"
