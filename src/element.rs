@@ -192,6 +192,13 @@ pub trait Element:
         let _ = values;
         None
     }
+    /// The slice itself when the element type is `f16` (so SIMD code can widen it in
+    /// registers), `None` otherwise.
+    #[inline(always)]
+    fn as_f16_slice(values: &[Self]) -> Option<&[f16]> {
+        let _ = values;
+        None
+    }
 }
 
 impl Element for f32 {
@@ -217,12 +224,16 @@ impl Element for f32 {
 impl Element for f16 {
     const DTYPE: Dtype = Dtype::F16;
     #[inline(always)]
+    fn as_f16_slice(values: &[Self]) -> Option<&[f16]> {
+        Some(values)
+    }
+    #[inline(always)]
     fn to_f32(self) -> f32 {
         f16_bits_to_f32(self.to_bits())
     }
     #[inline(always)]
     fn from_f32_rne(value: f32) -> Self {
-        f16::from_f32(value)
+        f16::from_bits(f32_to_f16_bits_rne(value))
     }
     #[inline(always)]
     fn from_f32_stochastic(value: f32, random: u16) -> Self {
@@ -261,6 +272,39 @@ fn f16_bits_to_f32(bits: u16) -> f32 {
     f32::from_bits(sign | value)
 }
 
+/// `f16` bits nearest to `value`, ties to even: the value `half::f16::from_f32` and F16C's
+/// `vcvtps2ph` give (overflow to infinity, NaNs quieted with the top of their payload kept),
+/// written without branches so that the step's update loop vectorises, as
+/// [`f16_bits_to_f32`] for the other direction.
+#[inline(always)]
+fn f32_to_f16_bits_rne(value: f32) -> u16 {
+    let bits = value.to_bits();
+    let sign = (bits >> 16) & 0x8000;
+    let magnitude = bits & 0x7fff_ffff;
+    // Normal: round the 13 dropped mantissa bits to nearest even (a carry moves into the
+    // exponent, as it should), rebias from 127 to 15; anything from 65520 up becomes
+    // infinity (0x7c00).
+    let lowest_kept = (magnitude >> 13) & 1;
+    let normal = ((magnitude + 0x0fff + lowest_kept) >> 13)
+        .wrapping_sub((127 - 15) << 10)
+        .min(0x7c00);
+    // Subnormal (below 2^-14): the count of 2^-24 units, |value| 2^24 (exact), rounded to an
+    // integer to nearest even by adding 2^23, which leaves that integer in the low mantissa
+    // bits (no float-to-integer conversion, which does not vectorise); 1024 units is the
+    // smallest normal, whose bits are 0x0400.
+    let units = f32::from_bits(magnitude) * 16_777_216.0;
+    let subnormal = (units + 8_388_608.0).to_bits() - 0x4b00_0000;
+    let nan = 0x7e00 | ((magnitude & 0x007f_ffff) >> 13);
+    let out = if magnitude > 0x7f80_0000 {
+        nan
+    } else if magnitude >= 0x3880_0000 {
+        normal
+    } else {
+        subnormal
+    };
+    (sign | out) as u16
+}
+
 impl Element for bf16 {
     const DTYPE: Dtype = Dtype::Bf16;
     #[inline(always)]
@@ -285,6 +329,33 @@ impl Element for bf16 {
 
 #[cfg(test)]
 mod tests {
+    /// Narrowing matches `half` (F16C's `vcvtps2ph` where the CPU has it) on every `f32`
+    /// that decides a rounding: each `f16` value, each midpoint between neighbours, one unit
+    /// either side of both, and a stride through all 2^32 bit patterns.
+    #[test]
+    fn f16_narrowing_matches_half() {
+        let check = |value: f32| {
+            let ours = super::f32_to_f16_bits_rne(value);
+            let theirs = half::f16::from_f32(value).to_bits();
+            assert_eq!(ours, theirs, "f32 bits {:#010x}", value.to_bits());
+        };
+        for bits in 0..=u16::MAX {
+            let low = half::f16::from_bits(bits).to_f32();
+            let high = half::f16::from_bits(bits.wrapping_add(1)).to_f32();
+            let midpoint = ((f64::from(low) + f64::from(high)) / 2.0) as f32;
+            for value in [low, midpoint] {
+                for ulps in [-1i32, 0, 1] {
+                    let shifted = f32::from_bits(value.to_bits().wrapping_add_signed(ulps));
+                    check(shifted);
+                    check(-shifted);
+                }
+            }
+        }
+        for bits in (0..=u32::MAX).step_by(997) {
+            check(f32::from_bits(bits));
+        }
+    }
+
     /// Every one of the 65536 `f16` values widens to `half`'s `f32`, bit for bit.
     #[test]
     fn f16_widening_matches_half_on_every_value() {

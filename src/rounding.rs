@@ -289,11 +289,20 @@ pub(crate) fn f16_stochastic(value: f32, random: u16) -> u16 {
         let shifted = ((magnitude + u32::from(random >> 3)) >> 13) - (112 << 10);
         shifted.min(F16_MAX_BITS)
     } else {
-        // `units < 1024`: every conversion below is exact.
+        // `units < 1024`: every step below is exact. `floor(units)` from the nearest integer
+        // (adding 2^23 rounds to one and leaves it in the low mantissa bits), less one where
+        // that rounded up: selects and integer arithmetic that vectorise, where a
+        // float-to-integer conversion does not.
         let units = f32::from_bits(magnitude) * F16_SUBNORMAL_UNITS;
-        let below = units as u32;
-        let threshold = (units - below as f32) * 65_536.0;
-        below + u32::from(f32::from(random) < threshold)
+        let nearest = (units + 8_388_608.0) - 8_388_608.0;
+        let below = if nearest > units {
+            nearest - 1.0
+        } else {
+            nearest
+        };
+        let threshold = (units - below) * 65_536.0;
+        let below_bits = (below + 8_388_608.0).to_bits() - 0x4b00_0000;
+        below_bits + u32::from(f32::from(random) < threshold)
     };
     (sign | half_magnitude) as u16
 }

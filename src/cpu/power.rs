@@ -139,12 +139,12 @@ pub(crate) fn on_path<K: Kernel>(path: KernelPath, kernel: K) -> K::Output {
     match path {
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2Fma if path.is_supported() => {
-            #[target_feature(enable = "avx2,fma")]
+            #[target_feature(enable = "avx2,fma,f16c")]
             fn with_avx2_fma<K: Kernel>(kernel: K) -> K::Output {
                 kernel.run::<true>()
             }
-            // SAFETY: the match guard has just confirmed that this CPU has AVX2 and FMA, which
-            // is all that calling a function compiled for those features requires.
+            // SAFETY: the match guard has just confirmed that this CPU has AVX2, FMA and F16C,
+            // which is all that calling a function compiled for those features requires.
             unsafe { with_avx2_fma(kernel) }
         }
         _ => kernel.run::<false>(),
@@ -656,13 +656,14 @@ mod tests {
         }
     }
 
-    /// The AVX2 path reads stored `f32` rows in place and widens stored `bf16` rows in
-    /// registers (sixteen at a time, in even-odd order, in the fused pass); it must give the
+    /// The AVX2 path reads stored `f32` rows in place, widens stored `f16` rows in registers
+    /// with F16C and stored `bf16` rows with shifts (sixteen at a time, in even-odd order, in
+    /// the fused pass); it must give the
     /// same bits as the buffered path, in the fused and the two-matvec forms alike, on rows
     /// with and without tails and on tiles with and without a remainder of rows.
     fn in_register_matches_the_buffered_path<T: Element>() {
         if !KernelPath::Avx2Fma.is_supported() {
-            eprintln!("NOT RUN: the in-register paths need AVX2 and FMA");
+            eprintln!("NOT RUN: the in-register paths need AVX2, FMA and F16C");
             return;
         }
         for (fan_out, fan_in) in [(45, 517), (70, 768), (9, 16), (40, 33), (5, 3072), (20, 1)] {
@@ -786,7 +787,7 @@ mod tests {
     }
 
     #[test]
-    fn f16_rows_match_between_fused_and_two_matvec() {
+    fn f16_in_register_widening_matches_the_buffered_path() {
         in_register_matches_the_buffered_path::<half::f16>();
     }
 

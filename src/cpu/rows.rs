@@ -13,15 +13,17 @@
 //! the portable form. The two paths differ in the last bits, each is deterministic. Where
 //! LLVM does not vectorise the AVX2 form on its own, or vectorises it with the lanes spilled to
 //! memory between chunks, it is written with intrinsics that compute exactly what the scalar
-//! form does, lane by lane: whole stored `f32` rows read in place with the lanes and their
-//! reduction tree in registers, groups of four rows added into a partial, stored `bf16` rows
-//! widened in registers (and, in the fused pass, sixteen at a time: [`super::even_odd`]).
+//! form does, lane by lane: whole stored `f32` rows read in place and stored `f16` rows widened
+//! in registers by F16C ([`InRegister`]), with the lanes and their reduction tree in registers,
+//! groups of rows added into a partial, stored `bf16` rows widened in registers (and, in the
+//! fused pass, sixteen at a time: [`super::even_odd`]).
 //!
 //! Both sweeps of the fused pass fetch the next tile as they go ([`Ahead`]), so that the memory
 //! system does not sit idle while the core computes (math §4.2).
 
 use crate::config::MomentumRule;
 use crate::element::Element;
+use half::f16;
 
 /// Which compiled form of the hot loops runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,7 +31,8 @@ pub enum KernelPath {
     /// Plain Rust, vectorised for the baseline target (SSE2 on x86-64), `a * b + c` in two
     /// roundings. Runs everywhere.
     Portable,
-    /// x86-64 with AVX2 and FMA: 256-bit vectors and fused multiply-adds.
+    /// x86-64 with AVX2 and FMA: 256-bit vectors and fused multiply-adds (and F16C's
+    /// widening of `f16`, which every CPU with AVX2 and FMA has; it is checked all the same).
     Avx2Fma,
 }
 
@@ -48,7 +51,11 @@ impl KernelPath {
         match self {
             Self::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2Fma => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Self::Avx2Fma => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             Self::Avx2Fma => false,
         }
@@ -117,6 +124,14 @@ pub(crate) trait Rows: Sync {
         None
     }
 
+    /// `U[row, 0 .. len]` in place when `U` is a stored `f16` matrix (the AVX2 path widens it
+    /// in registers), `None` otherwise. A source answers alike for all its rows.
+    #[inline(always)]
+    fn stored_f16(&self, row: usize, len: usize) -> Option<&[f16]> {
+        let _ = (row, len);
+        None
+    }
+
     /// `U[row, col_start .. col_start + len]` as `f32`: computed into `buffer`, or, where `U`
     /// is stored as `f32` already, a view of it (no copy).
     #[inline(always)]
@@ -163,6 +178,12 @@ impl<T: Element> Rows for PlainRows<'_, T> {
     }
 
     #[inline(always)]
+    fn stored_f16(&self, row: usize, len: usize) -> Option<&[f16]> {
+        let start = row * self.fan_in;
+        T::as_f16_slice(&self.data[start..start + len])
+    }
+
+    #[inline(always)]
     fn load<const FMA: bool>(&self, row: usize, col_start: usize, out: &mut [f32]) {
         let start = row * self.fan_in + col_start;
         let source = &self.data[start..start + out.len()];
@@ -206,6 +227,25 @@ impl<T: Element> DirectionRows<'_, T> {
     fn load_with<const NESTEROV: bool, const FMA: bool>(&self, start: usize, out: &mut [f32]) {
         let grads = &self.grads[start..start + out.len()];
         let momentum = &self.momentum[start..start + out.len()];
+        #[cfg(target_arch = "x86_64")]
+        if FMA && let Some(grads) = T::as_f16_slice(grads) {
+            // `f16` gradients widened eight at a time by F16C: the same values as `to_f32`.
+            let (grad_lanes, grad_tail) = grads.as_chunks::<SIMD_WIDTH>();
+            let (out_lanes, out_tail) = out.as_chunks_mut::<SIMD_WIDTH>();
+            let (momentum_lanes, momentum_tail) = momentum.as_chunks::<SIMD_WIDTH>();
+            for ((dst, grad), old) in out_lanes.iter_mut().zip(grad_lanes).zip(momentum_lanes) {
+                // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` branch,
+                // compiled for AVX2, FMA and F16C after checking that the CPU has them.
+                let grad: [f32; SIMD_WIDTH] = bytemuck::cast(unsafe { f16::widen8(grad) });
+                *dst = std::array::from_fn(|lane| {
+                    self.rule.apply::<NESTEROV, FMA>(old[lane], grad[lane]).1
+                });
+            }
+            for ((dst, &grad), &old) in out_tail.iter_mut().zip(grad_tail).zip(momentum_tail) {
+                *dst = self.rule.apply::<NESTEROV, FMA>(old, grad.to_f32()).1;
+            }
+            return;
+        }
         for ((dst, &grad), &old) in out.iter_mut().zip(grads).zip(momentum) {
             *dst = self.rule.apply::<NESTEROV, FMA>(old, grad.to_f32()).1;
         }
@@ -408,33 +448,79 @@ pub(crate) fn reduce_lanes_avx2(lanes: [std::arch::x86_64::__m256; 4]) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
 }
 
-/// [`slice_sums`] in registers for a whole `f32` row: the same lanes, the same `fma` per
-/// lane, the same zero-padded tail and the same reduction tree, so the same bits.
+/// A stored element type that the AVX2 path loads eight at a time straight into a register,
+/// exactly as [`Element::to_f32`] widens it: `f32` as it is, `f16` by F16C's `vcvtph2ps`
+/// (exact; NaNs quieted with their payload kept, as `to_f32` does).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn f32_sums_avx2_fma(u: &[f32], v: &[f32], ahead: &mut Ahead) -> RowSums {
+pub(crate) trait InRegister: Element {
+    /// Eight elements as eight `f32` lanes.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has AVX2 and F16C (the caller runs under [`KernelPath::Avx2Fma`]'s check).
+    unsafe fn widen8(values: &[Self; SIMD_WIDTH]) -> std::arch::x86_64::__m256;
+
+    /// Blocks of [`LANES`] elements the first sweep covers per cache line it fetches
+    /// [`Ahead`]: one line per 128 bytes of the tile.
+    const BLOCKS_PER_FETCH: usize = if LANES * size_of::<Self>() >= 128 {
+        1
+    } else {
+        128 / (LANES * size_of::<Self>())
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+impl InRegister for f32 {
+    #[inline(always)]
+    unsafe fn widen8(values: &[f32; SIMD_WIDTH]) -> std::arch::x86_64::__m256 {
+        bytemuck::cast(*values)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl InRegister for f16 {
+    #[inline(always)]
+    unsafe fn widen8(values: &[f16; SIMD_WIDTH]) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller promises F16C, the one requirement of `vcvtph2ps`.
+        unsafe { std::arch::x86_64::_mm256_cvtph_ps(bytemuck::cast(*values)) }
+    }
+}
+
+/// [`slice_sums`] in registers for a whole stored row (`f32` read in place, `f16` widened
+/// eight per instruction): the same lanes, the same `fma` per lane, the same zero-padded tail
+/// and the same reduction tree as the buffered path, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn stored_sums_avx2_fma<E: InRegister>(u: &[E], v: &[f32], ahead: &mut Ahead) -> RowSums {
     use std::arch::x86_64::*;
     let (u_blocks, u_tail) = u.as_chunks::<LANES>();
     let (v_blocks, v_tail) = v.as_chunks::<LANES>();
     let mut dot = [_mm256_setzero_ps(); 4];
     let mut sum_sq = [_mm256_setzero_ps(); 4];
-    let mut accumulate = |u_block: &[f32; LANES], v_block: &[f32; LANES]| {
-        let x: [__m256; 4] = bytemuck::cast(*u_block);
+    let mut accumulate = |x: [__m256; 4], v_block: &[f32; LANES]| {
         let y: [__m256; 4] = bytemuck::cast(*v_block);
         for vector in 0..4 {
             dot[vector] = _mm256_fmadd_ps(x[vector], y[vector], dot[vector]);
             sum_sq[vector] = _mm256_fmadd_ps(x[vector], x[vector], sum_sq[vector]);
         }
     };
-    for (u_block, v_block) in u_blocks.iter().zip(v_blocks) {
-        ahead.step();
-        accumulate(u_block, v_block);
+    for (index, (u_block, v_block)) in u_blocks.iter().zip(v_blocks).enumerate() {
+        if index % E::BLOCKS_PER_FETCH == 0 {
+            ahead.step();
+        }
+        let parts: &[[E; SIMD_WIDTH]; 4] = bytemuck::cast_ref(u_block);
+        // SAFETY: this function is compiled for AVX2 and F16C, and only called where the CPU
+        // has them.
+        let x = parts.map(|part| unsafe { E::widen8(&part) });
+        accumulate(x, v_block);
     }
     if !u_tail.is_empty() {
         let (mut u_pad, mut v_pad) = ([0.0f32; LANES], [0.0f32; LANES]);
-        u_pad[..u_tail.len()].copy_from_slice(u_tail);
+        for (dst, &value) in u_pad.iter_mut().zip(u_tail) {
+            *dst = value.to_f32();
+        }
         v_pad[..v_tail.len()].copy_from_slice(v_tail);
-        accumulate(&u_pad, &v_pad);
+        accumulate(bytemuck::cast(u_pad), &v_pad);
     }
     RowSums {
         dot: reduce_lanes_avx2(dot),
@@ -442,75 +528,73 @@ fn f32_sums_avx2_fma(u: &[f32], v: &[f32], ahead: &mut Ahead) -> RowSums {
     }
 }
 
-/// `partial += t[0] u[0] + ... + t[N-1] u[N-1]` for `N` `f32` rows in registers, element by
+/// `partial += t[0] u[0] + ... + t[N-1] u[N-1]` for `N` stored rows in registers, element by
 /// element in row order: [`add_scaled_group`]'s roundings, the partial loaded and stored once
 /// per `N` rows. One cache line `ahead` per 128 bytes of rows added.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn f32_add_rows_avx2_fma<const N: usize>(
-    u: [&[f32]; N],
+#[target_feature(enable = "avx2,fma,f16c")]
+fn add_rows_avx2_fma<E: InRegister, const N: usize>(
+    u: [&[E]; N],
     t: [f32; N],
     partial: &mut [f32],
     ahead: &mut Ahead,
 ) {
     use std::arch::x86_64::*;
     debug_assert!(u.iter().all(|row| row.len() == partial.len()));
+    let row_bytes = N * SIMD_WIDTH * size_of::<E>();
+    let (fetches, every) = (row_bytes / 128, (128 / row_bytes).max(1));
     let tail_start = partial.len() / SIMD_WIDTH * SIMD_WIDTH;
     let (partial_lanes, partial_tail) = partial.as_chunks_mut::<SIMD_WIDTH>();
     // Cut to the partial's length, so that the indexing below goes unchecked.
     let rows = u.map(|row| &row.as_chunks::<SIMD_WIDTH>().0[..partial_lanes.len()]);
     let scale = t.map(|t| _mm256_set1_ps(t));
     for (index, acc) in partial_lanes.iter_mut().enumerate() {
-        for _ in 0..N.div_ceil(4) {
+        if fetches == 0 && index % every == 0 {
+            ahead.step();
+        }
+        for _ in 0..fetches {
             ahead.step();
         }
         let mut lanes: __m256 = bytemuck::cast(*acc);
         for (row, &scale) in rows.iter().zip(&scale) {
-            lanes = _mm256_fmadd_ps(scale, bytemuck::cast(row[index]), lanes);
+            // SAFETY: compiled for AVX2 and F16C, called only where the CPU has them.
+            let x = unsafe { E::widen8(&row[index]) };
+            lanes = _mm256_fmadd_ps(scale, x, lanes);
         }
         *acc = bytemuck::cast(lanes);
     }
     for (offset, acc) in partial_tail.iter_mut().enumerate() {
         for (row, &t) in u.iter().zip(&t) {
-            *acc = t.mul_add(row[tail_start + offset], *acc);
+            *acc = t.mul_add(row[tail_start + offset].to_f32(), *acc);
         }
     }
 }
 
-/// [`add_scaled_rows`] for stored `f32` rows: eight rows per sweep over the partial, then
-/// four, then one, all in row order.
+/// [`add_scaled_rows`] for stored rows (`row(i)` is row `i`, whole): `GROUP` rows per sweep
+/// over the partial, then four, then one, all in row order.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn f32_add_stored_rows_avx2_fma<R: Rows>(
-    rows: &R,
+#[target_feature(enable = "avx2,fma,f16c")]
+fn add_stored_rows_avx2_fma<'a, E: InRegister, const GROUP: usize>(
+    row: impl Fn(usize) -> &'a [E],
     first_row: usize,
     dots: &[f32],
     partial: &mut [f32],
     ahead: &mut Ahead,
 ) {
-    let len = partial.len();
-    let row = |index| {
-        rows.stored_f32(index, 0, len)
-            .expect("a source that stores one row as f32 stores all of them")
-    };
-    let (eights, rest) = dots.as_chunks::<8>();
-    for (group, &t) in eights.iter().enumerate() {
-        let first = first_row + 8 * group;
-        f32_add_rows_avx2_fma(std::array::from_fn(|k| row(first + k)), t, partial, ahead);
+    let (groups, rest) = dots.as_chunks::<GROUP>();
+    for (group, &t) in groups.iter().enumerate() {
+        let first = first_row + GROUP * group;
+        add_rows_avx2_fma::<E, GROUP>(std::array::from_fn(|k| row(first + k)), t, partial, ahead);
     }
-    let first_rest = first_row + 8 * eights.len();
+    let first_rest = first_row + GROUP * groups.len();
     let (fours, ones) = rest.as_chunks::<4>();
-    for &t in fours {
-        f32_add_rows_avx2_fma(
-            std::array::from_fn(|k| row(first_rest + k)),
-            t,
-            partial,
-            ahead,
-        );
+    for (group, &t) in fours.iter().enumerate() {
+        let first = first_rest + 4 * group;
+        add_rows_avx2_fma::<E, 4>(std::array::from_fn(|k| row(first + k)), t, partial, ahead);
     }
     let first_one = first_rest + 4 * fours.len();
     for (offset, &t) in ones.iter().enumerate() {
-        f32_add_rows_avx2_fma([row(first_one + offset)], [t], partial, ahead);
+        add_rows_avx2_fma::<E, 1>([row(first_one + offset)], [t], partial, ahead);
     }
 }
 
@@ -587,13 +671,18 @@ pub(crate) fn row_sums<R: Rows, const FMA: bool>(
     let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
     #[cfg(target_arch = "x86_64")]
     if FMA && let Some(u) = rows.stored_f32(row, 0, v.len()) {
-        // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch.
-        return unsafe { f32_sums_avx2_fma(u, v, ahead) };
+        // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` branch, which has
+        // checked that the CPU has AVX2, FMA and F16C.
+        return unsafe { stored_sums_avx2_fma(u, v, ahead) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if FMA && let Some(u) = rows.stored_f16(row, v.len()) {
+        // SAFETY: as above.
+        return unsafe { stored_sums_avx2_fma(u, v, ahead) };
     }
     #[cfg(target_arch = "x86_64")]
     if FMA && let Some(bits) = rows.stored_bf16(row) {
-        // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch, which has
-        // checked that the CPU has both features.
+        // SAFETY: as above.
         unsafe { bf16_sums_avx2_fma(&mut dot, &mut sum_sq, bits, v) };
         return RowSums {
             dot: reduce_lanes(dot),
@@ -616,8 +705,8 @@ pub(crate) fn row_sums<R: Rows, const FMA: bool>(
 pub(crate) fn slice_sums<const FMA: bool>(u: &[f32], v: &[f32], ahead: &mut Ahead) -> RowSums {
     #[cfg(target_arch = "x86_64")]
     if FMA {
-        // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch.
-        return unsafe { f32_sums_avx2_fma(u, v, ahead) };
+        // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.
+        return unsafe { stored_sums_avx2_fma(u, v, ahead) };
     }
     let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
     for (u_chunk, v_chunk) in u.chunks(CHUNK).zip(v.chunks(CHUNK)) {
@@ -671,10 +760,26 @@ pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     ahead: &mut Ahead,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if FMA && rows.stored_f32(first_row, 0, partial.len()).is_some() {
-        // SAFETY: as in `row_sums`: `FMA = true` code runs only after the AVX2+FMA check.
-        unsafe { f32_add_stored_rows_avx2_fma(rows, first_row, dots, partial, ahead) };
-        return;
+    if FMA {
+        let len = partial.len();
+        if rows.stored_f32(first_row, 0, len).is_some() {
+            let row = |index| {
+                rows.stored_f32(index, 0, len)
+                    .expect("a source that stores one row as f32 stores all of them")
+            };
+            // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.
+            unsafe { add_stored_rows_avx2_fma::<f32, 8>(row, first_row, dots, partial, ahead) };
+            return;
+        }
+        if rows.stored_f16(first_row, len).is_some() {
+            let row = |index| {
+                rows.stored_f16(index, len)
+                    .expect("a source that stores one row as f16 stores all of them")
+            };
+            // SAFETY: as above.
+            unsafe { add_stored_rows_avx2_fma::<f16, 8>(row, first_row, dots, partial, ahead) };
+            return;
+        }
     }
     let (groups, rest) = dots.as_chunks::<ROW_GROUP>();
     for (group_index, &t) in groups.iter().enumerate() {
@@ -714,8 +819,8 @@ pub(crate) fn add_scaled_tile<const FMA: bool>(
         let u = [next(), next(), next(), next()];
         #[cfg(target_arch = "x86_64")]
         if FMA {
-            // SAFETY: as in `row_sums`: `FMA = true` code runs only after the AVX2+FMA check.
-            unsafe { f32_add_rows_avx2_fma(u, t, partial, ahead) };
+            // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.
+            unsafe { add_rows_avx2_fma(u, t, partial, ahead) };
             continue;
         }
         add_scaled_group::<FMA>(u, t, partial);
@@ -736,12 +841,49 @@ pub(crate) fn add_scaled_row<R: Rows, const FMA: bool>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if FMA && let Some(bits) = rows.stored_bf16(row) {
-        // SAFETY: as in `row_sums`: `FMA = true` code runs only after the AVX2+FMA check.
+        // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.
         unsafe { bf16_add_row_avx2_fma(bits, t, partial) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if FMA && let Some(u) = rows.stored_f16(row, partial.len()) {
+        // SAFETY: as above.
+        unsafe { add_rows_avx2_fma([u], [t], partial, &mut Ahead::default()) };
         return;
     }
     for (chunk_index, partial_chunk) in partial.chunks_mut(CHUNK).enumerate() {
         let u_chunk = rows.chunk::<FMA>(row, chunk_index * CHUNK, partial_chunk.len(), buffer);
         add_scaled_slice::<FMA>(u_chunk, t, partial_chunk);
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// F16C's widening of every one of the 65536 `f16` values, eight per instruction in every
+    /// lane position, is `Element::to_f32`'s, bit for bit (NaN payloads included).
+    #[test]
+    fn f16c_widening_matches_to_f32_on_every_value() {
+        if !KernelPath::Avx2Fma.is_supported() {
+            eprintln!("NOT RUN: F16C widening (the CPU lacks AVX2, FMA or F16C)");
+            return;
+        }
+        let values: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        for offset in 0..SIMD_WIDTH {
+            let (groups, _) = values[offset..].as_chunks::<SIMD_WIDTH>();
+            for group in groups {
+                // SAFETY: `is_supported` has just confirmed AVX2, FMA and F16C.
+                let lanes: [f32; SIMD_WIDTH] = bytemuck::cast(unsafe { f16::widen8(group) });
+                for (&value, lane) in group.iter().zip(lanes) {
+                    assert_eq!(
+                        lane.to_bits(),
+                        value.to_f32().to_bits(),
+                        "f16 bits {:#06x} (offset {offset})",
+                        value.to_bits()
+                    );
+                }
+            }
+        }
     }
 }
