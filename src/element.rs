@@ -354,6 +354,24 @@ mod tests {
         for bits in (0..=u32::MAX).step_by(997) {
             check(f32::from_bits(bits));
         }
+        // Around 65520, the overflow threshold (the midpoint between 65504 and the next step,
+        // whose f16 is infinity, so the loop above never forms it), and the extremes.
+        for bits in [
+            0x477f_efff,
+            0x477f_f000,
+            0x477f_f001,
+            0x3880_0000,
+            0x387f_ffff,
+            1,
+            0,
+        ] {
+            check(f32::from_bits(bits));
+            check(-f32::from_bits(bits));
+        }
+        for value in [f32::MAX, f32::MIN_POSITIVE, f32::INFINITY, f32::NAN] {
+            check(value);
+            check(-value);
+        }
     }
 
     /// Every one of the 65536 `f16` values widens to `half`'s `f32`, bit for bit.

@@ -311,6 +311,50 @@ pub(crate) fn f16_stochastic(value: f32, random: u16) -> u16 {
 mod tests {
     use super::*;
 
+    /// Below `2^-14` the stored count of `2^-24` units is `floor(u) + [r < 2^16 (u - floor(u))]`
+    /// (math §5a): the branch-free form equals that formula written with float-to-integer
+    /// conversions, on a stride through every subnormal-range `f32` and random words at and
+    /// either side of each threshold.
+    #[test]
+    fn f16_subnormal_stochastic_rounding_is_the_documented_formula() {
+        let formula = |value: f32, random: u16| {
+            let units = value.abs() * F16_SUBNORMAL_UNITS;
+            let below = units as u32;
+            let threshold = (units - below as f32) * 65_536.0;
+            below + u32::from(f32::from(random) < threshold)
+        };
+        for bits in (0..F16_MIN_NORMAL_BITS)
+            .step_by(101)
+            .chain([F16_MIN_NORMAL_BITS - 1])
+        {
+            let value = f32::from_bits(bits);
+            let units = value * F16_SUBNORMAL_UNITS;
+            let threshold = (units - units.floor()) * 65_536.0;
+            let near = threshold as u16;
+            let randoms = [
+                0,
+                1,
+                0x7FFF,
+                0x8000,
+                0xFFFF,
+                near.saturating_sub(1),
+                near,
+                near.saturating_add(1),
+            ];
+            for random in randoms {
+                for signed in [value, -value] {
+                    let ours = f16_stochastic(signed, random);
+                    assert_eq!(
+                        u32::from(ours & 0x7FFF),
+                        formula(signed, random),
+                        "f32 bits {bits:#010x}, random {random}"
+                    );
+                    assert_eq!(ours & 0x8000 != 0, signed.is_sign_negative());
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_avx2_batch_gives_the_portable_bits() {
         #[cfg(target_arch = "x86_64")]

@@ -791,6 +791,80 @@ mod tests {
         in_register_matches_the_buffered_path::<half::f16>();
     }
 
+    /// `f16` gradients widened eight at a time by F16C give the step's directions bit for bit
+    /// as the per-element form: every one of the 65536 `f16` values, in chunks that start off
+    /// the eight-element grid and end in a tail, both momentum rules.
+    #[test]
+    fn f16_gradients_widened_in_registers_give_the_per_element_directions() {
+        struct Load<'a> {
+            rows: &'a DirectionRows<'a, half::f16>,
+            row: usize,
+            col_start: usize,
+            out: &'a mut [f32],
+        }
+        impl Kernel for Load<'_> {
+            type Output = ();
+            #[inline(always)]
+            fn run<const FMA: bool>(self) {
+                self.rows.load::<FMA>(self.row, self.col_start, self.out)
+            }
+        }
+        if !KernelPath::Avx2Fma.is_supported() {
+            eprintln!("NOT RUN: F16C widening of gradients (the CPU lacks AVX2, FMA or F16C)");
+            return;
+        }
+        let fan_in = 256;
+        let grads: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let mut momentum = vec![0.0f32; grads.len()];
+        crate::random::fill_gaussian(5, 0, &mut momentum);
+        for nesterov in [false, true] {
+            let rule = MomentumRule {
+                beta: 0.9,
+                grad_coef: 0.5,
+                nesterov,
+            };
+            let rows = DirectionRows {
+                grads: &grads[..],
+                momentum: &momentum,
+                fan_in,
+                rule,
+            };
+            let col_start = 3;
+            for row in 0..grads.len() / fan_in {
+                let mut out = vec![0.0f32; fan_in - col_start - 2];
+                let len = out.len();
+                on_path(
+                    KernelPath::Avx2Fma,
+                    Load {
+                        rows: &rows,
+                        row,
+                        col_start,
+                        out: &mut out,
+                    },
+                );
+                let start = row * fan_in + col_start;
+                for (offset, &got) in out.iter().enumerate() {
+                    let index = start + offset;
+                    let grad = Element::to_f32(grads[index]);
+                    let (_, expected) = if nesterov {
+                        rule.apply::<true, true>(momentum[index], grad)
+                    } else {
+                        rule.apply::<false, true>(momentum[index], grad)
+                    };
+                    // A NaN gradient gives a NaN direction; its payload comes from whichever
+                    // `fma` computed it (the expected side may be the C library's).
+                    let same =
+                        got.to_bits() == expected.to_bits() || (got.is_nan() && expected.is_nan());
+                    assert!(
+                        same,
+                        "f16 bits {:#06x}, nesterov {nesterov}, {len} elements: {got} vs {expected}",
+                        grads[index].to_bits()
+                    );
+                }
+            }
+        }
+    }
+
     /// Keeping the tile between the sweeps is a memory-traffic choice only: both forms must
     /// give the same bits, on every kernel path.
     #[test]

@@ -9,7 +9,7 @@
 //! thread count.
 //!
 //! Every loop is generic over `FMA`: `true` fuses `a * b + c` into one rounding (compiled
-//! inside `#[target_feature(enable = "avx2,fma")]` wrappers, see [`KernelPath`]); `false` is
+//! inside `#[target_feature(enable = "avx2,fma,f16c")]` wrappers, see [`KernelPath`]); `false` is
 //! the portable form. The two paths differ in the last bits, each is deterministic. Where
 //! LLVM does not vectorise the AVX2 form on its own, or vectorises it with the lanes spilled to
 //! memory between chunks, it is written with intrinsics that compute exactly what the scalar
@@ -242,7 +242,10 @@ impl<T: Element> DirectionRows<'_, T> {
                 });
             }
             for ((dst, &grad), &old) in out_tail.iter_mut().zip(grad_tail).zip(momentum_tail) {
-                *dst = self.rule.apply::<NESTEROV, FMA>(old, grad.to_f32()).1;
+                *dst = self
+                    .rule
+                    .apply::<NESTEROV, FMA>(old, Element::to_f32(grad))
+                    .1;
             }
             return;
         }
@@ -659,7 +662,7 @@ fn bf16_add_row_avx2_fma(u: &[u16], t: f32, partial: &mut [f32]) {
 }
 
 /// `(<u, v>, ||u||^2)` for row `row` of `rows`; `v.len()` is `fan_in`. Fetches `ahead` as it
-/// goes on the AVX2 path of stored `f32` rows.
+/// goes on the AVX2 path of stored `f32` and `f16` rows.
 #[inline(always)]
 pub(crate) fn row_sums<R: Rows, const FMA: bool>(
     rows: &R,
@@ -749,7 +752,8 @@ pub(crate) fn add_scaled_group<const FMA: bool>(
 }
 
 /// `partial += Σ_i dots[i] u_{first_row + i}` over consecutive rows of `rows`, in row order,
-/// fetching `ahead` as it goes (for stored `f32` rows on the AVX2 path, eight rows per sweep).
+/// fetching `ahead` as it goes (for stored `f32` and `f16` rows on the AVX2 path, eight rows
+/// per sweep).
 #[inline(always)]
 pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     rows: &R,
@@ -878,7 +882,7 @@ mod tests {
                 for (&value, lane) in group.iter().zip(lanes) {
                     assert_eq!(
                         lane.to_bits(),
-                        value.to_f32().to_bits(),
+                        Element::to_f32(value).to_bits(),
                         "f16 bits {:#06x} (offset {offset})",
                         value.to_bits()
                     );
