@@ -18,6 +18,7 @@ use crate::layout::BatchLayout;
 use crate::policy;
 use crate::report::StepReport;
 use crate::rounding::{BATCH, BATCH_GROUPS, RoundingKey, RoundingStream};
+use half::f16;
 
 /// Elements per parallel task in the update pass (a multiple of the rounding stream's
 /// [`BATCH`], so that every chunk starts a batch of rounding groups).
@@ -329,6 +330,52 @@ impl<TW: Element, TG: Element> Kernel for Step<'_, TW, TG> {
     }
 }
 
+/// [`Step::update`] for `f16` weights and gradients on the AVX2 path: eight weights and
+/// gradients widened per F16C `vcvtph2ps`, the same arithmetic per element, eight new
+/// weights narrowed per `vcvtps2ph` to nearest even (exactly `Element::from_f32_rne`, which
+/// the branch-free form computes element by element at several times the cost).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn update_f16_nearest<const NESTEROV: bool>(
+    arithmetic: ElementUpdate,
+    weights: &mut [f16],
+    grads: &[f16],
+    momentum: &mut [f32],
+) {
+    use super::rows::{InRegister, SIMD_WIDTH};
+    use std::arch::x86_64::{_MM_FROUND_TO_NEAREST_INT, _mm256_cvtps_ph};
+    let (weight_lanes, weight_tail) = weights.as_chunks_mut::<SIMD_WIDTH>();
+    let (grad_lanes, grad_tail) = grads.as_chunks::<SIMD_WIDTH>();
+    let (momentum_lanes, momentum_tail) = momentum.as_chunks_mut::<SIMD_WIDTH>();
+    let lanes = weight_lanes
+        .iter_mut()
+        .zip(grad_lanes)
+        .zip(momentum_lanes.iter_mut());
+    for ((w, g), m) in lanes {
+        // SAFETY: this function is compiled for AVX2, FMA and F16C and only called where the
+        // CPU has them.
+        let (old, grad): ([f32; SIMD_WIDTH], [f32; SIMD_WIDTH]) = unsafe {
+            (
+                bytemuck::cast(f16::widen8(w)),
+                bytemuck::cast(f16::widen8(g)),
+            )
+        };
+        let new: [f32; SIMD_WIDTH] = std::array::from_fn(|lane| {
+            arithmetic.apply::<f32, f32, NESTEROV, true>(old[lane], grad[lane], &mut m[lane])
+        });
+        *w = bytemuck::cast(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+            bytemuck::cast(new),
+        ));
+    }
+    let rest = weight_tail
+        .iter_mut()
+        .zip(grad_tail)
+        .zip(momentum_tail.iter_mut());
+    for ((w, &g), m) in rest {
+        *w = f16::from_f32_rne(arithmetic.apply::<f16, f16, NESTEROV, true>(*w, g, m));
+    }
+}
+
 /// The element arithmetic of pass B (math §5.3), the same in both rounding modes.
 #[derive(Clone, Copy)]
 struct ElementUpdate {
@@ -364,6 +411,19 @@ impl<TW: Element, TG: Element> Step<'_, TW, TG> {
             .iter_mut()
             .zip(self.grads)
             .zip(self.momentum.iter_mut());
+        #[cfg(target_arch = "x86_64")]
+        if FMA
+            && self.copy.is_none()
+            && TW::DTYPE == crate::Dtype::F16
+            && TG::DTYPE == crate::Dtype::F16
+        {
+            let weights: &mut [f16] = bytemuck::cast_slice_mut(self.weights);
+            let grads: &[f16] = bytemuck::cast_slice(self.grads);
+            // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` branch, which
+            // has checked that the CPU has AVX2, FMA and F16C.
+            unsafe { update_f16_nearest::<NESTEROV>(arithmetic, weights, grads, self.momentum) };
+            return;
+        }
         match self.copy {
             None => {
                 for ((w, &g), m) in elements {
@@ -417,6 +477,75 @@ impl<TW: Element, TG: Element> Step<'_, TW, TG> {
         for (((w, &g), m), random) in rest {
             let new_weight = arithmetic.apply::<TW, TG, NESTEROV, FMA>(*w, g, m);
             *w = TW::from_f32_stochastic(new_weight, random);
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Pass B for `f16` with F16C gives the element-by-element form's bits: every `f16` value
+    /// as a weight, Gaussian gradients and momentum, both momentum rules, a tail.
+    #[test]
+    fn f16_update_in_registers_matches_the_per_element_form() {
+        if !KernelPath::Avx2Fma.is_supported() {
+            eprintln!("NOT RUN: the f16 update with F16C (the CPU lacks AVX2, FMA or F16C)");
+            return;
+        }
+        let len = (1 << 16) + 5;
+        let weights: Vec<f16> = (0..len).map(|i| f16::from_bits(i as u16)).collect();
+        let mut values = vec![0.0f32; len];
+        crate::random::fill_gaussian(9, 0, &mut values);
+        let grads: Vec<f16> = values.iter().map(|&x| f16::from_f32_rne(x)).collect();
+        let mut momentum = vec![0.0f32; len];
+        crate::random::fill_gaussian(9, 1, &mut momentum);
+        for nesterov in [false, true] {
+            let arithmetic = ElementUpdate {
+                rule: MomentumRule {
+                    beta: 0.95,
+                    grad_coef: 1.0,
+                    nesterov,
+                },
+                decay: 0.999,
+                coefficient: 0.02,
+            };
+            let (mut fast_weights, mut fast_momentum) = (weights.clone(), momentum.clone());
+            on_path(
+                KernelPath::Avx2Fma,
+                Step {
+                    stream: None,
+                    first_group: 0,
+                    arithmetic,
+                    weights: &mut fast_weights[..],
+                    grads: &grads[..],
+                    momentum: &mut fast_momentum,
+                    copy: None,
+                },
+            );
+            for index in 0..len {
+                let mut m = momentum[index];
+                let new = if nesterov {
+                    arithmetic.apply::<f16, f16, true, true>(weights[index], grads[index], &mut m)
+                } else {
+                    arithmetic.apply::<f16, f16, false, true>(weights[index], grads[index], &mut m)
+                };
+                let expected = f16::from_f32_rne(new);
+                let got = fast_weights[index];
+                // A NaN weight stays NaN; its payload comes from whichever `fma` computed it
+                // (the expected side may be the C library's).
+                let same =
+                    got.to_bits() == expected.to_bits() || (got.is_nan() && expected.is_nan());
+                assert!(
+                    same,
+                    "weight bits {index:#06x}, nesterov {nesterov}: {got} vs {expected}"
+                );
+                assert_eq!(
+                    fast_momentum[index].to_bits(),
+                    m.to_bits(),
+                    "momentum {index}"
+                );
+            }
         }
     }
 }
