@@ -376,6 +376,102 @@ fn update_f16_nearest<const NESTEROV: bool>(
     }
 }
 
+/// [`Step::update_stochastic`] for `f16` weights and gradients on the AVX2 path: weights and
+/// gradients widened eight per F16C `vcvtph2ps`, the same arithmetic, stream numbers and
+/// stochastic rounding per element.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn update_f16_stochastic<const NESTEROV: bool>(
+    arithmetic: ElementUpdate,
+    stream: RoundingStream,
+    first_group: u64,
+    weights: &mut [f16],
+    grads: &[f16],
+    momentum: &mut [f32],
+) {
+    use super::rows::{InRegister, SIMD_WIDTH};
+    const _: () = assert!(BATCH.is_multiple_of(SIMD_WIDTH));
+    stochastic_batches::<f16, f16, NESTEROV, true>(
+        arithmetic,
+        stream,
+        first_group,
+        weights,
+        grads,
+        momentum,
+        |weights, grads, momentum, random| {
+            // The new weights of the batch first, then their rounding in one loop over the
+            // batch (which vectorises; per eight lanes it did not).
+            let mut new_weights = [0.0f32; BATCH];
+            let lanes = new_weights
+                .as_chunks_mut::<SIMD_WIDTH>()
+                .0
+                .iter_mut()
+                .zip(weights.as_chunks::<SIMD_WIDTH>().0)
+                .zip(grads.as_chunks::<SIMD_WIDTH>().0)
+                .zip(momentum.as_chunks_mut::<SIMD_WIDTH>().0);
+            for (((new, w), g), m) in lanes {
+                // SAFETY: this closure is compiled for AVX2, FMA and F16C with the function
+                // around it, which is only called where the CPU has them.
+                let (old, grad): ([f32; SIMD_WIDTH], [f32; SIMD_WIDTH]) = unsafe {
+                    (
+                        bytemuck::cast(f16::widen8(w)),
+                        bytemuck::cast(f16::widen8(g)),
+                    )
+                };
+                *new = std::array::from_fn(|lane| {
+                    arithmetic.apply::<f32, f32, NESTEROV, true>(
+                        old[lane],
+                        grad[lane],
+                        &mut m[lane],
+                    )
+                });
+            }
+            for ((w, &new_weight), &random) in weights.iter_mut().zip(&new_weights).zip(random) {
+                *w = f16::from_f32_stochastic(new_weight, random);
+            }
+        },
+    );
+}
+
+/// Pass B with stochastic rounding over a chunk, batch by batch: `batch(weights, grads,
+/// momentum, random)` updates one whole batch whose element `k` takes `random[k]`; the chunk's
+/// last elements (fewer than a batch) take the first numbers of the next batch, element by
+/// element.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn stochastic_batches<TW: Element, TG: Element, const NESTEROV: bool, const FMA: bool>(
+    arithmetic: ElementUpdate,
+    stream: RoundingStream,
+    first_group: u64,
+    weights: &mut [TW],
+    grads: &[TG],
+    momentum: &mut [f32],
+    mut batch: impl FnMut(&mut [TW; BATCH], &[TG; BATCH], &mut [f32; BATCH], &[u16; BATCH]),
+) {
+    let (weight_batches, weight_rest) = weights.as_chunks_mut::<BATCH>();
+    let (grad_batches, grad_rest) = grads.as_chunks::<BATCH>();
+    let (momentum_batches, momentum_rest) = momentum.as_chunks_mut::<BATCH>();
+    let batches = weight_batches
+        .iter_mut()
+        .zip(grad_batches)
+        .zip(momentum_batches.iter_mut());
+    let mut group = first_group;
+    for ((weights, grads), momentum) in batches {
+        batch(weights, grads, momentum, &stream.batch_on::<FMA>(group));
+        group += BATCH_GROUPS as u64;
+    }
+    let random = stream.batch_on::<FMA>(group);
+    let rest = weight_rest
+        .iter_mut()
+        .zip(grad_rest)
+        .zip(momentum_rest.iter_mut())
+        .zip(random);
+    for (((w, &g), m), random) in rest {
+        let new_weight = arithmetic.apply::<TW, TG, NESTEROV, FMA>(*w, g, m);
+        *w = TW::from_f32_stochastic(new_weight, random);
+    }
+}
+
 /// The element arithmetic of pass B (math §5.3), the same in both rounding modes.
 #[derive(Clone, Copy)]
 struct ElementUpdate {
@@ -447,37 +543,43 @@ impl<TW: Element, TG: Element> Step<'_, TW, TG> {
     fn update_stochastic<const NESTEROV: bool, const FMA: bool>(self, stream: RoundingStream) {
         debug_assert!(self.copy.is_none());
         let arithmetic = self.arithmetic;
-        let (weight_batches, weight_rest) = self.weights.as_chunks_mut::<BATCH>();
-        let (grad_batches, grad_rest) = self.grads.as_chunks::<BATCH>();
-        let (momentum_batches, momentum_rest) = self.momentum.as_chunks_mut::<BATCH>();
-        let batches = weight_batches
-            .iter_mut()
-            .zip(grad_batches)
-            .zip(momentum_batches.iter_mut());
-        let mut group = self.first_group;
-        for ((weights, grads), momentum) in batches {
-            let random = stream.batch_on::<FMA>(group);
-            for k in 0..BATCH {
-                let new_weight = arithmetic.apply::<TW, TG, NESTEROV, FMA>(
-                    weights[k],
-                    grads[k],
-                    &mut momentum[k],
-                );
-                weights[k] = TW::from_f32_stochastic(new_weight, random[k]);
-            }
-            group += BATCH_GROUPS as u64;
+        #[cfg(target_arch = "x86_64")]
+        if FMA && TW::DTYPE == crate::Dtype::F16 && TG::DTYPE == crate::Dtype::F16 {
+            let weights: &mut [f16] = bytemuck::cast_slice_mut(self.weights);
+            let grads: &[f16] = bytemuck::cast_slice(self.grads);
+            let first_group = self.first_group;
+            // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` branch, which
+            // has checked that the CPU has AVX2, FMA and F16C.
+            unsafe {
+                update_f16_stochastic::<NESTEROV>(
+                    arithmetic,
+                    stream,
+                    first_group,
+                    weights,
+                    grads,
+                    self.momentum,
+                )
+            };
+            return;
         }
-        // The chunk's last elements (fewer than a batch): the first of a batch's numbers.
-        let random = stream.batch_on::<FMA>(group);
-        let rest = weight_rest
-            .iter_mut()
-            .zip(grad_rest)
-            .zip(momentum_rest.iter_mut())
-            .zip(random);
-        for (((w, &g), m), random) in rest {
-            let new_weight = arithmetic.apply::<TW, TG, NESTEROV, FMA>(*w, g, m);
-            *w = TW::from_f32_stochastic(new_weight, random);
-        }
+        stochastic_batches::<TW, TG, NESTEROV, FMA>(
+            arithmetic,
+            stream,
+            self.first_group,
+            self.weights,
+            self.grads,
+            self.momentum,
+            |weights, grads, momentum, random| {
+                for k in 0..BATCH {
+                    let new_weight = arithmetic.apply::<TW, TG, NESTEROV, FMA>(
+                        weights[k],
+                        grads[k],
+                        &mut momentum[k],
+                    );
+                    weights[k] = TW::from_f32_stochastic(new_weight, random[k]);
+                }
+            },
+        );
     }
 }
 
@@ -485,10 +587,10 @@ impl<TW: Element, TG: Element> Step<'_, TW, TG> {
 mod tests {
     use super::*;
 
-    /// Pass B for `f16` with F16C gives the element-by-element form's bits: every `f16` value
-    /// as a weight, Gaussian gradients and momentum, both momentum rules, a tail.
-    #[test]
-    fn f16_update_in_registers_matches_the_per_element_form() {
+    /// Pass B for `f16` with F16C gives the element-by-element form's bits, to nearest and
+    /// stochastically: every `f16` value as a weight, Gaussian gradients and momentum, both
+    /// momentum rules, a tail shorter than a rounding batch.
+    fn f16_update_in_registers_matches_the_per_element_form(stochastic: bool) {
         if !KernelPath::Avx2Fma.is_supported() {
             eprintln!("NOT RUN: the f16 update with F16C (the CPU lacks AVX2, FMA or F16C)");
             return;
@@ -500,6 +602,7 @@ mod tests {
         let grads: Vec<f16> = values.iter().map(|&x| f16::from_f32_rne(x)).collect();
         let mut momentum = vec![0.0f32; len];
         crate::random::fill_gaussian(9, 1, &mut momentum);
+        let stream = stochastic.then(|| RoundingKey::new(11, 3).stream(2));
         for nesterov in [false, true] {
             let arithmetic = ElementUpdate {
                 rule: MomentumRule {
@@ -514,7 +617,7 @@ mod tests {
             on_path(
                 KernelPath::Avx2Fma,
                 Step {
-                    stream: None,
+                    stream,
                     first_group: 0,
                     arithmetic,
                     weights: &mut fast_weights[..],
@@ -530,7 +633,15 @@ mod tests {
                 } else {
                     arithmetic.apply::<f16, f16, false, true>(weights[index], grads[index], &mut m)
                 };
-                let expected = f16::from_f32_rne(new);
+                // Element `e` takes number `e` of the stream, batch by batch (the tail: the
+                // first numbers of the next batch).
+                let expected = match stream {
+                    None => f16::from_f32_rne(new),
+                    Some(stream) => {
+                        let batch = stream.batch((index / BATCH * BATCH_GROUPS) as u64);
+                        f16::from_f32_stochastic(new, batch[index % BATCH])
+                    }
+                };
                 let got = fast_weights[index];
                 // A NaN weight stays NaN; its payload comes from whichever `fma` computed it
                 // (the expected side may be the C library's).
@@ -538,7 +649,8 @@ mod tests {
                     got.to_bits() == expected.to_bits() || (got.is_nan() && expected.is_nan());
                 assert!(
                     same,
-                    "weight bits {index:#06x}, nesterov {nesterov}: {got} vs {expected}"
+                    "weight bits {index:#06x}, nesterov {nesterov}, stochastic {stochastic}: \
+                     {got} vs {expected}"
                 );
                 assert_eq!(
                     fast_momentum[index].to_bits(),
@@ -547,5 +659,15 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn f16_update_to_nearest_in_registers_matches_the_per_element_form() {
+        f16_update_in_registers_matches_the_per_element_form(false);
+    }
+
+    #[test]
+    fn f16_stochastic_update_in_registers_matches_the_per_element_form() {
+        f16_update_in_registers_matches_the_per_element_form(true);
     }
 }
