@@ -289,11 +289,9 @@ fn f32_to_f16_bits_rne(value: f32) -> u16 {
         .wrapping_sub((127 - 15) << 10)
         .min(0x7c00);
     // Subnormal (below 2^-14): the count of 2^-24 units, |value| 2^24 (exact), rounded to an
-    // integer to nearest even by adding 2^23, which leaves that integer in the low mantissa
-    // bits (no float-to-integer conversion, which does not vectorise); 1024 units is the
-    // smallest normal, whose bits are 0x0400.
+    // integer to nearest even; 1024 units is the smallest normal, whose bits are 0x0400.
     let units = f32::from_bits(magnitude) * 16_777_216.0;
-    let subnormal = (units + 8_388_608.0).to_bits() - 0x4b00_0000;
+    let subnormal = crate::rounding::nearest_integer(units);
     let nan = 0x7e00 | ((magnitude & 0x007f_ffff) >> 13);
     let out = if magnitude > 0x7f80_0000 {
         nan

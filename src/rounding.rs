@@ -264,6 +264,17 @@ pub(crate) fn bf16_stochastic(value: f32, random: u16) -> u16 {
     out as u16
 }
 
+/// `2^23`: added to `0 <= x < 2^23`, it rounds `x` to an integer, to nearest even, and leaves
+/// that integer in the low mantissa bits.
+const INTEGER_SHIFT: f32 = 8_388_608.0;
+
+/// The integer nearest `x` (ties to even) for `0 <= x < 2^23`, without a float-to-integer
+/// conversion (which does not vectorise).
+#[inline(always)]
+pub(crate) fn nearest_integer(x: f32) -> u32 {
+    (x + INTEGER_SHIFT).to_bits() - INTEGER_SHIFT.to_bits()
+}
+
 /// `2^24`: one unit of the f16 subnormal grid is `2^-24`.
 const F16_SUBNORMAL_UNITS: f32 = 16_777_216.0;
 
@@ -294,15 +305,14 @@ pub(crate) fn f16_stochastic(value: f32, random: u16) -> u16 {
         // that rounded up: selects and integer arithmetic that vectorise, where a
         // float-to-integer conversion does not.
         let units = f32::from_bits(magnitude) * F16_SUBNORMAL_UNITS;
-        let nearest = (units + 8_388_608.0) - 8_388_608.0;
+        let nearest = (units + INTEGER_SHIFT) - INTEGER_SHIFT;
         let below = if nearest > units {
             nearest - 1.0
         } else {
             nearest
         };
         let threshold = (units - below) * 65_536.0;
-        let below_bits = (below + 8_388_608.0).to_bits() - 0x4b00_0000;
-        below_bits + u32::from(f32::from(random) < threshold)
+        nearest_integer(below) + u32::from(f32::from(random) < threshold)
     };
     (sign | half_magnitude) as u16
 }

@@ -95,10 +95,7 @@ fn even_odd_row_sums(bits: &[u16], v: &[f32], v_even_odd: &[f32], ahead: &mut Ah
     let mut dot = [_mm256_set1_ps(0.0); 4];
     let mut sum_sq = [_mm256_set1_ps(0.0); 4];
     for (index, (u_block, v_block)) in u_blocks.iter().zip(v_blocks).enumerate() {
-        // One cache line ahead for every 128 bytes of the row.
-        if index % 2 == 0 {
-            ahead.step();
-        }
+        ahead.cover(index, LANES * size_of::<u16>());
         let halves: [[u16; BLOCK]; 2] = bytemuck::cast(*u_block);
         let [even_low, odd_low] = widen_even_odd!(&halves[0]);
         let [even_high, odd_high] = widen_even_odd!(&halves[1]);
@@ -146,14 +143,7 @@ fn add_rows<const N: usize>(
     let rows = u.map(|row| &row.as_chunks::<BLOCK>().0[..blocks.len()]);
     let scale = t.map(|t| _mm256_set1_ps(t));
     for (index, block) in blocks.iter_mut().enumerate() {
-        // One cache line ahead for every 128 bytes of rows added (N rows of 32 bytes here).
-        if N >= 4 {
-            for _ in 0..N / 4 {
-                ahead.step();
-            }
-        } else if index % (4 / N) == 0 {
-            ahead.step();
-        }
+        ahead.cover(index, N * BLOCK * size_of::<u16>());
         let [mut even, mut odd]: [__m256; 2] = bytemuck::cast(*block);
         for (row, &scale) in rows.iter().zip(&scale) {
             let [row_even, row_odd] = widen_even_odd!(&row[index]);

@@ -314,6 +314,19 @@ impl<'a> Ahead<'a> {
         }
     }
 
+    /// The fetches for step `index` of a sweep that covers `bytes` of its tile per step: one
+    /// cache line per 128 bytes covered, so a step of fewer bytes fetches every few steps.
+    #[inline(always)]
+    pub(crate) fn cover(&mut self, index: usize, bytes: usize) {
+        if bytes >= 128 {
+            for _ in 0..bytes / 128 {
+                self.step();
+            }
+        } else if index.is_multiple_of(128 / bytes) {
+            self.step();
+        }
+    }
+
     /// Prefetches the next cache line of each stream that has one left.
     #[inline(always)]
     pub(crate) fn step(&mut self) {
@@ -462,14 +475,6 @@ pub(crate) trait InRegister: Element {
     ///
     /// The CPU has AVX2 and F16C (the caller runs under [`KernelPath::Avx2Fma`]'s check).
     unsafe fn widen8(values: &[Self; SIMD_WIDTH]) -> std::arch::x86_64::__m256;
-
-    /// Blocks of [`LANES`] elements the first sweep covers per cache line it fetches
-    /// [`Ahead`]: one line per 128 bytes of the tile.
-    const BLOCKS_PER_FETCH: usize = if LANES * size_of::<Self>() >= 128 {
-        1
-    } else {
-        128 / (LANES * size_of::<Self>())
-    };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -508,9 +513,7 @@ fn stored_sums_avx2_fma<E: InRegister>(u: &[E], v: &[f32], ahead: &mut Ahead) ->
         }
     };
     for (index, (u_block, v_block)) in u_blocks.iter().zip(v_blocks).enumerate() {
-        if index % E::BLOCKS_PER_FETCH == 0 {
-            ahead.step();
-        }
+        ahead.cover(index, LANES * size_of::<E>());
         let parts: &[[E; SIMD_WIDTH]; 4] = bytemuck::cast_ref(u_block);
         // SAFETY: this function is compiled for AVX2 and F16C, and only called where the CPU
         // has them.
@@ -544,20 +547,13 @@ fn add_rows_avx2_fma<E: InRegister, const N: usize>(
 ) {
     use std::arch::x86_64::*;
     debug_assert!(u.iter().all(|row| row.len() == partial.len()));
-    let row_bytes = N * SIMD_WIDTH * size_of::<E>();
-    let (fetches, every) = (row_bytes / 128, (128 / row_bytes).max(1));
     let tail_start = partial.len() / SIMD_WIDTH * SIMD_WIDTH;
     let (partial_lanes, partial_tail) = partial.as_chunks_mut::<SIMD_WIDTH>();
     // Cut to the partial's length, so that the indexing below goes unchecked.
     let rows = u.map(|row| &row.as_chunks::<SIMD_WIDTH>().0[..partial_lanes.len()]);
     let scale = t.map(|t| _mm256_set1_ps(t));
     for (index, acc) in partial_lanes.iter_mut().enumerate() {
-        if fetches == 0 && index % every == 0 {
-            ahead.step();
-        }
-        for _ in 0..fetches {
-            ahead.step();
-        }
+        ahead.cover(index, N * SIMD_WIDTH * size_of::<E>());
         let mut lanes: __m256 = bytemuck::cast(*acc);
         for (row, &scale) in rows.iter().zip(&scale) {
             // SAFETY: compiled for AVX2 and F16C, called only where the CPU has them.

@@ -20,6 +20,9 @@ use crate::report::StepReport;
 use crate::rounding::{BATCH, BATCH_GROUPS, RoundingKey, RoundingStream};
 use half::f16;
 
+#[cfg(target_arch = "x86_64")]
+use super::rows::{InRegister, SIMD_WIDTH};
+
 /// Elements per parallel task in the update pass (a multiple of the rounding stream's
 /// [`BATCH`], so that every chunk starts a batch of rounding groups).
 const UPDATE_CHUNK: usize = 1 << 16;
@@ -330,10 +333,37 @@ impl<TW: Element, TG: Element> Kernel for Step<'_, TW, TG> {
     }
 }
 
-/// [`Step::update`] for `f16` weights and gradients on the AVX2 path: eight weights and
-/// gradients widened per F16C `vcvtph2ps`, the same arithmetic per element, eight new
-/// weights narrowed per `vcvtps2ph` to nearest even (exactly `Element::from_f32_rne`, which
-/// the branch-free form computes element by element at several times the cost).
+/// Eight elements of pass B for `f16` weights and gradients, both widened by one F16C
+/// `vcvtph2ps` each: the new weights in `f32` (the per-element arithmetic), `m` updated.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C (the caller runs under [`KernelPath::Avx2Fma`]'s check).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn f16_new_weights<const NESTEROV: bool>(
+    arithmetic: ElementUpdate,
+    weights: &[f16; SIMD_WIDTH],
+    grads: &[f16; SIMD_WIDTH],
+    momentum: &mut [f32; SIMD_WIDTH],
+) -> [f32; SIMD_WIDTH] {
+    // SAFETY: the caller promises F16C.
+    let (old, grad): ([f32; SIMD_WIDTH], [f32; SIMD_WIDTH]) = unsafe {
+        (
+            bytemuck::cast(f16::widen8(weights)),
+            bytemuck::cast(f16::widen8(grads)),
+        )
+    };
+    std::array::from_fn(|lane| {
+        arithmetic.apply::<f32, f32, NESTEROV, true>(old[lane], grad[lane], &mut momentum[lane])
+    })
+}
+
+/// [`Step::update`] for `f16` weights and gradients on the AVX2 path: [`f16_new_weights`],
+/// then eight new weights narrowed per `vcvtps2ph` to nearest even (exactly
+/// `Element::from_f32_rne`). The warm f16 step took 71-82 ms with the branch-free narrowing
+/// and 48-50 ms with this (`gpt2_small`, `bench/results/2026-12-07-0440-cpu-f16.md` and
+/// `-0510-cpu-f16-step.md`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn update_f16_nearest<const NESTEROV: bool>(
@@ -342,7 +372,6 @@ fn update_f16_nearest<const NESTEROV: bool>(
     grads: &[f16],
     momentum: &mut [f32],
 ) {
-    use super::rows::{InRegister, SIMD_WIDTH};
     use std::arch::x86_64::{_MM_FROUND_TO_NEAREST_INT, _mm256_cvtps_ph};
     let (weight_lanes, weight_tail) = weights.as_chunks_mut::<SIMD_WIDTH>();
     let (grad_lanes, grad_tail) = grads.as_chunks::<SIMD_WIDTH>();
@@ -354,15 +383,7 @@ fn update_f16_nearest<const NESTEROV: bool>(
     for ((w, g), m) in lanes {
         // SAFETY: this function is compiled for AVX2, FMA and F16C and only called where the
         // CPU has them.
-        let (old, grad): ([f32; SIMD_WIDTH], [f32; SIMD_WIDTH]) = unsafe {
-            (
-                bytemuck::cast(f16::widen8(w)),
-                bytemuck::cast(f16::widen8(g)),
-            )
-        };
-        let new: [f32; SIMD_WIDTH] = std::array::from_fn(|lane| {
-            arithmetic.apply::<f32, f32, NESTEROV, true>(old[lane], grad[lane], &mut m[lane])
-        });
+        let new = unsafe { f16_new_weights::<NESTEROV>(arithmetic, w, g, m) };
         *w = bytemuck::cast(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
             bytemuck::cast(new),
         ));
@@ -389,7 +410,6 @@ fn update_f16_stochastic<const NESTEROV: bool>(
     grads: &[f16],
     momentum: &mut [f32],
 ) {
-    use super::rows::{InRegister, SIMD_WIDTH};
     const _: () = assert!(BATCH.is_multiple_of(SIMD_WIDTH));
     stochastic_batches::<f16, f16, NESTEROV, true>(
         arithmetic,
@@ -412,19 +432,7 @@ fn update_f16_stochastic<const NESTEROV: bool>(
             for (((new, w), g), m) in lanes {
                 // SAFETY: this closure is compiled for AVX2, FMA and F16C with the function
                 // around it, which is only called where the CPU has them.
-                let (old, grad): ([f32; SIMD_WIDTH], [f32; SIMD_WIDTH]) = unsafe {
-                    (
-                        bytemuck::cast(f16::widen8(w)),
-                        bytemuck::cast(f16::widen8(g)),
-                    )
-                };
-                *new = std::array::from_fn(|lane| {
-                    arithmetic.apply::<f32, f32, NESTEROV, true>(
-                        old[lane],
-                        grad[lane],
-                        &mut m[lane],
-                    )
-                });
+                *new = unsafe { f16_new_weights::<NESTEROV>(arithmetic, w, g, m) };
             }
             for ((w, &new_weight), &random) in weights.iter_mut().zip(&new_weights).zip(random) {
                 *w = f16::from_f32_stochastic(new_weight, random);
