@@ -607,7 +607,7 @@ fn configurations_out_of_range_are_errors() {
 }
 
 /// Lanczos (the diagnostics' cold start) takes at most `MAX_POWER_ITERATIONS` passes: more is
-/// an error, not a basis that grows without bound.
+/// an error, not a basis that grows without bound; so is a block size out of range.
 #[test]
 fn lanczos_iteration_counts_are_bounded() {
     let shape = MatrixShape::new(8, 8);
@@ -620,16 +620,33 @@ fn lanczos_iteration_counts_are_bounded() {
         diagnostics::spectral_norm_with(&matrix, shape, convergence),
         Err(Error::InvalidArgument(_))
     ));
+    // A zero matrix, which needs no pass, does not hide a bad setting.
+    let zero = vec![0.0f32; matrix.len()];
+    for block_vectors in [0, spectral_step::cpu::MAX_LANCZOS_BLOCK + 1] {
+        let convergence = diagnostics::Convergence {
+            block_vectors,
+            ..diagnostics::Convergence::default()
+        };
+        for input in [&matrix, &zero] {
+            assert!(
+                matches!(
+                    diagnostics::spectral_norm_with(input, shape, convergence),
+                    Err(Error::InvalidArgument(_))
+                ),
+                "a block of {block_vectors}"
+            );
+        }
+    }
     let layout = BatchLayout::new(&[shape], BlockPolicy::CPU).unwrap();
     let mut power = spectral_step::cpu::BatchPowerIteration::new(layout).unwrap();
     assert!(
         power
-            .lanczos(&[&matrix[..]], 0, 1e-6, MAX_POWER_ITERATIONS + 1)
+            .lanczos(&[&matrix[..]], 0, 1e-6, MAX_POWER_ITERATIONS + 1, 4)
             .is_err()
     );
     assert!(
         power
-            .lanczos(&[&matrix[..]], 0, 1e-6, MAX_POWER_ITERATIONS)
+            .lanczos(&[&matrix[..]], 0, 1e-6, MAX_POWER_ITERATIONS, 4)
             .is_ok()
     );
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use spectral_step::cpu::{BatchPowerIteration, Estimate};
+use spectral_step::cpu::{BatchPowerIteration, Estimate, MAX_LANCZOS_BLOCK};
 use spectral_step::half::bf16;
 use spectral_step::{BatchLayout, BlockPolicy, Element, Error, MatrixShape};
 use spectral_step_reference as reference;
@@ -389,8 +389,10 @@ fn lanczos_meets_its_tolerance_against_the_exact_svd() {
     let views: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
     let mut power =
         BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap()).unwrap();
-    for tolerance in [1e-3, 1e-5] {
-        let results = power.lanczos(&views, 5, tolerance, 300).unwrap();
+    for (tolerance, block_vectors) in [(1e-3, 1), (1e-5, 1), (1e-3, 4), (1e-5, 4)] {
+        let results = power
+            .lanczos(&views, 5, tolerance, 300, block_vectors)
+            .unwrap();
         for (j, (result, shape)) in results.iter().zip(&shapes).enumerate() {
             let exact = reference::spectral_norm(&to_f64(&data[j]), shape.fan_out, shape.fan_in);
             let Estimate::Sigma(sigma) = result.estimate else {
@@ -398,7 +400,8 @@ fn lanczos_meets_its_tolerance_against_the_exact_svd() {
             };
             let error = (f64::from(sigma) - exact) / exact;
             eprintln!(
-                "tol {tolerance:e} matrix {j} ({}x{}): {} passes, relative error {error:+.2e}",
+                "tol {tolerance:e}, block of {block_vectors}, matrix {j} ({}x{}): {} passes, \
+                 relative error {error:+.2e}",
                 shape.fan_out, shape.fan_in, result.iterations
             );
             assert!(result.converged, "matrix {j}: {result:?}");
@@ -419,18 +422,14 @@ fn lanczos_meets_its_tolerance_against_the_exact_svd() {
     }
 }
 
-/// A known limitation, kept visible: when the top singular values form a cluster whose width
-/// is a few times the tolerance, the Ritz value can settle inside the cluster while the
-/// Kato–Temple bound (with the Ritz gap standing in for the true gap, math §4.9.1) already
-/// claims convergence. Measured: 6 to 8 passes, `converged == true`, errors 1.4e-3 to 6.4e-3
-/// at tolerance 1e-3 for the clusters below (3 to 10 values, 0.4% to 1% wide). The test states
-/// the promise the rule does not yet keep; run it with `--ignored`.
-#[test]
-#[ignore = "known limitation of the Lanczos stopping rule on clustered top singular values (math §4.9.1)"]
-fn lanczos_meets_its_tolerance_on_clustered_top_singular_values() {
+/// Top singular values in a cluster a few times the tolerance wide (3 to 10 values, 0.4% to
+/// 1% wide, then a geometric tail): `diag(s)` is as hard as `U diag(s) V^T` from a random
+/// start, and exact in `f32`. Returns the runs that claimed convergence with an error above
+/// the tolerance.
+fn clustered_failures(block_vectors: usize) -> Vec<String> {
     let n = 1000;
-    for (count, width) in [(5usize, 0.004f64), (3, 0.004), (10, 0.01)] {
-        // diag(s) is as hard as U diag(s) V^T from a random start, and exact in f32.
+    let mut failures = Vec::new();
+    for (count, width) in [(5usize, 0.004f64), (3, 0.004), (10, 0.01), (2, 0.002)] {
         let s: Vec<f64> = (0..n)
             .map(|i| {
                 if i < count {
@@ -446,18 +445,39 @@ fn lanczos_meets_its_tolerance_on_clustered_top_singular_values() {
         }
         let mut power = power_for(&[MatrixShape::new(n, n)]);
         for seed in 1..=3 {
-            let result = power.lanczos(&[&matrix[..]], seed, 1e-3, 300).unwrap()[0];
+            let result = power
+                .lanczos(&[&matrix[..]], seed, 1e-3, 300, block_vectors)
+                .unwrap()[0];
             let error = (1.0 - f64::from(result.estimate.sigma())).abs();
-            eprintln!(
-                "cluster of {count}, width {width}, seed {seed}: {} passes, error {error:.2e}",
+            let run = format!(
+                "block of {block_vectors}, cluster of {count}, width {width}, seed {seed}: \
+                 {} passes, error {error:.2e}",
                 result.iterations
             );
-            assert!(
-                !result.converged || error <= 1e-3,
-                "cluster of {count}, width {width}, seed {seed}: converged with error {error:.2e}"
-            );
+            eprintln!("{run}");
+            if result.converged && error > 1e-3 {
+                failures.push(run);
+            }
         }
     }
+    failures
+}
+
+/// A block of four resolves clusters of top singular values (math §4.9.1): every run meets
+/// its tolerance.
+#[test]
+fn block_lanczos_meets_its_tolerance_on_clustered_top_singular_values() {
+    assert_eq!(clustered_failures(4), Vec::<String>::new());
+}
+
+/// A known limitation, kept visible: with one vector the Ritz value settles inside the cluster
+/// while the Kato–Temple bound (the Ritz gap standing in for the true gap, math §4.9.1)
+/// already claims convergence: 6 to 8 passes, errors above the tolerance. The test states the
+/// promise that one vector does not keep; run it with `--ignored`.
+#[test]
+#[ignore = "known limitation of one-vector Lanczos on clustered top singular values (math §4.9.1)"]
+fn one_vector_lanczos_meets_its_tolerance_on_clustered_top_singular_values() {
+    assert_eq!(clustered_failures(1), Vec::<String>::new());
 }
 
 #[test]
@@ -471,14 +491,32 @@ fn lanczos_reports_zero_and_non_finite_matrices() {
     nan[7] = f32::NAN;
     let mut power =
         BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap()).unwrap();
-    let results = power.lanczos(&[&zero[..], &nan[..]], 1, 1e-3, 20).unwrap();
-    assert_eq!(results[0].estimate, Estimate::Zero);
-    assert_eq!(results[1].estimate, Estimate::NonFinite);
-    assert!(power.lanczos(&[&zero[..], &nan[..]], 1, 0.0, 20).is_err());
-    assert!(
-        power.lanczos(&[&zero[..]], 1, 1e-3, 20).is_err(),
-        "one matrix for a batch of two"
-    );
+    for block_vectors in 1..=MAX_LANCZOS_BLOCK {
+        let results = power
+            .lanczos(&[&zero[..], &nan[..]], 1, 1e-3, 20, block_vectors)
+            .unwrap();
+        assert_eq!(results[0].estimate, Estimate::Zero);
+        assert_eq!(results[1].estimate, Estimate::NonFinite);
+        assert!(
+            power
+                .lanczos(&[&zero[..], &nan[..]], 1, 0.0, 20, block_vectors)
+                .is_err()
+        );
+        assert!(
+            power
+                .lanczos(&[&zero[..]], 1, 1e-3, 20, block_vectors)
+                .is_err(),
+            "one matrix for a batch of two"
+        );
+    }
+    for block_vectors in [0, MAX_LANCZOS_BLOCK + 1] {
+        assert!(
+            power
+                .lanczos(&[&zero[..], &nan[..]], 1, 1e-3, 20, block_vectors)
+                .is_err(),
+            "a block of {block_vectors}"
+        );
+    }
 }
 
 /// The CPU power iteration reads every vector and partial at the layout's offsets: a layout
@@ -566,7 +604,13 @@ fn aligned_layouts_give_the_same_bits_as_packed_ones() {
         );
     }
     let [packed_power, aligned_power] = &mut power;
-    let expected = packed_power.lanczos(&views, 5, 1e-4, 40).unwrap();
-    let got = aligned_power.lanczos(&views, 5, 1e-4, 40).unwrap();
-    assert_eq!(got, expected, "Lanczos");
+    for block_vectors in [1, 4] {
+        let expected = packed_power
+            .lanczos(&views, 5, 1e-4, 40, block_vectors)
+            .unwrap();
+        let got = aligned_power
+            .lanczos(&views, 5, 1e-4, 40, block_vectors)
+            .unwrap();
+        assert_eq!(got, expected, "Lanczos, block of {block_vectors}");
+    }
 }

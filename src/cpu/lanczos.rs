@@ -1,28 +1,37 @@
-//! Cold-start spectral norms by Lanczos iteration on `U^T U`, built on the fused pass.
+//! Cold-start spectral norms by block Lanczos on `U^T U`, built on the block fused pass.
 //!
 //! Power iteration converges at the rate `(σ2/σ1)^2` per pass, which is slow when the top
 //! singular values crowd together (a Gaussian `n x n` matrix needs on the order of 170 passes
-//! for `1e-3` at `n = 2048`). Lanczos builds the Krylov space `{v, A v, A^2 v, ...}` of
-//! `A = U^T U` from the same one-read pass, and the largest eigenvalue of its tridiagonal
-//! projection `T_k` converges roughly at the square root of that rate (Kaniel-Paige).
+//! for `1e-3` at `n = 2048`). Lanczos builds the Krylov space `{V, A V, A^2 V, ...}` of
+//! `A = U^T U` and takes the largest eigenvalue of `A` restricted to it, which converges
+//! roughly at the square root of that rate (Kaniel-Paige). A block of up to
+//! [`MAX_LANCZOS_BLOCK`] vectors per pass (math §4.9) still reads `U` once per pass, and
+//! resolves clusters of up to that many top singular values, where a one-vector Krylov space
+//! settles inside the cluster and its error estimate is fooled (math §4.9.1). On a CPU the
+//! four-vector pass costs about two and a half one-vector passes (its arithmetic, not the
+//! read, bounds it; math §4.9.2), so one vector stays available as the fast path.
 //!
-//! Per iteration `k` (one fused pass for the whole batch):
+//! Per iteration `k` (one block pass for the whole batch; `Q_k` the block's orthonormal
+//! columns, `Q` all columns so far):
 //!
 //! ```text
-//! w = A q_k;  α_k = <q_k, w>;  w -= α_k q_k + β_{k-1} q_{k-1};  w -= Q (Q^T w) (twice)
-//! β_k = |w|;  q_{k+1} = w / β_k
+//! W = A Q_k;  H_kk = sym(Q_k^T W);  W -= Q (Q^T W) (twice)
+//! Q_{k+1} R_k = W  (Gram-Schmidt, twice; columns that vanish are dropped);  H_{k+1,k} = R_k
 //! ```
 //!
-//! with full re-orthogonalisation against every earlier `q` (cheap: `k n` against the pass's
-//! `m n`). The estimate is `σ = sqrt(θ)`, `θ` the largest eigenvalue of `T_k`, and the run
-//! stops when the residual bound `|β_k y_k|` (`y` the Ritz vector of `θ` in `T_k`) falls
-//! below `2 tolerance θ`: then `θ` is within that of an eigenvalue of `A`, and `σ` within
-//! `tolerance` relative.
+//! `H = Q^T A Q` is then a symmetric band matrix (half-bandwidth the block size). The
+//! estimate is `σ = sqrt(θ)`, `θ` the largest eigenvalue of `H`, and the run stops when the
+//! residual `r = |W y_k|` of its Ritz pair (`y_k` the block-`k` part of the eigenvector),
+//! tightened by Kato-Temple with the Ritz gap, falls below `2 tolerance θ`.
 
+use super::band_eigen::SymmetricBand;
+use super::block_pass::{BLOCK_VECTORS, BlockProducts, block_pass};
 use super::power::{BatchPowerIteration, Estimate};
+use super::rows::PlainRows;
 use crate::config::MAX_POWER_ITERATIONS;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::memory::zeroed;
 
 /// The outcome of a Lanczos run for one matrix.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,20 +45,31 @@ pub struct LanczosEstimate {
     pub converged: bool,
 }
 
-/// Per-matrix Lanczos state.
+/// Per-matrix block Lanczos state.
 struct Krylov {
+    /// Orthonormal columns `Q`, in order.
     basis: Vec<Vec<f64>>,
-    alphas: Vec<f64>,
-    betas: Vec<f64>,
+    /// The columns whose products the next pass computes (the last block of `basis`).
+    block: std::ops::Range<usize>,
+    /// `H = Q^T A Q` over `basis` (the last block's diagonal block is filled by the next pass).
+    projection: SymmetricBand,
     result: Option<LanczosEstimate>,
 }
 
 impl BatchPowerIteration {
-    /// `||U||_*` of every matrix to relative `tolerance`, from a seeded cold start, by Lanczos
-    /// on `U^T U` (see the module docs). Each iteration is one fused pass over the matrices
-    /// still running; at most `max_iterations` passes, which must lie between 1 and
-    /// [`MAX_POWER_ITERATIONS`] (the Krylov basis keeps one `f64` vector per pass, so the
-    /// bound also bounds memory: `8 * fan_in` bytes per pass and matrix).
+    /// `||U||_*` of every matrix to relative `tolerance`, from a seeded cold start, by block
+    /// Lanczos on `U^T U` with `block_vectors` vectors per block (see the module docs). Each
+    /// iteration is one fused pass over the matrices still running; at most `max_iterations`
+    /// passes, which must lie between 1 and [`MAX_POWER_ITERATIONS`] (the Krylov basis keeps
+    /// `block_vectors` `f64` vectors per pass, so the bound also bounds memory:
+    /// `8 * block_vectors * fan_in` bytes per pass and matrix).
+    ///
+    /// `block_vectors` lies between 1 and [`MAX_LANCZOS_BLOCK`]. One vector runs the
+    /// one-vector fused pass, the fastest per pass, but its stopping rule is fooled by a
+    /// cluster of top singular values a few times the tolerance wide (math §4.9.1). A block
+    /// of four resolves clusters of up to four values (and in practice wider ones) and needs
+    /// fewer passes, each doing about three times the arithmetic; two or three vectors run
+    /// the same four-vector pass.
     ///
     /// ```
     /// use spectral_step::{BatchLayout, BlockPolicy, MatrixShape};
@@ -59,9 +79,11 @@ impl BatchPowerIteration {
     /// let a = [3.0f32, 0.0, 0.0, 0.0, 0.0, 2.9, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0];
     /// let layout = BatchLayout::new(&[MatrixShape::new(3, 4)], BlockPolicy::CPU)?;
     /// let mut power = BatchPowerIteration::new(layout)?;
-    /// let result = power.lanczos(&[&a[..]], 7, 1e-4, 50)?;
-    /// let Estimate::Sigma(sigma) = result[0].estimate else { panic!() };
-    /// assert!((sigma - 3.0).abs() < 3e-4 && result[0].iterations <= 4);
+    /// for block_vectors in [1, 4] {
+    ///     let result = power.lanczos(&[&a[..]], 7, 1e-4, 50, block_vectors)?;
+    ///     let Estimate::Sigma(sigma) = result[0].estimate else { panic!() };
+    ///     assert!((sigma - 3.0).abs() < 3e-4 && result[0].iterations <= 4);
+    /// }
     /// # Ok::<(), spectral_step::Error>(())
     /// ```
     pub fn lanczos<T: Element>(
@@ -70,54 +92,53 @@ impl BatchPowerIteration {
         seed: u64,
         tolerance: f64,
         max_iterations: u32,
+        block_vectors: usize,
     ) -> Result<Vec<LanczosEstimate>> {
         let usable = tolerance.is_finite()
             && tolerance > 0.0
-            && (1..=MAX_POWER_ITERATIONS).contains(&max_iterations);
+            && (1..=MAX_POWER_ITERATIONS).contains(&max_iterations)
+            && (1..=MAX_LANCZOS_BLOCK).contains(&block_vectors);
         if !usable {
             return Err(Error::InvalidArgument(format!(
-                "Lanczos needs a positive tolerance and between 1 and {MAX_POWER_ITERATIONS} \
-                 iterations, got {tolerance} and {max_iterations}"
+                "Lanczos needs a positive tolerance, between 1 and {MAX_POWER_ITERATIONS} \
+                 iterations and between 1 and {MAX_LANCZOS_BLOCK} vectors per block, got \
+                 {tolerance}, {max_iterations} and {block_vectors}"
             )));
         }
-        let start = self.cold_vectors(seed)?;
-        let mut vectors = start.clone();
-        let mut products = vec![0.0f32; start.len()];
         let layout = self.layout().clone();
-        let mut states: Vec<Krylov> = layout
-            .matrices()
-            .iter()
-            .map(|entry| Krylov {
-                basis: vec![
-                    start[entry.vector_range()]
-                        .iter()
-                        .map(|&x| f64::from(x))
-                        .collect(),
-                ],
-                alphas: Vec::new(),
-                betas: Vec::new(),
-                result: None,
-            })
-            .collect();
+        layout.check_lengths("input", matrices.iter().map(|m| m.len()))?;
+        let start = self.cold_vectors(seed)?;
+        let mut vectors: [Vec<f32>; BLOCK_VECTORS] = [
+            zeroed(start.len(), "Lanczos vectors")?,
+            zeroed(start.len(), "Lanczos vectors")?,
+            zeroed(start.len(), "Lanczos vectors")?,
+            zeroed(start.len(), "Lanczos vectors")?,
+        ];
+        let mut scratch = Scratch::new(&layout, block_vectors)?;
+        let mut states: Vec<Krylov> = Vec::with_capacity(layout.len());
+        for (index, entry) in layout.matrices().iter().enumerate() {
+            let cold = &start[entry.vector_range()];
+            let state = Krylov::start(cold, block_vectors, seed, index as u64);
+            state.write_block(&mut vectors, entry.vector_range());
+            states.push(state);
+        }
         let mut active = vec![true; layout.len()];
         for iteration in 1..=max_iterations {
-            let sums = self.gram_product(matrices, &vectors, &mut products, &active)?;
+            let sums = self.block_product(matrices, &vectors, &mut scratch, &active)?;
             for (index, entry) in layout.matrices().iter().enumerate() {
                 if !active[index] {
                     continue;
                 }
                 let state = &mut states[index];
-                let sum_sq = sums[index];
-                let w: Vec<f64> = products[entry.vector_range()]
-                    .iter()
-                    .map(|&x| f64::from(x))
-                    .collect();
-                let outcome = if !sum_sq.is_finite() || w.iter().any(|x| !x.is_finite()) {
+                let products = scratch.products(&layout, index, state.block.len());
+                let non_finite =
+                    !sums[index].is_finite() || products.iter().flatten().any(|x| !x.is_finite());
+                let outcome = if non_finite {
                     Some((Estimate::NonFinite, true))
-                } else if sum_sq == 0.0 {
+                } else if sums[index] == 0.0 {
                     Some((Estimate::Zero, true))
                 } else {
-                    state.extend(w, tolerance, iteration == max_iterations)
+                    state.extend(products, tolerance, iteration == max_iterations)
                 };
                 match outcome {
                     Some((estimate, converged)) => {
@@ -128,12 +149,7 @@ impl BatchPowerIteration {
                         });
                         active[index] = false;
                     }
-                    None => {
-                        let next = state.basis.last().expect("a Krylov basis is never empty");
-                        for (v, &q) in vectors[entry.vector_range()].iter_mut().zip(next) {
-                            *v = q as f32;
-                        }
-                    }
+                    None => state.write_block(&mut vectors, entry.vector_range()),
                 }
             }
             if !active.contains(&true) {
@@ -149,46 +165,284 @@ impl BatchPowerIteration {
             })
             .collect())
     }
+
+    /// `W = U^T U V` for every active matrix into `scratch`: the one-vector fused pass for a
+    /// block of one, the four-vector pass otherwise. Returns each matrix's sum of squares.
+    fn block_product<T: Element>(
+        &mut self,
+        matrices: &[&[T]],
+        vectors: &[Vec<f32>; BLOCK_VECTORS],
+        scratch: &mut Scratch,
+        active: &[bool],
+    ) -> Result<Vec<f32>> {
+        let layout = self.layout().clone();
+        match scratch {
+            Scratch::One { products } => self.gram_product(matrices, &vectors[0], products, active),
+            Scratch::Four { partials, sums } => {
+                let rows = PlainRows::of_batch(&layout, matrices);
+                block_pass(
+                    self.kernel_path(),
+                    &layout,
+                    &rows,
+                    active,
+                    BlockProducts {
+                        vectors,
+                        partials,
+                        sums,
+                    },
+                );
+                Ok(layout
+                    .matrices()
+                    .iter()
+                    .map(|entry| {
+                        entry
+                            .block_range()
+                            .fold(0.0f32, |total, block| total + sums[block])
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+/// The largest block [`BatchPowerIteration::lanczos`] takes: the width of the block pass.
+pub const MAX_LANCZOS_BLOCK: usize = BLOCK_VECTORS;
+
+/// Where a Lanczos pass leaves its products.
+enum Scratch {
+    /// The one-vector pass: `w` of every matrix at the layout's vector offsets.
+    One { products: Vec<f32> },
+    /// The four-vector pass: every vector's block partials, and every block's sum of squares.
+    Four {
+        partials: [Vec<f32>; BLOCK_VECTORS],
+        sums: Vec<f32>,
+    },
+}
+
+impl Scratch {
+    fn new(layout: &crate::layout::BatchLayout, block_vectors: usize) -> Result<Self> {
+        if block_vectors == 1 {
+            return Ok(Scratch::One {
+                products: zeroed(layout.total_vector_len(), "Lanczos products")?,
+            });
+        }
+        let partial_len = layout.total_partial_len();
+        Ok(Scratch::Four {
+            partials: [
+                zeroed(partial_len, "Lanczos partials")?,
+                zeroed(partial_len, "Lanczos partials")?,
+                zeroed(partial_len, "Lanczos partials")?,
+                zeroed(partial_len, "Lanczos partials")?,
+            ],
+            sums: zeroed(layout.blocks().len(), "Lanczos block sums")?,
+        })
+    }
+
+    /// Matrix `index`'s first `width` products `A q_j`, widened to `f64` (the four-vector
+    /// pass's block partials summed in block order, in `f32`, as the one-vector pass sums its
+    /// own).
+    fn products(
+        &self,
+        layout: &crate::layout::BatchLayout,
+        index: usize,
+        width: usize,
+    ) -> Vec<Vec<f64>> {
+        let entry = layout.matrix(index);
+        match self {
+            Scratch::One { products } => vec![
+                products[entry.vector_range()]
+                    .iter()
+                    .map(|&x| f64::from(x))
+                    .collect(),
+            ],
+            Scratch::Four { partials, .. } => partials[..width]
+                .iter()
+                .map(|partial| {
+                    let mut product = vec![0.0f32; entry.shape.fan_in];
+                    for block in &layout.blocks()[entry.block_range()] {
+                        let part = &partial[layout.block_partial_range(block)];
+                        product.iter_mut().zip(part).for_each(|(w, &p)| *w += p);
+                    }
+                    product.into_iter().map(f64::from).collect()
+                })
+                .collect(),
+        }
+    }
 }
 
 impl Krylov {
-    /// Adds `w = A q_k` to the recurrence. Returns the final estimate when done, `None` when
-    /// `q_{k+1}` was appended to the basis for another pass.
-    fn extend(&mut self, mut w: Vec<f64>, tolerance: f64, last: bool) -> Option<(Estimate, bool)> {
-        let k = self.basis.len();
-        let q = &self.basis[k - 1];
-        let alpha = dot(q, &w);
-        self.alphas.push(alpha);
-        // Full re-orthogonalisation, twice ("twice is enough"), covers the three-term
-        // recurrence's subtractions as well.
-        for _ in 0..2 {
-            for basis in &self.basis {
-                let c = dot(basis, &w);
-                w.iter_mut().zip(basis).for_each(|(x, b)| *x -= c * b);
+    /// The first block: the cold vector (math §4.8) and up to `block_vectors - 1` further
+    /// Gaussian vectors drawn after it from the same stream, orthonormalised in `f64`.
+    fn start(cold: &[f32], block_vectors: usize, seed: u64, stream: u64) -> Self {
+        let fan_in = cold.len();
+        let width = block_vectors.min(fan_in);
+        let mut draws = vec![0.0f32; width * fan_in];
+        crate::random::fill_gaussian(seed, stream, &mut draws);
+        let mut basis = vec![cold.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>()];
+        for draw in draws.chunks_exact(fan_in).skip(1) {
+            let mut column: Vec<f64> = draw.iter().map(|&x| f64::from(x)).collect();
+            let norm = orthogonalise(&mut column, &basis);
+            if norm > 0.0 {
+                column.iter_mut().for_each(|x| *x /= norm);
+                basis.push(column);
             }
         }
-        let beta = dot(&w, &w).sqrt();
-        let ritz = largest_ritz(&self.alphas, &self.betas);
-        let theta = ritz.theta;
+        // Block k + 1 couples to block k through the triangular R_k only, so H's entries
+        // lie within `block_vectors` of the diagonal.
+        let mut projection = SymmetricBand::new(block_vectors);
+        for _ in 0..basis.len() {
+            projection.push_row(&vec![0.0; block_vectors + 1]);
+        }
+        Self {
+            block: 0..basis.len(),
+            basis,
+            projection,
+            result: None,
+        }
+    }
+
+    /// Writes the block's columns, rounded to `f32`, into the pass's vectors (zeros past the
+    /// block's width).
+    fn write_block(&self, vectors: &mut [Vec<f32>; BLOCK_VECTORS], range: std::ops::Range<usize>) {
+        for (slot, vector) in vectors.iter_mut().enumerate() {
+            let out = &mut vector[range.clone()];
+            match self.basis.get(self.block.start + slot) {
+                Some(column) if slot < self.block.len() => {
+                    out.iter_mut().zip(column).for_each(|(x, &q)| *x = q as f32)
+                }
+                _ => out.fill(0.0),
+            }
+        }
+    }
+
+    /// Adds `W = A Q_k` (one product per column of the block) to the recurrence. Returns the
+    /// final estimate when done, `None` when the next block was appended to the basis.
+    fn extend(
+        &mut self,
+        mut products: Vec<Vec<f64>>,
+        tolerance: f64,
+        last: bool,
+    ) -> Option<(Estimate, bool)> {
+        let block = self.block.clone();
+        let fan_in = products[0].len();
+        // H_kk = Q_k^T W, symmetrised (it is symmetric up to the rounding of W).
+        for (a, row) in block.clone().enumerate() {
+            for (b, column) in block.clone().enumerate().take(a + 1) {
+                let entry = 0.5
+                    * (dot(&self.basis[row], &products[b])
+                        + dot(&self.basis[column], &products[a]));
+                self.projection.set(row, column, entry);
+            }
+        }
+        // Full re-orthogonalisation against every column so far, twice ("twice is enough"),
+        // also performs the block recurrence's subtractions.
+        orthogonalise_block(&mut products, &self.basis);
+        let (theta, second) = self.projection.top_two();
+        let ritz_vector = self.projection.top_vector(theta);
+        // A Q y - θ Q y = W y_k: the exact residual of the Ritz pair (Q y, θ).
+        let mut residual_vector = vec![0.0f64; fan_in];
+        for (product, &weight) in products.iter().zip(&ritz_vector[block.clone()]) {
+            residual_vector
+                .iter_mut()
+                .zip(product)
+                .for_each(|(r, &w)| *r += weight * w);
+        }
+        let residual = dot(&residual_vector, &residual_vector).sqrt();
         let sigma = theta.max(0.0).sqrt() as f32;
-        let exhausted = k == w.len() || beta <= 1e-12 * theta.abs().max(f64::MIN_POSITIVE);
-        // Residual r = |β_k y_k|: θ is within r of an eigenvalue of A, and within r^2 / gap
-        // when the gap to the rest of the spectrum is `gap` (Kato-Temple); the Ritz gap
-        // θ1 - θ2 stands in for it.
-        let residual = (beta * ritz.last_component).abs();
-        let gap = theta - ritz.second;
+        // θ is within r of an eigenvalue of A, and within r^2 / gap when the gap to the rest
+        // of the spectrum is `gap` (Kato-Temple); the Ritz gap θ1 - θ2 stands in for it.
+        let gap = theta - second;
         let bound = if gap.is_finite() && gap > 0.0 {
             residual.min(residual * residual / gap)
         } else {
             residual
         };
+        let next = self.next_block(products, theta);
+        let exhausted = next.is_empty();
         let converged = exhausted || bound <= 2.0 * tolerance * theta;
         if converged || last {
             return Some((Estimate::Sigma(sigma), converged));
         }
-        self.betas.push(beta);
-        self.basis.push(w.iter().map(|x| x / beta).collect());
+        let first = self.basis.len();
+        for (r, (column, couplings)) in next.into_iter().enumerate() {
+            let row = first + r;
+            let width = self.projection.width();
+            let mut lower = vec![0.0f64; width + 1];
+            for (c, coupling) in couplings.into_iter().enumerate() {
+                let distance = row - (block.start + c);
+                if distance <= width {
+                    lower[distance] = coupling;
+                }
+            }
+            self.projection.push_row(&lower);
+            self.basis.push(column);
+        }
+        self.block = first..self.basis.len();
         None
+    }
+
+    /// The next block `Q_{k+1}` from the re-orthogonalised products by Gram-Schmidt (twice),
+    /// each new column with its couplings `<q_new, w_c>` to every product (`R_k`). A column
+    /// whose remainder is below `1e-12 θ` adds nothing to the Krylov space and is dropped;
+    /// so is any past the dimension `fan_in`. Empty when the space is exhausted.
+    fn next_block(&self, products: Vec<Vec<f64>>, theta: f64) -> Vec<(Vec<f64>, Vec<f64>)> {
+        let room = products[0].len() - self.basis.len().min(products[0].len());
+        let threshold = 1e-12 * theta.abs().max(f64::MIN_POSITIVE);
+        let mut columns: Vec<Vec<f64>> = Vec::new();
+        for product in &products {
+            if columns.len() == room {
+                break;
+            }
+            let mut column = product.clone();
+            let norm = orthogonalise(&mut column, &columns);
+            if norm > threshold {
+                column.iter_mut().for_each(|x| *x /= norm);
+                columns.push(column);
+            }
+        }
+        columns
+            .into_iter()
+            .map(|column| {
+                let couplings = products.iter().map(|w| dot(&column, w)).collect();
+                (column, couplings)
+            })
+            .collect()
+    }
+}
+
+/// Removes from `vector` its components along the orthonormal `basis`, sweeping twice
+/// ("twice is enough"); returns the remainder's norm.
+fn orthogonalise(vector: &mut [f64], basis: &[Vec<f64>]) -> f64 {
+    for _ in 0..2 {
+        for column in basis {
+            let coefficient = dot(column, vector);
+            vector
+                .iter_mut()
+                .zip(column)
+                .for_each(|(x, &q)| *x -= coefficient * q);
+        }
+    }
+    dot(vector, vector).sqrt()
+}
+
+/// Removes from every vector its components along the orthonormal `basis`: classical
+/// Gram-Schmidt, `C = Q^T W` then `W -= Q C`, twice ("twice is enough"). Each basis column is
+/// read twice per sweep for all the vectors together (the basis outgrows L2 after a few dozen
+/// passes, the vectors do not).
+fn orthogonalise_block(vectors: &mut [Vec<f64>], basis: &[Vec<f64>]) {
+    for _ in 0..2 {
+        let coefficients: Vec<Vec<f64>> = basis
+            .iter()
+            .map(|column| vectors.iter().map(|vector| dot(column, vector)).collect())
+            .collect();
+        for (column, coefficients) in basis.iter().zip(&coefficients) {
+            for (vector, &coefficient) in vectors.iter_mut().zip(coefficients) {
+                vector
+                    .iter_mut()
+                    .zip(column)
+                    .for_each(|(x, &q)| *x -= coefficient * q);
+            }
+        }
     }
 }
 
@@ -210,101 +464,4 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     }
     let [s0, s1, s2, s3, s4, s5, s6, s7] = sums;
     ((s0 + s4) + (s1 + s5)) + ((s2 + s6) + (s3 + s7))
-}
-
-/// The two largest Ritz values and the last component of the top Ritz vector.
-struct Ritz {
-    theta: f64,
-    second: f64,
-    last_component: f64,
-}
-
-/// The largest eigenvalue `θ` of the symmetric tridiagonal matrix with diagonal `alphas` and
-/// off-diagonal `betas` (one shorter), by Sturm-sequence bisection, the second largest, and
-/// the last component of `θ`'s unit eigenvector.
-fn largest_ritz(alphas: &[f64], betas: &[f64]) -> Ritz {
-    let k = alphas.len();
-    if k == 1 {
-        return Ritz {
-            theta: alphas[0],
-            second: f64::NEG_INFINITY,
-            last_component: 1.0,
-        };
-    }
-    // Gershgorin bounds.
-    let mut low = f64::INFINITY;
-    let mut high = f64::NEG_INFINITY;
-    for i in 0..k {
-        let radius =
-            betas.get(i).map_or(0.0, |b| b.abs()) + if i > 0 { betas[i - 1].abs() } else { 0.0 };
-        low = low.min(alphas[i] - radius);
-        high = high.max(alphas[i] + radius);
-    }
-    // Number of eigenvalues below x (Sturm count of the LDL^T pivots).
-    let below = |x: f64| -> usize {
-        let mut count = 0;
-        let mut d = alphas[0] - x;
-        for i in 0..k {
-            if i > 0 {
-                let pivot = if d == 0.0 { f64::MIN_POSITIVE } else { d };
-                d = alphas[i] - x - betas[i - 1] * betas[i - 1] / pivot;
-            }
-            if d < 0.0 {
-                count += 1;
-            }
-        }
-        count
-    };
-    // The eigenvalue with `rank` eigenvalues below it (k - 1: the largest).
-    let bisect = |rank: usize| {
-        let (mut low, mut high) = (low, high);
-        for _ in 0..200 {
-            let middle = 0.5 * (low + high);
-            if middle <= low || middle >= high {
-                break;
-            }
-            if below(middle) > rank {
-                high = middle;
-            } else {
-                low = middle;
-            }
-        }
-        0.5 * (low + high)
-    };
-    let theta = bisect(k - 1);
-    let second = bisect(k - 2);
-    // Eigenvector by the forward recurrence of (T - θ I) y = 0, normalised as it goes.
-    let mut y = vec![0.0f64; k];
-    y[0] = 1.0;
-    for i in 0..k - 1 {
-        let previous = if i > 0 { betas[i - 1] * y[i - 1] } else { 0.0 };
-        y[i + 1] = ((theta - alphas[i]) * y[i] - previous) / betas[i];
-        let scale = y[i + 1].abs().max(y[i].abs());
-        if scale > 1e100 {
-            y.iter_mut().for_each(|v| *v /= scale);
-        }
-    }
-    let norm = dot(&y, &y).sqrt();
-    Ritz {
-        theta,
-        second,
-        last_component: y[k - 1] / norm,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn largest_ritz_of_a_known_tridiagonal() {
-        // [[2, 1], [1, 2]]: eigenvalues 1 and 3, eigenvector of 3 is (1, 1)/sqrt(2).
-        let ritz = largest_ritz(&[2.0, 2.0], &[1.0]);
-        assert!((ritz.theta - 3.0).abs() < 1e-12);
-        assert!((ritz.second - 1.0).abs() < 1e-12);
-        assert!((ritz.last_component.abs() - 0.5f64.sqrt()).abs() < 1e-12);
-        // diag(1, 5, 2) coupled weakly: the two largest are near 5 and 2.
-        let ritz = largest_ritz(&[1.0, 5.0, 2.0], &[1e-3, 1e-3]);
-        assert!((ritz.theta - 5.0).abs() < 1e-5 && (ritz.second - 2.0).abs() < 1e-5);
-    }
 }

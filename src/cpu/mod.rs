@@ -16,6 +16,8 @@
 //! the write of `M` in pass B hits cache lines that pass B has just read, so it needs no extra
 //! read-for-ownership.
 
+mod band_eigen;
+mod block_pass;
 mod even_odd;
 mod lanczos;
 mod orthogonal;
@@ -23,7 +25,7 @@ mod power;
 mod rows;
 mod step;
 
-pub use lanczos::LanczosEstimate;
+pub use lanczos::{LanczosEstimate, MAX_LANCZOS_BLOCK};
 pub use power::{BatchPowerIteration, Estimate};
 pub use rows::KernelPath;
 

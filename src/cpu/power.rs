@@ -439,16 +439,7 @@ impl BatchPowerIteration {
         active: &[bool],
     ) -> Result<()> {
         self.check(matrices, vectors)?;
-        let rows: Vec<_> = self
-            .layout
-            .matrices()
-            .iter()
-            .zip(matrices)
-            .map(|(entry, data)| PlainRows {
-                data,
-                fan_in: entry.shape.fan_in,
-            })
-            .collect();
+        let rows = PlainRows::of_batch(&self.layout, matrices);
         fused_pass(
             self.path,
             &self.layout,
@@ -535,15 +526,7 @@ impl BatchPowerIteration {
         if self.row_products.len() != layout.total_rows() {
             self.row_products = zeroed(layout.total_rows(), "row products")?;
         }
-        let rows: Vec<_> = layout
-            .matrices()
-            .iter()
-            .zip(matrices)
-            .map(|(entry, data)| PlainRows {
-                data,
-                fan_in: entry.shape.fan_in,
-            })
-            .collect();
+        let rows = PlainRows::of_batch(layout, matrices);
         let vectors_read: &[f32] = vectors;
         let path = self.path;
         // Pass 1: p = U v (and the per-block sums), over the whole batch.

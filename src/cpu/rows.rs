@@ -157,6 +157,21 @@ pub(crate) struct PlainRows<'a, T> {
     pub fan_in: usize,
 }
 
+impl<'a, T> PlainRows<'a, T> {
+    /// Every matrix of a batch as rows, `matrices[i]` shaped as the layout's matrix `i`.
+    pub(crate) fn of_batch(layout: &crate::layout::BatchLayout, matrices: &[&'a [T]]) -> Vec<Self> {
+        layout
+            .matrices()
+            .iter()
+            .zip(matrices)
+            .map(|(entry, data)| PlainRows {
+                data,
+                fan_in: entry.shape.fan_in,
+            })
+            .collect()
+    }
+}
+
 impl<T: Element> Rows for PlainRows<'_, T> {
     const KEEP_TILE: bool = false;
 
