@@ -19,6 +19,15 @@ fn shapes() -> Vec<MatrixShape> {
     ]
 }
 
+/// `work` on a rayon pool of `threads` threads.
+fn on_threads<R: Send>(threads: usize, work: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(work)
+}
+
 type Run<T> = (Vec<Vec<T>>, Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<StepReport>);
 
 fn run<T: Element>(threads: usize, config: SpectralSgdConfig) -> Run<T> {
@@ -30,11 +39,7 @@ fn run_on<T: Element>(
     threads: usize,
     config: SpectralSgdConfig,
 ) -> Run<T> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
-    pool.install(|| {
+    on_threads(threads, || {
         let shapes = shapes();
         let mut optimizer = SpectralSgd::new(&shapes, config).unwrap();
         optimizer.set_kernel_path(path).unwrap();
@@ -107,11 +112,7 @@ fn power_iteration_is_identical_for_any_thread_count() {
     let results: Vec<_> = [1, 2, 7]
         .iter()
         .map(|&threads| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
                 let mut power =
                     BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap())
@@ -127,6 +128,35 @@ fn power_iteration_is_identical_for_any_thread_count() {
         .collect();
     assert_eq!(results[0], results[1]);
     assert_eq!(results[0], results[2]);
+}
+
+/// Lanczos, one vector and a block of four (the block pass, the parallel re-orthogonalisation):
+/// the same estimates and pass counts on 1, 2 and 7 threads.
+#[test]
+fn lanczos_is_identical_for_any_thread_count() {
+    let shapes = shapes();
+    let matrices: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, 1.0, 11 + j as u64))
+        .collect();
+    for block_vectors in [1, spectral_step::cpu::MAX_LANCZOS_BLOCK] {
+        let results: Vec<_> = [1, 2, 7]
+            .iter()
+            .map(|&threads| {
+                on_threads(threads, || {
+                    let views: Vec<&[f32]> = matrices.iter().map(Vec::as_slice).collect();
+                    let mut power = BatchPowerIteration::new(
+                        BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap(),
+                    )
+                    .unwrap();
+                    power.lanczos(&views, 3, 1e-6, 60, block_vectors).unwrap()
+                })
+            })
+            .collect();
+        assert_eq!(results[0], results[1], "a block of {block_vectors}");
+        assert_eq!(results[0], results[2], "a block of {block_vectors}");
+    }
 }
 
 #[test]

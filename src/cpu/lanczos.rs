@@ -8,7 +8,7 @@
 //! [`MAX_LANCZOS_BLOCK`] vectors per pass (math §4.9) still reads `U` once per pass, and
 //! resolves clusters of up to that many top singular values, where a one-vector Krylov space
 //! settles inside the cluster and its error estimate is fooled (math §4.9.1). On a CPU the
-//! four-vector pass costs about two and a half one-vector passes (its arithmetic, not the
+//! four-vector pass costs about two one-vector passes (its arithmetic, not the
 //! read, bounds it; math §4.9.2), so one vector stays available as the fast path.
 //!
 //! Per iteration `k` (one block pass for the whole batch; `Q_k` the block's orthonormal
@@ -426,24 +426,22 @@ fn orthogonalise(vector: &mut [f64], basis: &[Vec<f64>]) -> f64 {
 }
 
 /// Removes from every vector its components along the orthonormal `basis`: classical
-/// Gram-Schmidt, `C = Q^T W` then `W -= Q C`, twice ("twice is enough"). Each basis column is
-/// read twice per sweep for all the vectors together (the basis outgrows L2 after a few dozen
-/// passes, the vectors do not).
+/// Gram-Schmidt, `c = Q^T w` then `w -= Q c`, twice ("twice is enough"). The vectors are
+/// independent, so they run in parallel (the basis, a few MiB after a few dozen passes, is
+/// shared from L3); each vector's arithmetic and its order are the same on any thread count.
 fn orthogonalise_block(vectors: &mut [Vec<f64>], basis: &[Vec<f64>]) {
-    for _ in 0..2 {
-        let coefficients: Vec<Vec<f64>> = basis
-            .iter()
-            .map(|column| vectors.iter().map(|vector| dot(column, vector)).collect())
-            .collect();
-        for (column, coefficients) in basis.iter().zip(&coefficients) {
-            for (vector, &coefficient) in vectors.iter_mut().zip(coefficients) {
+    use rayon::prelude::*;
+    vectors.par_iter_mut().for_each(|vector| {
+        for _ in 0..2 {
+            let coefficients: Vec<f64> = basis.iter().map(|column| dot(column, vector)).collect();
+            for (column, &coefficient) in basis.iter().zip(&coefficients) {
                 vector
                     .iter_mut()
                     .zip(column)
                     .for_each(|(x, &q)| *x -= coefficient * q);
             }
         }
-    }
+    });
 }
 
 /// `<a, b>` in `f64` with eight independent partial sums (element `i` into sum `i % 8`,
