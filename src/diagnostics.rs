@@ -76,7 +76,8 @@ pub fn spectral_norm_with<T: Element>(
         || !(1..=MAX_LANCZOS_BLOCK).contains(&convergence.block_vectors)
     {
         return Err(Error::InvalidArgument(format!(
-            "convergence settings need at most {} passes and 1 to {MAX_LANCZOS_BLOCK} vectors              per block, got {} and {}",
+            "convergence settings need at most {} passes and 1 to {MAX_LANCZOS_BLOCK} vectors \
+             per block, got {} and {}",
             crate::MAX_POWER_ITERATIONS,
             convergence.max_iterations,
             convergence.block_vectors

@@ -1,6 +1,7 @@
 //! Allocation that fails with an error instead of aborting, for the buffers whose size comes
-//! from the caller's shapes and that a backend keeps (state, scratch, tables). Transient
-//! copies made while saving, loading or estimating a norm are ordinary allocations.
+//! from the caller's shapes and that a backend keeps (state, scratch, tables), and for the
+//! Lanczos basis, which grows with the passes. Transient copies made while saving, loading or
+//! estimating a norm are ordinary allocations.
 
 use crate::error::{Error, Result};
 

@@ -381,6 +381,11 @@ fn lanczos_meets_its_tolerance_against_the_exact_svd() {
     matrices.push(reference::gaussian(50, 40));
     shapes.push(MatrixShape::new(70, 1));
     matrices.push(reference::gaussian(70, 41));
+    // Fewer columns than a block has vectors: the start block spans the whole space.
+    shapes.push(MatrixShape::new(40, 2));
+    matrices.push(reference::gaussian(80, 42));
+    shapes.push(MatrixShape::new(30, 3));
+    matrices.push(reference::gaussian(90, 43));
 
     let data: Vec<Vec<f32>> = matrices
         .iter()
@@ -389,7 +394,14 @@ fn lanczos_meets_its_tolerance_against_the_exact_svd() {
     let views: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
     let mut power =
         BatchPowerIteration::new(BatchLayout::new(&shapes, BlockPolicy::CPU).unwrap()).unwrap();
-    for (tolerance, block_vectors) in [(1e-3, 1), (1e-5, 1), (1e-3, 4), (1e-5, 4)] {
+    for (tolerance, block_vectors) in [
+        (1e-3, 1),
+        (1e-5, 1),
+        (1e-3, 2),
+        (1e-3, 3),
+        (1e-3, 4),
+        (1e-5, 4),
+    ] {
         let results = power
             .lanczos(&views, 5, tolerance, 300, block_vectors)
             .unwrap();
@@ -422,10 +434,10 @@ fn lanczos_meets_its_tolerance_against_the_exact_svd() {
     }
 }
 
-/// Top singular values in a cluster a few times the tolerance wide (3 to 10 values, 0.4% to
+/// Top singular values in a cluster a few times the tolerance wide (2 to 10 values, 0.2% to
 /// 1% wide, then a geometric tail): `diag(s)` is as hard as `U diag(s) V^T` from a random
-/// start, and exact in `f32`. Returns the runs that claimed convergence with an error above
-/// the tolerance.
+/// start, and exact in `f32`. Returns the runs that did not converge or converged with an
+/// error above the tolerance.
 fn clustered_failures(block_vectors: usize) -> Vec<String> {
     let n = 1000;
     let mut failures = Vec::new();
@@ -455,7 +467,7 @@ fn clustered_failures(block_vectors: usize) -> Vec<String> {
                 result.iterations
             );
             eprintln!("{run}");
-            if result.converged && error > 1e-3 {
+            if !result.converged || error > 1e-3 {
                 failures.push(run);
             }
         }
@@ -472,7 +484,7 @@ fn block_lanczos_meets_its_tolerance_on_clustered_top_singular_values() {
 
 /// A known limitation, kept visible: with one vector the Ritz value settles inside the cluster
 /// while the Kato–Temple bound (the Ritz gap standing in for the true gap, math §4.9.1)
-/// already claims convergence: 6 to 8 passes, errors above the tolerance. The test states the
+/// already claims convergence: 6 to 7 passes, errors above the tolerance. The test states the
 /// promise that one vector does not keep; run it with `--ignored`.
 #[test]
 #[ignore = "known limitation of one-vector Lanczos on clustered top singular values (math §4.9.1)"]

@@ -8,7 +8,7 @@
 //! w_j += Σ_i t_ij u_i               in row order, while the tile is still in cache
 //! ```
 //!
-//! Each row is read from memory once and from cache `1 + BLOCK_VECTORS` times. The dot
+//! Each row is read from memory once and from cache again by the second sweep. The dot
 //! products of a row run eight lanes per sum (element `k` into lane `k % 8`, lanes combined
 //! in a fixed tree) and the rows are added into each `w_j` in row order, so the result does
 //! not depend on the number of threads. Blocks run in parallel; the caller sums each matrix's
@@ -135,8 +135,8 @@ impl<R: Rows> Kernel for BlockTile<'_, R> {
                 tile_start,
                 fan_in,
             };
-            // Both sweeps fetch the next tile as they go (a hint: the bits do not depend on
-            // it), so that memory keeps streaming while the core computes.
+            // The AVX2 sweeps fetch the next tile as they go (a hint: the bits do not depend
+            // on it), so that memory keeps streaming while the core computes.
             let next_end = (tile_end + tile_rows).min(block.row_end);
             let mut ahead = rows.ahead(tile_end * fan_in, next_end * fan_in);
             dots.clear();

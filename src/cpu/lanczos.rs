@@ -31,7 +31,7 @@ use super::rows::PlainRows;
 use crate::config::MAX_POWER_ITERATIONS;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::memory::zeroed;
+use crate::memory::{with_capacity, zeroed};
 
 /// The outcome of a Lanczos run for one matrix.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -138,7 +138,7 @@ impl BatchPowerIteration {
                 } else if sums[index] == 0.0 {
                     Some((Estimate::Zero, true))
                 } else {
-                    state.extend(products, tolerance, iteration == max_iterations)
+                    state.extend(products, tolerance, iteration == max_iterations)?
                 };
                 match outcome {
                     Some((estimate, converged)) => {
@@ -316,13 +316,14 @@ impl Krylov {
     }
 
     /// Adds `W = A Q_k` (one product per column of the block) to the recurrence. Returns the
-    /// final estimate when done, `None` when the next block was appended to the basis.
+    /// final estimate when done, `None` when the next block was appended to the basis, or an
+    /// error when the basis cannot grow (it is the one allocation that grows with the passes).
     fn extend(
         &mut self,
         mut products: Vec<Vec<f64>>,
         tolerance: f64,
         last: bool,
-    ) -> Option<(Estimate, bool)> {
+    ) -> Result<Option<(Estimate, bool)>> {
         let block = self.block.clone();
         let fan_in = products[0].len();
         // H_kk = Q_k^T W, symmetrised (it is symmetric up to the rounding of W).
@@ -350,18 +351,24 @@ impl Krylov {
         let residual = dot(&residual_vector, &residual_vector).sqrt();
         let sigma = theta.max(0.0).sqrt() as f32;
         // θ is within r of an eigenvalue of A, and within r^2 / gap when the gap to the rest
-        // of the spectrum is `gap` (Kato-Temple); the Ritz gap θ1 - θ2 stands in for it.
-        let gap = theta - second;
+        // of the spectrum is `gap` (Kato-Temple); the Ritz gap θ1 - θ2 stands in for it. Not
+        // on the first pass: the start block's θ2 is a random subspace's, far below λ2 (a
+        // block of two on a 3-column matrix stopped there above the tolerance).
+        let gap = if block.start > 0 {
+            theta - second
+        } else {
+            f64::NAN
+        };
         let bound = if gap.is_finite() && gap > 0.0 {
             residual.min(residual * residual / gap)
         } else {
             residual
         };
-        let next = self.next_block(products, theta);
+        let next = self.next_block(products, theta)?;
         let exhausted = next.is_empty();
         let converged = exhausted || bound <= 2.0 * tolerance * theta;
         if converged || last {
-            return Some((Estimate::Sigma(sigma), converged));
+            return Ok(Some((Estimate::Sigma(sigma), converged)));
         }
         let first = self.basis.len();
         for (r, (column, couplings)) in next.into_iter().enumerate() {
@@ -378,14 +385,17 @@ impl Krylov {
             self.basis.push(column);
         }
         self.block = first..self.basis.len();
-        None
+        Ok(None)
     }
 
     /// The next block `Q_{k+1}` from the re-orthogonalised products by Gram-Schmidt (twice),
     /// each new column with its couplings `<q_new, w_c>` to every product (`R_k`). A column
-    /// whose remainder is below `1e-12 θ` adds nothing to the Krylov space and is dropped;
-    /// so is any past the dimension `fan_in`. Empty when the space is exhausted.
-    fn next_block(&self, products: Vec<Vec<f64>>, theta: f64) -> Vec<(Vec<f64>, Vec<f64>)> {
+    /// whose remainder is at most `1e-12 θ` adds nothing to the Krylov space and is dropped;
+    /// so is any past the dimension `fan_in`. Empty when the space is exhausted. (The `f32`
+    /// products leave a remainder of rounding noise, about `1e-7 θ`, where the exact one is
+    /// zero, so the threshold drops exact zeros only; a noise column is kept, and its
+    /// couplings to `H` are of the size of that rounding.)
+    fn next_block(&self, products: Vec<Vec<f64>>, theta: f64) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
         let room = products[0].len() - self.basis.len().min(products[0].len());
         let threshold = 1e-12 * theta.abs().max(f64::MIN_POSITIVE);
         let mut columns: Vec<Vec<f64>> = Vec::new();
@@ -393,20 +403,21 @@ impl Krylov {
             if columns.len() == room {
                 break;
             }
-            let mut column = product.clone();
+            let mut column = with_capacity(product.len(), "the Lanczos basis")?;
+            column.extend_from_slice(product);
             let norm = orthogonalise(&mut column, &columns);
             if norm > threshold {
                 column.iter_mut().for_each(|x| *x /= norm);
                 columns.push(column);
             }
         }
-        columns
+        Ok(columns
             .into_iter()
             .map(|column| {
                 let couplings = products.iter().map(|w| dot(&column, w)).collect();
                 (column, couplings)
             })
-            .collect()
+            .collect())
     }
 }
 
