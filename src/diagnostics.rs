@@ -4,7 +4,7 @@
 //! In the feature-learning regime `||W||_* / s` and `||ΔW||_* / s` stay `Θ(1)` as width grows,
 //! and the stable rank of a gradient update stays small.
 
-use crate::cpu::{BatchPowerIteration, Estimate, MAX_LANCZOS_BLOCK};
+use crate::cpu::{BatchPowerIteration, Estimate, MAX_LANCZOS_BLOCK, check_lanczos_settings};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{BatchLayout, BlockPolicy, MatrixShape};
@@ -71,18 +71,11 @@ pub fn spectral_norm_with<T: Element>(
     convergence: Convergence,
 ) -> Result<f32> {
     let layout = check_matrix(matrix, shape)?;
-    // Checked here as well as in `lanczos`, so that a zero matrix does not hide a bad setting.
-    if convergence.max_iterations > crate::MAX_POWER_ITERATIONS
-        || !(1..=MAX_LANCZOS_BLOCK).contains(&convergence.block_vectors)
-    {
-        return Err(Error::InvalidArgument(format!(
-            "convergence settings need at most {} passes and 1 to {MAX_LANCZOS_BLOCK} vectors \
-             per block, got {} and {}",
-            crate::MAX_POWER_ITERATIONS,
-            convergence.max_iterations,
-            convergence.block_vectors
-        )));
-    }
+    // f32 products limit the attainable accuracy to a few units of f32 rounding.
+    let tolerance = f64::from(convergence.tolerance).max(4.0 * f64::from(f32::EPSILON));
+    let iterations = convergence.max_iterations.max(1);
+    // Checked before the data, so that a zero matrix does not hide a bad setting.
+    check_lanczos_settings(tolerance, iterations, convergence.block_vectors)?;
     let mut largest = 0.0f32;
     for value in matrix {
         let magnitude = value.to_f32().abs();
@@ -97,9 +90,6 @@ pub fn spectral_norm_with<T: Element>(
         return Ok(0.0);
     }
     let mut power = BatchPowerIteration::new(layout)?;
-    // f32 products limit the attainable accuracy to a few units of f32 rounding.
-    let tolerance = f64::from(convergence.tolerance).max(4.0 * f64::from(f32::EPSILON));
-    let iterations = convergence.max_iterations.max(1);
     // The fused pass sums squares in f32: entries far from 1 are scaled by a power of two
     // first (exactly), so that neither the squares underflow nor the sums overflow.
     let (estimate, exponent) = if (SAFE_MAGNITUDE.recip()..=SAFE_MAGNITUDE).contains(&largest) {

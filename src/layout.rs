@@ -320,6 +320,16 @@ impl BatchLayout {
         block.partial_offset..block.partial_offset + self.matrices[block.matrix].shape.fan_in
     }
 
+    /// `product = Σ` matrix `index`'s block partials in `partials`, in `f32`, in block order
+    /// (math §4.2): the order that makes a pass's result independent of the thread count.
+    pub(crate) fn sum_block_partials(&self, index: usize, partials: &[f32], product: &mut [f32]) {
+        product.fill(0.0);
+        for block in &self.blocks[self.matrices[index].block_range()] {
+            let partial = &partials[self.block_partial_range(block)];
+            product.iter_mut().zip(partial).for_each(|(w, &p)| *w += p);
+        }
+    }
+
     /// Elements of the batch without alignment gaps: the sum of `fan_out * fan_in` (the
     /// length of momentum in a [`HostState`](crate::HostState) and a state file).
     pub fn packed_elements(&self) -> usize {

@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use super::power::{Kernel, on_path};
-use super::rows::{Ahead, KernelPath, Rows, SIMD_WIDTH, madd};
+use super::rows::{Ahead, KernelPath, Rows, SIMD_WIDTH, madd, reduce_lanes};
 use crate::layout::{BatchLayout, RowBlock};
 
 /// Vectors per block pass: the largest block of block Lanczos (math §4.9). Four resolves
@@ -120,6 +120,9 @@ impl<R: Rows> Kernel for BlockTile<'_, R> {
             tile.resize(tile_rows * fan_in, 0.0);
         }
         let mut dots = Vec::with_capacity(tile_rows);
+        // The AVX2 tile's running sums, one per row, kept across tiles (no allocation per tile).
+        #[cfg(target_arch = "x86_64")]
+        let mut lanes = Vec::with_capacity(tile_rows);
         let mut sum_sq = 0.0f32;
         let mut tile_start = block.row_start;
         while tile_start < block.row_end {
@@ -144,7 +147,16 @@ impl<R: Rows> Kernel for BlockTile<'_, R> {
             if FMA {
                 // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch,
                 // which has checked that the CPU has both features.
-                unsafe { tile_avx2_fma(&view, tile_end, v, &mut partial, &mut dots, &mut ahead) };
+                unsafe {
+                    tile_avx2_fma(
+                        &view,
+                        tile_end,
+                        v,
+                        &mut partial,
+                        (&mut lanes, &mut dots),
+                        &mut ahead,
+                    )
+                };
                 sum_sq = dots.iter().fold(sum_sq, |total, sums| total + sums.1);
                 tile_start = tile_end;
                 continue;
@@ -212,15 +224,7 @@ fn block_row_sums<const FMA: bool>(u: &[f32], v: [&[f32]; BLOCK_VECTORS]) -> Row
         });
         accumulate(&x, y.each_ref());
     }
-    (dots.map(reduce8), reduce8(sum_sq))
-}
-
-/// Sum of eight lanes in a fixed pairwise order.
-#[inline(always)]
-fn reduce8(lanes: [f32; SIMD_WIDTH]) -> f32 {
-    let four: [f32; 4] = std::array::from_fn(|lane| lanes[lane] + lanes[lane + 4]);
-    let two = [four[0] + four[2], four[1] + four[3]];
-    two[0] + two[1]
+    (dots.map(reduce_lanes), reduce_lanes(sum_sq))
 }
 
 /// Rows added per sweep over a partial: the partial is loaded and stored once per group.
@@ -279,14 +283,15 @@ fn tile_avx2_fma<R: Rows>(
     tile_end: usize,
     v: [&[f32]; BLOCK_VECTORS],
     partial: &mut [&mut [f32]; BLOCK_VECTORS],
-    dots: &mut Vec<RowDots>,
+    (lanes, dots): (&mut Vec<RowLanes>, &mut Vec<RowDots>),
     ahead: &mut Ahead,
 ) {
     let tile_start = view.tile_start;
     let rows = tile_end - tile_start;
     let fan_in = view.fan_in;
     let whole = fan_in / SIMD_WIDTH * SIMD_WIDTH;
-    let mut lanes = vec![RowLanes::default(); rows];
+    lanes.clear();
+    lanes.resize(rows, RowLanes::default());
     let stretches = (0..whole)
         .step_by(COLUMN_STRETCH)
         .map(|start| start..(start + COLUMN_STRETCH).min(whole));
@@ -308,7 +313,7 @@ fn tile_avx2_fma<R: Rows>(
             );
         }
     }
-    for (row, row_lanes) in (tile_start..tile_end).zip(&mut lanes) {
+    for (row, row_lanes) in (tile_start..tile_end).zip(lanes.iter_mut()) {
         if whole < fan_in {
             let pad = |values: &[f32]| {
                 let mut padded = [0.0f32; SIMD_WIDTH];
@@ -324,7 +329,7 @@ fn tile_avx2_fma<R: Rows>(
             );
         }
         let [d0, d1, d2, d3, squares] = *row_lanes;
-        dots.push(([d0, d1, d2, d3].map(reduce8), reduce8(squares)));
+        dots.push(([d0, d1, d2, d3].map(reduce_lanes), reduce_lanes(squares)));
     }
     for columns in stretches {
         let mut w = partial.each_mut().map(|w| &mut w[columns.clone()]);
@@ -452,14 +457,8 @@ mod tests {
             .map(|&(rows, cols)| MatrixShape::new(rows, cols))
             .collect();
         let layout = BatchLayout::new(&shapes, POLICY).unwrap();
-        let rows: Vec<_> = data
-            .iter()
-            .zip(&shapes)
-            .map(|(data, shape)| PlainRows {
-                data: &data[..],
-                fan_in: shape.fan_in,
-            })
-            .collect();
+        let views: Vec<&[T]> = data.iter().map(Vec::as_slice).collect();
+        let rows = PlainRows::of_batch(&layout, &views);
         let mut partials: [Vec<f32>; BLOCK_VECTORS] =
             std::array::from_fn(|_| vec![f32::NAN; layout.total_partial_len()]);
         let mut sums = vec![0.0f32; layout.blocks().len()];
@@ -477,13 +476,11 @@ mod tests {
         let products = layout
             .matrices()
             .iter()
-            .map(|entry| {
+            .enumerate()
+            .map(|(index, entry)| {
                 partials.each_ref().map(|partial| {
                     let mut product = vec![0.0f32; entry.shape.fan_in];
-                    for block in &layout.blocks()[entry.block_range()] {
-                        let part = &partial[layout.block_partial_range(block)];
-                        product.iter_mut().zip(part).for_each(|(w, &p)| *w += p);
-                    }
+                    layout.sum_block_partials(index, partial, &mut product);
                     product
                 })
             })
@@ -657,7 +654,7 @@ mod tests {
                     rows,
                     v,
                     &mut partial,
-                    &mut fast_dots,
+                    (&mut Vec::new(), &mut fast_dots),
                     &mut Ahead::default(),
                 )
             };

@@ -8,8 +8,8 @@
 //! [`MAX_LANCZOS_BLOCK`] vectors per pass (math §4.9) still reads `U` once per pass, and
 //! resolves clusters of up to that many top singular values, where a one-vector Krylov space
 //! settles inside the cluster and its error estimate is fooled (math §4.9.1). On a CPU the
-//! four-vector pass costs about two one-vector passes (its arithmetic, not the
-//! read, bounds it; math §4.9.2), so one vector stays available as the fast path.
+//! four-vector pass costs two to three one-vector passes (the core, not the read, bounds it;
+//! math §4.9.2), so one vector stays available as the fast path.
 //!
 //! Per iteration `k` (one block pass for the whole batch; `Q_k` the block's orthonormal
 //! columns, `Q` all columns so far):
@@ -94,17 +94,7 @@ impl BatchPowerIteration {
         max_iterations: u32,
         block_vectors: usize,
     ) -> Result<Vec<LanczosEstimate>> {
-        let usable = tolerance.is_finite()
-            && tolerance > 0.0
-            && (1..=MAX_POWER_ITERATIONS).contains(&max_iterations)
-            && (1..=MAX_LANCZOS_BLOCK).contains(&block_vectors);
-        if !usable {
-            return Err(Error::InvalidArgument(format!(
-                "Lanczos needs a positive tolerance, between 1 and {MAX_POWER_ITERATIONS} \
-                 iterations and between 1 and {MAX_LANCZOS_BLOCK} vectors per block, got \
-                 {tolerance}, {max_iterations} and {block_vectors}"
-            )));
-        }
+        check_lanczos_settings(tolerance, max_iterations, block_vectors)?;
         let layout = self.layout().clone();
         layout.check_lengths("input", matrices.iter().map(|m| m.len()))?;
         let start = self.cold_vectors(seed)?;
@@ -208,6 +198,28 @@ impl BatchPowerIteration {
 /// The largest block [`BatchPowerIteration::lanczos`] takes: the width of the block pass.
 pub const MAX_LANCZOS_BLOCK: usize = BLOCK_VECTORS;
 
+/// [`BatchPowerIteration::lanczos`]'s settings: a finite positive tolerance, 1 to
+/// [`MAX_POWER_ITERATIONS`] passes, 1 to [`MAX_LANCZOS_BLOCK`] vectors per block.
+pub(crate) fn check_lanczos_settings(
+    tolerance: f64,
+    max_iterations: u32,
+    block_vectors: usize,
+) -> Result<()> {
+    let usable = tolerance.is_finite()
+        && tolerance > 0.0
+        && (1..=MAX_POWER_ITERATIONS).contains(&max_iterations)
+        && (1..=MAX_LANCZOS_BLOCK).contains(&block_vectors);
+    if usable {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "Lanczos needs a positive tolerance, between 1 and {MAX_POWER_ITERATIONS} \
+             iterations and between 1 and {MAX_LANCZOS_BLOCK} vectors per block, got \
+             {tolerance}, {max_iterations} and {block_vectors}"
+        )))
+    }
+}
+
 /// Where a Lanczos pass leaves its products.
 enum Scratch {
     /// The one-vector pass: `w` of every matrix at the layout's vector offsets.
@@ -259,10 +271,7 @@ impl Scratch {
                 .iter()
                 .map(|partial| {
                     let mut product = vec![0.0f32; entry.shape.fan_in];
-                    for block in &layout.blocks()[entry.block_range()] {
-                        let part = &partial[layout.block_partial_range(block)];
-                        product.iter_mut().zip(part).for_each(|(w, &p)| *w += p);
-                    }
+                    layout.sum_block_partials(index, partial, &mut product);
                     product.into_iter().map(f64::from).collect()
                 })
                 .collect(),
@@ -436,22 +445,13 @@ fn orthogonalise(vector: &mut [f64], basis: &[Vec<f64>]) -> f64 {
     dot(vector, vector).sqrt()
 }
 
-/// Removes from every vector its components along the orthonormal `basis`: classical
-/// Gram-Schmidt, `c = Q^T w` then `w -= Q c`, twice ("twice is enough"). The vectors are
-/// independent, so they run in parallel (the basis, a few MiB after a few dozen passes, is
-/// shared from L3); each vector's arithmetic and its order are the same on any thread count.
+/// [`orthogonalise`] for every vector. The vectors are independent, so they run in parallel
+/// (the basis, a few MiB after a few dozen passes, is shared from L3); each vector's
+/// arithmetic and its order are the same on any thread count.
 fn orthogonalise_block(vectors: &mut [Vec<f64>], basis: &[Vec<f64>]) {
     use rayon::prelude::*;
     vectors.par_iter_mut().for_each(|vector| {
-        for _ in 0..2 {
-            let coefficients: Vec<f64> = basis.iter().map(|column| dot(column, vector)).collect();
-            for (column, &coefficient) in basis.iter().zip(&coefficients) {
-                vector
-                    .iter_mut()
-                    .zip(column)
-                    .for_each(|(x, &q)| *x -= coefficient * q);
-            }
-        }
+        orthogonalise(vector, basis);
     });
 }
 

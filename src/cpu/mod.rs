@@ -25,6 +25,7 @@ mod power;
 mod rows;
 mod step;
 
+pub(crate) use lanczos::check_lanczos_settings;
 pub use lanczos::{LanczosEstimate, MAX_LANCZOS_BLOCK};
 pub use power::{BatchPowerIteration, Estimate};
 pub use rows::KernelPath;

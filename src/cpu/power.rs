@@ -500,12 +500,11 @@ impl BatchPowerIteration {
             if !active[index] {
                 continue;
             }
-            let product = &mut products[entry.vector_range()];
-            product.fill(0.0);
-            for block in &self.layout.blocks()[entry.block_range()] {
-                let partial = &self.partials[self.layout.block_partial_range(block)];
-                product.iter_mut().zip(partial).for_each(|(w, &p)| *w += p);
-            }
+            self.layout.sum_block_partials(
+                index,
+                &self.partials,
+                &mut products[entry.vector_range()],
+            );
             sums[index] = self.sums[entry.block_range()]
                 .iter()
                 .fold(0.0f32, |total, s| total + s.sum_sq);

@@ -364,11 +364,11 @@ impl<'a> Ahead<'a> {
     }
 }
 
-/// Sum of the lanes in a fixed pairwise order.
+/// Sum of the lanes (`N` a power of two) in a fixed pairwise order.
 #[inline(always)]
-fn reduce_lanes(mut lanes: [f32; LANES]) -> f32 {
+pub(crate) fn reduce_lanes<const N: usize>(mut lanes: [f32; N]) -> f32 {
     // Fold the upper half onto the lower half until one lane is left: a fixed tree.
-    let mut width = LANES;
+    let mut width = N;
     while width > 1 {
         width /= 2;
         for lane in 0..width {
