@@ -1,11 +1,11 @@
-//! The two largest eigenvalues and a top eigenvector of the symmetric band matrix that block
+//! The two largest eigenvalues and their eigenvectors of the symmetric band matrix that block
 //! Lanczos builds: bisection on inertia counts, then shifted inverse iteration, each in
 //! O(order * width^2) time and O(order * width) memory.
 
 /// Bound on bisection steps per eigenvalue: about 60 reach f64 resolution, the rest only keeps
 /// non-finite input from looping forever.
 const MAX_BISECTION_STEPS: usize = 200;
-/// Inverse iteration steps in `top_vector`.
+/// Inverse iteration steps in `top_vector` and `second_vector`.
 const INVERSE_ITERATIONS: usize = 3;
 /// Shifts `top_vector` tries before it gives up; 1e-10 * 16^11 exceeds the Gershgorin width.
 const SHIFT_ATTEMPTS: usize = 12;
@@ -222,6 +222,36 @@ impl SymmetricBand {
         start
     }
 
+    /// A unit eigenvector of the second largest eigenvalue `theta2` (from `top_two`), orthogonal
+    /// to `top` (from `top_vector`): inverse iteration with `s I - H`, `s = theta2 + 1e-10 scale`
+    /// (`scale` the Gershgorin magnitude). `s I - H` is indefinite there, so it is factored by
+    /// band LU with partial pivoting (`L` keeps `width` sub-diagonals, `U` gains up to `2 width`
+    /// super-diagonals); each iterate is made orthogonal to `top`, so a repeated top eigenvalue
+    /// gives the other vector of its eigenspace. 3 iterations from a fixed start,
+    /// deterministic. `None` when the order is below 2, `theta2` is not finite, or a solve
+    /// overflows.
+    pub(crate) fn second_vector(&self, theta2: f64, top: &[f64]) -> Option<Vec<f64>> {
+        if self.order < 2 || !theta2.is_finite() || top.len() != self.order {
+            return None;
+        }
+        let (low, high) = self.gershgorin();
+        let scale = low.abs().max(high.abs());
+        let offset = (1e-10 * scale).max(f64::MIN_POSITIVE);
+        let floor = (f64::EPSILON * scale).max(f64::MIN_POSITIVE);
+        let factor = BandLu::of_shifted(self, theta2 + offset, floor)?;
+        let mut vector: Vec<f64> = (1..=self.order)
+            .map(|index| 0.5 + (index as f64 * 0.618_033_988_749_894_8).fract())
+            .collect();
+        remove_component(&mut vector, top);
+        normalise(&mut vector)?;
+        for _ in 0..INVERSE_ITERATIONS {
+            factor.solve(&mut vector);
+            remove_component(&mut vector, top);
+            normalise(&mut vector)?;
+        }
+        Some(vector)
+    }
+
     /// `INVERSE_ITERATIONS` normalised solves with `shift I - H` from `start`; `None` when its
     /// Cholesky fails or a solve overflows.
     fn inverse_iteration(&self, shift: f64, start: &[f64]) -> Option<Vec<f64>> {
@@ -286,6 +316,116 @@ impl SymmetricBand {
     }
 }
 
+/// `P (s I - H) = L U` for a symmetric band `H` of half-bandwidth `w`, partial pivoting within
+/// the band (LAPACK's `gbtrf` without blocking). Row `r` is stored densely over columns
+/// `r - w ..= r + 2w` (index `column + w - r`): the row interchanges of step `j` only move
+/// entries of columns `j ..= j + 2w` between rows `j ..= j + w`, which keeps every row inside
+/// its window; the multipliers of step `j` stay where they were computed, and `solve` applies
+/// the interchanges and eliminations in the same interleaved order (`gbtrs`).
+struct BandLu {
+    width: usize,
+    order: usize,
+    rows: Vec<f64>,
+    pivots: Vec<usize>,
+}
+
+impl BandLu {
+    /// Entries per stored row.
+    fn stride(width: usize) -> usize {
+        3 * width + 1
+    }
+
+    /// Factors `shift I - H`; a pivot smaller than `floor` in magnitude becomes `floor` (the
+    /// matrix is singular to working precision there, which inverse iteration wants). `None`
+    /// when an entry is not finite.
+    fn of_shifted(band: &SymmetricBand, shift: f64, floor: f64) -> Option<Self> {
+        let (width, order) = (band.width, band.order);
+        let stride = Self::stride(width);
+        let at = |row: usize, column: usize| row * stride + column + width - row;
+        let mut rows = vec![0.0; order * stride];
+        for row in 0..order {
+            let first = row.saturating_sub(width);
+            let last = (row + width).min(order - 1);
+            for column in first..=last {
+                let entry = band.lower[band.position(row, column)?];
+                let diagonal = if row == column { shift } else { 0.0 };
+                rows[at(row, column)] = diagonal - entry;
+            }
+        }
+        if rows.iter().any(|entry| !entry.is_finite()) {
+            return None;
+        }
+        let mut pivots = vec![0; order];
+        for step in 0..order {
+            let below = (step + width).min(order - 1);
+            let right = (step + 2 * width).min(order - 1);
+            let pivot = (step..=below)
+                .max_by(|&left, &right| {
+                    rows[at(left, step)]
+                        .abs()
+                        .total_cmp(&rows[at(right, step)].abs())
+                })
+                .unwrap_or(step);
+            pivots[step] = pivot;
+            if pivot != step {
+                for column in step..=right {
+                    rows.swap(at(step, column), at(pivot, column));
+                }
+            }
+            if rows[at(step, step)].abs() < floor {
+                rows[at(step, step)] = floor;
+            }
+            let diagonal = rows[at(step, step)];
+            for row in step + 1..=below {
+                let multiplier = rows[at(row, step)] / diagonal;
+                rows[at(row, step)] = multiplier;
+                if multiplier != 0.0 {
+                    for column in step + 1..=right {
+                        rows[at(row, column)] -= multiplier * rows[at(step, column)];
+                    }
+                }
+            }
+        }
+        Some(Self {
+            width,
+            order,
+            rows,
+            pivots,
+        })
+    }
+
+    /// Overwrites `vector` (length `order`) with `(s I - H)^-1 vector`.
+    fn solve(&self, vector: &mut [f64]) {
+        let (width, order) = (self.width, self.order);
+        let stride = Self::stride(width);
+        let at = |row: usize, column: usize| row * stride + column + width - row;
+        for step in 0..order {
+            vector.swap(step, self.pivots[step]);
+            let value = vector[step];
+            let below = (step + width).min(order - 1);
+            for (offset, target) in vector[step + 1..=below].iter_mut().enumerate() {
+                *target -= self.rows[at(step + 1 + offset, step)] * value;
+            }
+        }
+        for row in (0..order).rev() {
+            let right = (row + 2 * width).min(order - 1);
+            let known: f64 = (row + 1..=right)
+                .map(|column| self.rows[at(row, column)] * vector[column])
+                .sum();
+            vector[row] = (vector[row] - known) / self.rows[at(row, row)];
+        }
+    }
+}
+
+/// Removes from `vector` its component along the unit vector `direction`.
+fn remove_component(vector: &mut [f64], direction: &[f64]) {
+    let along: f64 = vector.iter().zip(direction).map(|(x, d)| x * d).sum();
+    vector
+        .iter_mut()
+        .zip(direction)
+        .for_each(|(x, d)| *x -= along * d);
+}
+
 /// Replacement for vanishing pivots: `f64::MIN_POSITIVE * max(1, magnitude)^2`, so that
 /// `entry^2 / pivot` cannot overflow (LAPACK's `pivmin`).
 fn pivot_floor(magnitude: f64) -> f64 {
@@ -309,7 +449,7 @@ fn normalise(vector: &mut [f64]) -> Option<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::SymmetricBand;
+    use super::{BandLu, SymmetricBand};
 
     /// Xorshift64 generator for test matrices.
     struct Xorshift(u64);
@@ -413,24 +553,43 @@ mod tests {
         eigenvalues
     }
 
-    /// Checks `top_vector(theta1)`: unit length and |H y - theta1 y| <= 1e-10 max|H|.
-    fn check_vector(band: &SymmetricBand, theta1: f64) -> Vec<f64> {
+    /// Checks that `vector` is a unit eigenvector of `theta`: |H y - theta y| <= 1e-10 max|H|.
+    fn check_eigenpair(band: &SymmetricBand, theta: f64, vector: &[f64]) {
         let order = band.order();
-        let vector = band.top_vector(theta1);
         let entries = (0..order * order).map(|k| band.get(k / order, k % order).abs());
         let largest = entries.fold(0.0_f64, f64::max);
         let product = |i: usize| (0..order).map(|j| band.get(i, j) * vector[j]).sum::<f64>();
         let residual = norm(
             &(0..order)
-                .map(|i| product(i) - theta1 * vector[i])
+                .map(|i| product(i) - theta * vector[i])
                 .collect::<Vec<_>>(),
         );
         assert!(
             residual <= 1e-10 * largest,
-            "residual {residual:e}, max|H| {largest:e}"
+            "eigenvalue {theta}: residual {residual:e}, max|H| {largest:e}"
         );
-        assert!((norm(&vector) - 1.0).abs() <= 1e-12);
+        assert!((norm(vector) - 1.0).abs() <= 1e-12);
+    }
+
+    /// Checks `top_vector(theta1)` with `check_eigenpair`.
+    fn check_vector(band: &SymmetricBand, theta1: f64) -> Vec<f64> {
+        let vector = band.top_vector(theta1);
+        check_eigenpair(band, theta1, &vector);
         vector
+    }
+
+    /// Checks `second_vector(theta2, top)` with `check_eigenpair`, and that it is orthogonal
+    /// to `top`.
+    fn check_second_vector(band: &SymmetricBand, theta2: f64, top: &[f64]) {
+        let vector = band
+            .second_vector(theta2, top)
+            .expect("a second vector of a finite matrix");
+        check_eigenpair(band, theta2, &vector);
+        let overlap: f64 = vector.iter().zip(top).map(|(a, b)| a * b).sum();
+        assert!(
+            overlap.abs() <= 1e-12,
+            "overlap with the top vector {overlap:e}"
+        );
     }
 
     /// Checks `top_two`, `count_above` between well separated eigenvalues, and `top_vector`
@@ -459,7 +618,12 @@ mod tests {
                 assert_eq!(band.count_above(0.5 * (pair[0] + pair[1])), above + 1);
             }
         }
-        check_vector(band, theta1);
+        let top = check_vector(band, theta1);
+        if eigenvalues.len() > 1 {
+            check_second_vector(band, theta2, &top);
+        } else {
+            assert!(band.second_vector(theta2, &top).is_none());
+        }
     }
 
     /// Random band matrices of every width and a range of orders.
@@ -469,6 +633,38 @@ mod tests {
         for width in [1, 2, 4, 8] {
             for order in [1, 2, 3, 7, 40, 150] {
                 check_against_jacobi(&random_band(width, order, &mut random));
+            }
+        }
+    }
+
+    /// `BandLu::solve` against the product: a small backward error, `|M x - b| <= 1e-12 |M| |x|`
+    /// (max norms, times the order), for shifts at the first diagonal entry, where the first
+    /// pivot vanishes and only row interchanges keep the factors small, and at random points.
+    #[test]
+    fn band_lu_solves_with_row_interchanges() {
+        let mut random = Xorshift(0x5851_f42d_4c95_7f2d);
+        for width in [1, 2, 4] {
+            for order in [2, 3, 9, 40] {
+                let band = random_band(width, order, &mut random);
+                for shift in [band.get(0, 0), random.next_signed()] {
+                    let factor = BandLu::of_shifted(&band, shift, f64::EPSILON).unwrap();
+                    let right: Vec<f64> = (0..order).map(|_| random.next_signed()).collect();
+                    let mut solution = right.clone();
+                    factor.solve(&mut solution);
+                    let entry =
+                        |i: usize, j: usize| (if i == j { shift } else { 0.0 }) - band.get(i, j);
+                    let largest = (0..order * order)
+                        .map(|k| entry(k / order, k % order).abs())
+                        .fold(0.0_f64, f64::max);
+                    let size = solution.iter().fold(0.0_f64, |m, x| m.max(x.abs()));
+                    for (i, value) in right.iter().enumerate() {
+                        let product: f64 = (0..order).map(|j| entry(i, j) * solution[j]).sum();
+                        assert!(
+                            (product - value).abs() <= 1e-12 * order as f64 * largest * size,
+                            "width {width}, order {order}, row {i}: {product} vs {value}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -515,16 +711,22 @@ mod tests {
                 if order > 1 {
                     assert!((theta2 - (2.0 + 2.0 * (2.0 * angle).cos())).abs() <= 4e-12);
                 }
+                // Eigenvector k (k = order for the top) is sin(k i pi / (order + 1)).
+                let aligned = |vector: &[f64], k: usize| {
+                    let exact: Vec<f64> = (1..=order)
+                        .map(|i| (k as f64 * i as f64 * angle).sin())
+                        .collect();
+                    let cosine: f64 = exact.iter().zip(vector).map(|(e, v)| e * v).sum();
+                    assert!(
+                        1.0 - cosine.abs() / norm(&exact) <= 1e-12,
+                        "order {order}, k {k}"
+                    );
+                };
                 let vector = check_vector(&band, theta1);
-                let exact: Vec<f64> = (1..=order)
-                    .map(|i| (order as f64 * i as f64 * angle).sin())
-                    .collect();
-                let cosine = exact
-                    .iter()
-                    .zip(&vector)
-                    .map(|(left, right)| left * right)
-                    .sum::<f64>();
-                assert!(1.0 - cosine.abs() / norm(&exact) <= 1e-12, "order {order}");
+                aligned(&vector, order);
+                if order > 1 {
+                    aligned(&band.second_vector(theta2, &vector).unwrap(), order - 1);
+                }
             }
         }
     }
@@ -540,16 +742,27 @@ mod tests {
         let (theta1, theta2) = zero.top_two();
         assert!(theta1.abs() < 1e-300 && theta2.abs() < 1e-300);
         assert!((norm(&zero.top_vector(theta1)) - 1.0).abs() < 1e-12);
-        // Eigenvalues sqrt(2), 0, -sqrt(2): the first and last pivots of H - 0 I vanish.
+        // Eigenvalues sqrt(2), 0, -sqrt(2): the first and last pivots of H - 0 I vanish, and
+        // with them the first pivot of `s I - H` at the shift of `second_vector` (about
+        // 1e-10): without row interchanges its factors grow by 1e10.
         assert_eq!(tridiagonal(2, 3, |_| 0.0, 1.0).count_above(0.0), 1);
+        for width in [1, 2] {
+            check_against_jacobi(&tridiagonal(width, 3, |_| 0.0, 1.0));
+        }
         let mut band = random_band(3, 30, &mut Xorshift(7));
         let (theta1, _) = band.top_two();
         for wrong in [theta1 - 10.0, f64::NAN] {
             assert!((norm(&band.top_vector(wrong)) - 1.0).abs() < 1e-12);
         }
+        let top = band.top_vector(theta1);
+        assert!(band.second_vector(f64::NAN, &top).is_none());
+        assert!(band.second_vector(theta1, &top[1..]).is_none());
+        let single = banded(3, 1, |_| vec![2.0, 0.0, 0.0, 0.0]);
+        assert!(single.second_vector(2.0, &[1.0]).is_none());
         band.set(5, 4, f64::NAN);
         let _ = band.top_two();
         assert!((norm(&band.top_vector(f64::NAN)) - 1.0).abs() < 1e-12);
+        assert!(band.second_vector(0.0, &top).is_none());
     }
 
     /// `push_row` stores zeros left of column 0; `get` and `set` are symmetric.
