@@ -358,10 +358,10 @@ impl Krylov {
         // θ is within r of an eigenvalue of A, and within r^2 / (θ - α) of λ1 when every other
         // eigenvalue is at most α < θ (Kato-Temple). α = θ2 + r2, the second Ritz value plus
         // its own residual: an eigenvalue lies within r2 of θ2, and the space is taken to
-        // have found λ2 there (math §4.9). θ2 alone is a lower bound on λ2 (interlacing), not
-        // the upper bound the theorem needs: with it, one vector stopped on Gaussian matrices
-        // with θ still short of λ1 by twice the tolerance. Not on the first pass, where the
-        // start block is a random subspace and nothing has found λ2.
+        // have found λ2 there (math §4.9.1). θ2 alone is a lower bound on λ2 (interlacing),
+        // not the upper bound the theorem needs: with it, one vector stopped on Gaussian
+        // matrices with θ still short of λ1 by more than the tolerance. Not on the first pass,
+        // where the start block is a random subspace and nothing has found λ2.
         let ceiling = if block.start > 0 {
             self.projection
                 .second_vector(second, &ritz_vector)
