@@ -104,11 +104,7 @@ fn step_is_identical_for_1_2_and_5_threads() {
 #[test]
 fn power_iteration_is_identical_for_any_thread_count() {
     let shapes = shapes();
-    let matrices: Vec<Vec<f32>> = shapes
-        .iter()
-        .enumerate()
-        .map(|(j, &s)| random_matrix(s, 1.0, 7 + j as u64))
-        .collect();
+    let matrices: Vec<Vec<f32>> = random_batch(&shapes, 1.0, 7);
     let results: Vec<_> = [1, 2, 7]
         .iter()
         .map(|&threads| {
@@ -135,11 +131,7 @@ fn power_iteration_is_identical_for_any_thread_count() {
 #[test]
 fn lanczos_is_identical_for_any_thread_count() {
     let shapes = shapes();
-    let matrices: Vec<Vec<f32>> = shapes
-        .iter()
-        .enumerate()
-        .map(|(j, &s)| random_matrix(s, 1.0, 11 + j as u64))
-        .collect();
+    let matrices: Vec<Vec<f32>> = random_batch(&shapes, 1.0, 11);
     for block_vectors in [1, spectral_step::cpu::MAX_LANCZOS_BLOCK] {
         let results: Vec<_> = [1, 2, 7]
             .iter()

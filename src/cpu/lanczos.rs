@@ -338,7 +338,6 @@ impl Krylov {
         last: bool,
     ) -> Result<Option<(Estimate, bool)>> {
         let block = self.block.clone();
-        let fan_in = products[0].len();
         // H_kk = Q_k^T W, symmetrised (it is symmetric up to the rounding of W).
         for (a, row) in block.clone().enumerate() {
             for (b, column) in block.clone().enumerate().take(a + 1) {
@@ -353,7 +352,7 @@ impl Krylov {
         orthogonalise_block(&mut products, &self.basis);
         let (theta, second) = self.projection.top_two();
         let ritz_vector = self.projection.top_vector(theta);
-        let residual = ritz_residual(&products, &ritz_vector[block.clone()], fan_in);
+        let residual = ritz_residual(&products, &ritz_vector[block.clone()]);
         let sigma = theta.max(0.0).sqrt() as f32;
         // θ is within r of an eigenvalue of A, and within r^2 / (θ - α) of λ1 when every other
         // eigenvalue is at most α < θ (Kato-Temple). α = θ2 + r2, the second Ritz value plus
@@ -366,7 +365,7 @@ impl Krylov {
             self.projection
                 .second_vector(second, &ritz_vector)
                 .map_or(f64::NAN, |vector| {
-                    second + ritz_residual(&products, &vector[block.clone()], fan_in)
+                    second + ritz_residual(&products, &vector[block.clone()])
                 })
         } else {
             f64::NAN
@@ -436,8 +435,8 @@ impl Krylov {
 
 /// `|W y_k|`, the norm of the residual `A Q y - θ Q y` of a Ritz pair `(Q y, θ)` of the
 /// re-orthogonalised products `W` (`weights` the block-`k` part of `y`).
-fn ritz_residual(products: &[Vec<f64>], weights: &[f64], fan_in: usize) -> f64 {
-    let mut residual = vec![0.0f64; fan_in];
+fn ritz_residual(products: &[Vec<f64>], weights: &[f64]) -> f64 {
+    let mut residual = vec![0.0f64; products[0].len()];
     for (product, &weight) in products.iter().zip(weights) {
         residual
             .iter_mut()
