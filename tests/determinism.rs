@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 use spectral_step::cpu::BatchPowerIteration;
-use spectral_step::half::bf16;
+use spectral_step::cpu::KernelPath;
+use spectral_step::half::{bf16, f16};
 use spectral_step::{
     BatchLayout, BlockPolicy, Element, MatrixShape, SpectralSgd, SpectralSgdConfig, StepReport,
 };
@@ -165,6 +166,34 @@ fn each_kernel_path_is_identical_across_thread_counts() {
         assert_identical(
             &run_on::<bf16>(path, 1, config),
             &run_on::<bf16>(path, 3, config),
+        );
+    }
+}
+
+/// The AVX-512 path is the AVX2 path on wider registers: the same bits for every stored
+/// type, momentum rule and matrix shape (row tails of every length below 32 included).
+#[test]
+fn avx512_path_gives_the_avx2_paths_bits() {
+    if !KernelPath::Avx512.is_supported() {
+        eprintln!("NOT RUN: the AVX-512 path (this CPU lacks AVX-512F)");
+        return;
+    }
+    for nesterov in [false, true] {
+        let config = SpectralSgdConfig {
+            nesterov,
+            ..SpectralSgdConfig::default()
+        };
+        assert_identical(
+            &run_on::<f32>(KernelPath::Avx2Fma, 2, config),
+            &run_on::<f32>(KernelPath::Avx512, 2, config),
+        );
+        assert_identical(
+            &run_on::<bf16>(KernelPath::Avx2Fma, 2, config),
+            &run_on::<bf16>(KernelPath::Avx512, 2, config),
+        );
+        assert_identical(
+            &run_on::<f16>(KernelPath::Avx2Fma, 2, config),
+            &run_on::<f16>(KernelPath::Avx512, 2, config),
         );
     }
 }

@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
-use spectral_step::cpu::{BatchPowerIteration, Estimate, MAX_LANCZOS_BLOCK};
-use spectral_step::half::bf16;
+use spectral_step::cpu::{BatchPowerIteration, Estimate, KernelPath, MAX_LANCZOS_BLOCK};
+use spectral_step::half::{bf16, f16};
 use spectral_step::{BatchLayout, BlockPolicy, Element, Error, MatrixShape};
 use spectral_step_reference as reference;
 
@@ -205,6 +205,59 @@ fn fused_and_two_pass_agree<T: Element>() {
             );
         }
     }
+}
+
+/// The AVX-512 path gives the AVX2 path's bits in the fused and two-matvec passes and in
+/// Lanczos, for every stored type, on rows whose length leaves every tail from 0 to 31
+/// elements past the 32 lanes (and 0 to 15 past the sixteen of a 512-bit vector), and on
+/// blocks whose rows do not fill the last tile or the last group of eight.
+#[test]
+fn avx512_power_passes_give_the_avx2_paths_bits() {
+    if !KernelPath::Avx512.is_supported() {
+        eprintln!("NOT RUN: the AVX-512 path (this CPU lacks AVX-512F)");
+        return;
+    }
+    avx512_matches_avx2::<f32>();
+    avx512_matches_avx2::<bf16>();
+    avx512_matches_avx2::<f16>();
+}
+
+fn avx512_matches_avx2<T: Element>() {
+    let mut shapes: Vec<MatrixShape> = (0..32)
+        .map(|tail| MatrixShape::new(3 + tail % 11, 64 + tail))
+        .collect();
+    shapes.extend(
+        [(1, 1), (13, 1), (1, 15), (75, 768), (131, 517), (9, 3072)].map(MatrixShape::from),
+    );
+    let matrices: Vec<Vec<T>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(j, &s)| random_matrix(s, 1.0, 200 + j as u64))
+        .collect();
+    let views: Vec<&[T]> = matrices.iter().map(Vec::as_slice).collect();
+    let run = |path| {
+        let mut power = power_for(&shapes);
+        power.set_kernel_path(path).unwrap();
+        let mut fused_vectors = power.cold_vectors(6).unwrap();
+        let mut two_pass_vectors = fused_vectors.clone();
+        let mut estimates = Vec::new();
+        for _ in 0..3 {
+            estimates.push(power.fused(&views, &mut fused_vectors).unwrap());
+            estimates.push(power.two_pass(&views, &mut two_pass_vectors).unwrap());
+        }
+        let lanczos = [1, 4].map(|block| power.lanczos(&views, 7, 1e-4, 30, block).unwrap());
+        (
+            estimates,
+            bits(&fused_vectors),
+            bits(&two_pass_vectors),
+            lanczos,
+        )
+    };
+    let (avx2, avx512) = (run(KernelPath::Avx2Fma), run(KernelPath::Avx512));
+    assert_eq!(avx2.0, avx512.0, "estimates, {:?}", T::DTYPE);
+    assert_eq!(avx2.1, avx512.1, "fused vectors, {:?}", T::DTYPE);
+    assert_eq!(avx2.2, avx512.2, "two-matvec vectors, {:?}", T::DTYPE);
+    assert_eq!(avx2.3, avx512.3, "Lanczos, {:?}", T::DTYPE);
 }
 
 #[test]

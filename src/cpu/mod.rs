@@ -24,6 +24,7 @@ mod orthogonal;
 mod power;
 mod rows;
 mod step;
+mod wide;
 
 pub(crate) use lanczos::check_lanczos_settings;
 pub use lanczos::{LanczosEstimate, MAX_LANCZOS_BLOCK};

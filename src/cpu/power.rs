@@ -123,13 +123,21 @@ thread_local! {
     static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A hot loop with its arguments, runnable in either compiled form: `FMA = false` is the
-/// portable code, `FMA = true` the AVX2+FMA code. `run` must be `#[inline(always)]`, so that
-/// the `FMA = true` form is inlined into, and compiled for, [`on_path`]'s feature-enabled
-/// function rather than falling back to library calls for `mul_add`.
-pub(crate) trait Kernel {
+/// A hot loop with its arguments, runnable in each compiled form: `FMA = false` is the
+/// portable code, `FMA = true` the AVX2+FMA code, [`run_avx512`](Self::run_avx512) the
+/// AVX-512 code. Both must be `#[inline(always)]`, so that the fused forms are inlined into,
+/// and compiled for, [`on_path`]'s feature-enabled functions rather than falling back to
+/// library calls for `mul_add`.
+pub(crate) trait Kernel: Sized {
     type Output;
     fn run<const FMA: bool>(self) -> Self::Output;
+
+    /// The AVX-512 form: the AVX2+FMA code compiled with AVX-512F enabled, unless the kernel
+    /// has 512-bit loops of its own (the power passes, [`super::wide`]). The same bits.
+    #[inline(always)]
+    fn run_avx512(self) -> Self::Output {
+        self.run::<true>()
+    }
 }
 
 /// Runs `kernel` in the compiled form `path` names (the portable one when this CPU lacks the
@@ -146,6 +154,16 @@ pub(crate) fn on_path<K: Kernel>(path: KernelPath, kernel: K) -> K::Output {
             // SAFETY: the match guard has just confirmed that this CPU has AVX2, FMA and F16C,
             // which is all that calling a function compiled for those features requires.
             unsafe { with_avx2_fma(kernel) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512 if path.is_supported() => {
+            #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+            fn with_avx512<K: Kernel>(kernel: K) -> K::Output {
+                kernel.run_avx512()
+            }
+            // SAFETY: the match guard has just confirmed that this CPU has AVX-512F, AVX2, FMA
+            // and F16C, which is all that calling a function compiled for those requires.
+            unsafe { with_avx512(kernel) }
         }
         _ => kernel.run::<false>(),
     }
@@ -166,7 +184,7 @@ pub(crate) fn checked_path(path: KernelPath) -> Result<KernelPath> {
 /// `partial += Σ t_i u_i` re-reading the tile from cache while the next tile is fetched. Where
 /// forming `U` costs more than reading it back (the step's `U = f(G, M)`, see
 /// [`Rows::KEEP_TILE`]), the first sweep keeps the tile's `U` in `tile` and the second sweep
-/// reads it; stored `bf16` rows on the AVX2 path go to [`super::even_odd`]. The arithmetic,
+/// reads it; stored `bf16` rows on the AVX2 and AVX-512 paths go to [`super::even_odd`]. The arithmetic,
 /// and so the result, is the same either way.
 struct FusedBlock<'a, R> {
     rows: &'a R,
@@ -180,6 +198,18 @@ impl<R: Rows> Kernel for FusedBlock<'_, R> {
     type Output = BlockSums;
     #[inline(always)]
     fn run<const FMA: bool>(self) -> BlockSums {
+        self.fused::<FMA, false>()
+    }
+    #[inline(always)]
+    fn run_avx512(self) -> BlockSums {
+        self.fused::<true, true>()
+    }
+}
+
+impl<R: Rows> FusedBlock<'_, R> {
+    /// The pass in the form `FMA` and `WIDE` (AVX-512) name.
+    #[inline(always)]
+    fn fused<const FMA: bool, const WIDE: bool>(self) -> BlockSums {
         let FusedBlock {
             rows,
             block,
@@ -192,6 +222,8 @@ impl<R: Rows> Kernel for FusedBlock<'_, R> {
         let tile_rows = (CACHE_TILE_ELEMENTS / fan_in).clamp(1, MAX_TILE_ROWS);
         let keep_tile = R::KEEP_TILE && tile_rows * fan_in <= tile.len();
         let mut row_dots = [0.0f32; MAX_TILE_ROWS];
+        // Stored `bf16` rows take the AVX2 even-odd loops on the AVX-512 path too: widening in
+        // order on 512 bits measured 0.91-0.98x their speed (a Zen 4 EPYC, README).
         #[cfg(target_arch = "x86_64")]
         if FMA && rows.stored_bf16(block.row_start).is_some() {
             // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch, which has
@@ -217,18 +249,18 @@ impl<R: Rows> Kernel for FusedBlock<'_, R> {
                 let rows_u = tile.chunks_exact_mut(fan_in);
                 for ((dot, row), u) in dots.iter_mut().zip(tile_start..tile_end).zip(rows_u) {
                     rows.load::<FMA>(row, 0, u);
-                    let row_sums = slice_sums::<FMA>(u, v, &mut ahead);
+                    let row_sums = slice_sums::<FMA, WIDE>(u, v, &mut ahead);
                     *dot = row_sums.dot;
                     sums.sum_sq += row_sums.sum_sq;
                 }
-                add_scaled_tile::<FMA>(tile, fan_in, dots, partial, &mut ahead);
+                add_scaled_tile::<FMA, WIDE>(tile, fan_in, dots, partial, &mut ahead);
             } else {
                 for (dot, row) in dots.iter_mut().zip(tile_start..tile_end) {
-                    let row_sums = row_sums::<R, FMA>(rows, row, v, &mut buffer, &mut ahead);
+                    let row_sums = row_sums::<R, FMA, WIDE>(rows, row, v, &mut buffer, &mut ahead);
                     *dot = row_sums.dot;
                     sums.sum_sq += row_sums.sum_sq;
                 }
-                add_scaled_rows::<R, FMA>(
+                add_scaled_rows::<R, FMA, WIDE>(
                     rows,
                     tile_start,
                     dots,
@@ -584,12 +616,28 @@ impl<R: Rows> Kernel for RowProducts<'_, R> {
     type Output = BlockSums;
     #[inline(always)]
     fn run<const FMA: bool>(self) -> BlockSums {
+        self.products::<FMA, false>()
+    }
+    #[inline(always)]
+    fn run_avx512(self) -> BlockSums {
+        self.products::<true, true>()
+    }
+}
+
+impl<R: Rows> RowProducts<'_, R> {
+    #[inline(always)]
+    fn products<const FMA: bool, const WIDE: bool>(self) -> BlockSums {
         let mut buffer = [0.0f32; CHUNK];
         let mut sums = BlockSums::default();
         let rows = self.block.row_start..self.block.row_end;
         for (product, row) in self.products.iter_mut().zip(rows) {
-            let row_sums =
-                row_sums::<R, FMA>(self.rows, row, self.v, &mut buffer, &mut Default::default());
+            let row_sums = row_sums::<R, FMA, WIDE>(
+                self.rows,
+                row,
+                self.v,
+                &mut buffer,
+                &mut Default::default(),
+            );
             *product = row_sums.dot;
             sums.sum_sq += row_sums.sum_sq;
         }
@@ -609,13 +657,24 @@ impl<R: Rows> Kernel for TransposedProduct<'_, R> {
     type Output = ();
     #[inline(always)]
     fn run<const FMA: bool>(self) {
+        self.product::<FMA, false>()
+    }
+    #[inline(always)]
+    fn run_avx512(self) {
+        self.product::<true, true>()
+    }
+}
+
+impl<R: Rows> TransposedProduct<'_, R> {
+    #[inline(always)]
+    fn product<const FMA: bool, const WIDE: bool>(self) {
         // Row by row: the grouped form the fused pass uses on cached rows measured slower here,
         // where the rows stream from memory, and the baseline should be its own best.
         let mut buffer = [0.0f32; CHUNK];
         self.partial.fill(0.0);
         let rows = self.block.row_start..self.block.row_end;
         for (&product, row) in self.products.iter().zip(rows) {
-            add_scaled_row::<R, FMA>(self.rows, row, product, self.partial, &mut buffer);
+            add_scaled_row::<R, FMA, WIDE>(self.rows, row, product, self.partial, &mut buffer);
         }
     }
 }
@@ -640,14 +699,20 @@ mod tests {
 
     /// The AVX2 path reads stored `f32` rows in place, widens stored `f16` rows in registers
     /// with F16C and stored `bf16` rows with shifts (sixteen at a time, in even-odd order, in
-    /// the fused pass); it must give the
-    /// same bits as the buffered path, in the fused and the two-matvec forms alike, on rows
-    /// with and without tails and on tiles with and without a remainder of rows.
+    /// the fused pass), the AVX-512 path all three sixteen per instruction in order; each
+    /// must give the same bits as the buffered path, in the fused and the two-matvec forms
+    /// alike, on rows with and without tails and on tiles with and without a remainder of rows.
     fn in_register_matches_the_buffered_path<T: Element>() {
-        if !KernelPath::Avx2Fma.is_supported() {
-            eprintln!("NOT RUN: the in-register paths need AVX2, FMA and F16C");
-            return;
+        for path in [KernelPath::Avx2Fma, KernelPath::Avx512] {
+            if path.is_supported() {
+                in_register_matches_on::<T>(path);
+            } else {
+                eprintln!("NOT RUN: the in-register loops of {path:?} (this CPU lacks it)");
+            }
         }
+    }
+
+    fn in_register_matches_on<T: Element>(path: KernelPath) {
         for (fan_out, fan_in) in [(45, 517), (70, 768), (9, 16), (40, 33), (5, 3072), (20, 1)] {
             let mut values = vec![0.0f32; fan_out * fan_in];
             crate::random::fill_gaussian(3, fan_in as u64, &mut values);
@@ -669,7 +734,6 @@ mod tests {
                 data: &data[..],
                 fan_in,
             });
-            let path = KernelPath::Avx2Fma;
             let fused = |rows: &dyn Fn(&mut [f32]) -> BlockSums| {
                 let mut partial = vec![0.0f32; fan_in];
                 let sums = rows(&mut partial);
@@ -702,7 +766,7 @@ mod tests {
                     },
                 )
             });
-            let shape = format!("{} {fan_out}x{fan_in}", T::DTYPE.name());
+            let shape = format!("{path:?} {} {fan_out}x{fan_in}", T::DTYPE.name());
             assert_eq!(fast, slow, "fused, {shape}");
             let mut products = vec![0.0f32; rows];
             let fast_sums = on_path(
@@ -875,9 +939,13 @@ mod tests {
                     nesterov,
                 },
             };
-            for path in [KernelPath::Portable, KernelPath::Avx2Fma]
-                .into_iter()
-                .filter(|p| p.is_supported())
+            for path in [
+                KernelPath::Portable,
+                KernelPath::Avx2Fma,
+                KernelPath::Avx512,
+            ]
+            .into_iter()
+            .filter(|p| p.is_supported())
             {
                 let mut kept = vec![0.0f32; fan_in];
                 let mut tile = vec![0.0f32; CACHE_TILE_ELEMENTS];

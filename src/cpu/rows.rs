@@ -23,7 +23,7 @@
 
 use crate::config::MomentumRule;
 use crate::element::Element;
-use half::f16;
+use half::{bf16, f16};
 
 /// Which compiled form of the hot loops runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -34,10 +34,22 @@ pub enum KernelPath {
     /// x86-64 with AVX2 and FMA: 256-bit vectors and fused multiply-adds (and F16C's
     /// widening of `f16`, which every CPU with AVX2 and FMA has; it is checked all the same).
     Avx2Fma,
+    /// x86-64 with AVX-512F besides AVX2, FMA and F16C: the power passes' loops over stored
+    /// rows and kept tiles on 512-bit vectors, sixteen lanes per instruction (but the fused
+    /// pass over stored `bf16` rows, whose AVX2 even-odd loops measured faster); every other
+    /// loop as [`Avx2Fma`](Self::Avx2Fma). The same bits as `Avx2Fma`: the 32 accumulator
+    /// lanes of a sum are two 512-bit vectors instead of four 256-bit ones. Not chosen by
+    /// [`detect`](Self::detect).
+    Avx512,
 }
 
 impl KernelPath {
-    /// The fastest path this CPU supports.
+    /// The path to run by default: [`Avx2Fma`](Self::Avx2Fma) where this CPU supports it,
+    /// else [`Portable`](Self::Portable).
+    ///
+    /// [`Avx512`](Self::Avx512) is never chosen here: on the one AVX-512 machine it was
+    /// measured on (a Zen 4 EPYC), its power passes ran no faster than the AVX2 loops
+    /// (README, "The AVX-512 path"). Choose it explicitly where it measures faster.
     pub fn detect() -> Self {
         if Self::Avx2Fma.is_supported() {
             Self::Avx2Fma
@@ -56,9 +68,17 @@ impl KernelPath {
                     && is_x86_feature_detected!("fma")
                     && is_x86_feature_detected!("f16c")
             }
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => Self::Avx2Fma.is_supported() && is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx2Fma => false,
+            Self::Avx2Fma | Self::Avx512 => false,
         }
+    }
+
+    /// Whether the path fuses `a * b + c` into one rounding (every path but
+    /// [`Portable`](Self::Portable)); paths that do give the same bits.
+    pub fn fuses_multiply_add(self) -> bool {
+        self != Self::Portable
     }
 }
 
@@ -587,11 +607,49 @@ fn add_rows_avx2_fma<E: InRegister, const N: usize>(
     }
 }
 
-/// [`add_scaled_rows`] for stored rows (`row(i)` is row `i`, whole): `GROUP` rows per sweep
-/// over the partial, then four, then one, all in row order.
+/// One sweep of `N` stored rows into a partial, `partial += t[0] u[0] + ... + t[N-1] u[N-1]`
+/// element by element in row order, in one compiled form (AVX2 here, AVX-512 in
+/// [`super::wide`]).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn add_stored_rows_avx2_fma<'a, E: InRegister, const GROUP: usize>(
+pub(crate) trait RowSweep<E> {
+    /// # Safety
+    ///
+    /// The CPU has the features the form is compiled for.
+    unsafe fn sweep<const N: usize>(
+        u: [&[E]; N],
+        t: [f32; N],
+        partial: &mut [f32],
+        ahead: &mut Ahead,
+    );
+}
+
+/// [`add_rows_avx2_fma`] as a [`RowSweep`].
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Avx2Sweep;
+
+#[cfg(target_arch = "x86_64")]
+impl<E: InRegister> RowSweep<E> for Avx2Sweep {
+    #[inline(always)]
+    unsafe fn sweep<const N: usize>(
+        u: [&[E]; N],
+        t: [f32; N],
+        partial: &mut [f32],
+        ahead: &mut Ahead,
+    ) {
+        // SAFETY: the caller promises AVX2, FMA and F16C.
+        unsafe { add_rows_avx2_fma(u, t, partial, ahead) }
+    }
+}
+
+/// [`add_scaled_rows`] for stored rows (`row(i)` is row `i`, whole): `GROUP` rows per sweep
+/// over the partial, then four, then one, all in row order, each sweep in the form `S`.
+///
+/// # Safety
+///
+/// The CPU has the features `S` is compiled for.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn add_stored_rows<'a, E: 'a, S: RowSweep<E>, const GROUP: usize>(
     row: impl Fn(usize) -> &'a [E],
     first_row: usize,
     dots: &[f32],
@@ -599,19 +657,20 @@ fn add_stored_rows_avx2_fma<'a, E: InRegister, const GROUP: usize>(
     ahead: &mut Ahead,
 ) {
     let (groups, rest) = dots.as_chunks::<GROUP>();
+    // SAFETY (every sweep): the caller promises the features `S` needs.
     for (group, &t) in groups.iter().enumerate() {
         let first = first_row + GROUP * group;
-        add_rows_avx2_fma::<E, GROUP>(std::array::from_fn(|k| row(first + k)), t, partial, ahead);
+        unsafe { S::sweep::<GROUP>(std::array::from_fn(|k| row(first + k)), t, partial, ahead) };
     }
     let first_rest = first_row + GROUP * groups.len();
     let (fours, ones) = rest.as_chunks::<4>();
     for (group, &t) in fours.iter().enumerate() {
         let first = first_rest + 4 * group;
-        add_rows_avx2_fma::<E, 4>(std::array::from_fn(|k| row(first + k)), t, partial, ahead);
+        unsafe { S::sweep::<4>(std::array::from_fn(|k| row(first + k)), t, partial, ahead) };
     }
     let first_one = first_rest + 4 * fours.len();
     for (offset, &t) in ones.iter().enumerate() {
-        add_rows_avx2_fma::<E, 1>([row(first_one + offset)], [t], partial, ahead);
+        unsafe { S::sweep::<1>([row(first_one + offset)], [t], partial, ahead) };
     }
 }
 
@@ -676,15 +735,32 @@ fn bf16_add_row_avx2_fma(u: &[u16], t: f32, partial: &mut [f32]) {
 }
 
 /// `(<u, v>, ||u||^2)` for row `row` of `rows`; `v.len()` is `fan_in`. Fetches `ahead` as it
-/// goes on the AVX2 path of stored `f32` and `f16` rows.
+/// goes on the AVX2 path of stored `f32` and `f16` rows and the AVX-512 path (`WIDE`) of
+/// every stored row.
 #[inline(always)]
-pub(crate) fn row_sums<R: Rows, const FMA: bool>(
+pub(crate) fn row_sums<R: Rows, const FMA: bool, const WIDE: bool>(
     rows: &R,
     row: usize,
     v: &[f32],
     buffer: &mut [f32; CHUNK],
     ahead: &mut Ahead,
 ) -> RowSums {
+    const { assert!(FMA || !WIDE, "the AVX-512 path fuses multiply-adds") };
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        let len = v.len();
+        // SAFETY (all three): `WIDE = true` code runs only inside `on_path`'s `Avx512` branch,
+        // which has checked that the CPU has AVX-512F, AVX2, FMA and F16C.
+        if let Some(u) = rows.stored_f32(row, 0, len) {
+            return unsafe { super::wide::row_sums(u, v, ahead) };
+        }
+        if let Some(u) = rows.stored_f16(row, len) {
+            return unsafe { super::wide::row_sums(u, v, ahead) };
+        }
+        if let Some(bits) = rows.stored_bf16(row) {
+            return unsafe { super::wide::row_sums::<bf16>(bytemuck::cast_slice(bits), v, ahead) };
+        }
+    }
     let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
     #[cfg(target_arch = "x86_64")]
     if FMA && let Some(u) = rows.stored_f32(row, 0, v.len()) {
@@ -717,9 +793,19 @@ pub(crate) fn row_sums<R: Rows, const FMA: bool>(
 }
 
 /// [`row_sums`] of a row already widened to `f32`; bitwise the same result. Fetches `ahead`
-/// as it goes on the AVX2 path.
+/// as it goes on the AVX2 and AVX-512 paths.
 #[inline(always)]
-pub(crate) fn slice_sums<const FMA: bool>(u: &[f32], v: &[f32], ahead: &mut Ahead) -> RowSums {
+pub(crate) fn slice_sums<const FMA: bool, const WIDE: bool>(
+    u: &[f32],
+    v: &[f32],
+    ahead: &mut Ahead,
+) -> RowSums {
+    const { assert!(FMA || !WIDE, "the AVX-512 path fuses multiply-adds") };
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        // SAFETY: `WIDE = true` code runs only after the `Avx512` check.
+        return unsafe { super::wide::row_sums(u, v, ahead) };
+    }
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.
@@ -766,10 +852,10 @@ pub(crate) fn add_scaled_group<const FMA: bool>(
 }
 
 /// `partial += Σ_i dots[i] u_{first_row + i}` over consecutive rows of `rows`, in row order,
-/// fetching `ahead` as it goes (for stored `f32` and `f16` rows on the AVX2 path, eight rows
-/// per sweep).
+/// fetching `ahead` as it goes (for stored `f32` and `f16` rows on the AVX2 path and every
+/// stored row on the AVX-512 path, eight rows per sweep).
 #[inline(always)]
-pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
+pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool, const WIDE: bool>(
     rows: &R,
     first_row: usize,
     dots: &[f32],
@@ -777,6 +863,11 @@ pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     buffers: &mut [[f32; CHUNK]; ROW_GROUP],
     ahead: &mut Ahead,
 ) {
+    const { assert!(FMA || !WIDE, "the AVX-512 path fuses multiply-adds") };
+    #[cfg(target_arch = "x86_64")]
+    if WIDE && add_stored_rows_wide(rows, first_row, dots, partial, ahead) {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if FMA {
         let len = partial.len();
@@ -786,7 +877,7 @@ pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
                     .expect("a source that stores one row as f32 stores all of them")
             };
             // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.
-            unsafe { add_stored_rows_avx2_fma::<f32, 8>(row, first_row, dots, partial, ahead) };
+            unsafe { add_stored_rows::<_, Avx2Sweep, 8>(row, first_row, dots, partial, ahead) };
             return;
         }
         if rows.stored_f16(first_row, len).is_some() {
@@ -795,7 +886,7 @@ pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
                     .expect("a source that stores one row as f16 stores all of them")
             };
             // SAFETY: as above.
-            unsafe { add_stored_rows_avx2_fma::<f16, 8>(row, first_row, dots, partial, ahead) };
+            unsafe { add_stored_rows::<_, Avx2Sweep, 8>(row, first_row, dots, partial, ahead) };
             return;
         }
     }
@@ -816,20 +907,63 @@ pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool>(
     }
     let first_rest = first_row + groups.len() * ROW_GROUP;
     for (offset, &t) in rest.iter().enumerate() {
-        add_scaled_row::<R, FMA>(rows, first_rest + offset, t, partial, &mut buffers[0]);
+        add_scaled_row::<R, FMA, false>(rows, first_rest + offset, t, partial, &mut buffers[0]);
     }
 }
 
-/// [`add_scaled_rows`] for rows already widened to `f32`, stored back to back in `tile`
-/// (fetching `ahead` as it goes on the AVX2 path).
+/// [`add_scaled_rows`] on the AVX-512 path when `rows` is a stored matrix (then `true`);
+/// `false`, having done nothing, for any other source.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(crate) fn add_scaled_tile<const FMA: bool>(
+fn add_stored_rows_wide<R: Rows>(
+    rows: &R,
+    first_row: usize,
+    dots: &[f32],
+    partial: &mut [f32],
+    ahead: &mut Ahead,
+) -> bool {
+    use super::wide::{GROUP, WideSweep};
+    let len = partial.len();
+    const SAME: &str = "a source answers alike for all its rows";
+    // SAFETY (all three): called only from `WIDE = true` code, which runs only after the
+    // `Avx512` check (AVX-512F, AVX2, FMA and F16C).
+    if rows.stored_f32(first_row, 0, len).is_some() {
+        let row = |index| rows.stored_f32(index, 0, len).expect(SAME);
+        unsafe { add_stored_rows::<_, WideSweep, GROUP>(row, first_row, dots, partial, ahead) };
+    } else if rows.stored_f16(first_row, len).is_some() {
+        let row = |index| rows.stored_f16(index, len).expect(SAME);
+        unsafe { add_stored_rows::<_, WideSweep, GROUP>(row, first_row, dots, partial, ahead) };
+    } else if rows.stored_bf16(first_row).is_some() {
+        let row = |index| -> &[bf16] { bytemuck::cast_slice(rows.stored_bf16(index).expect(SAME)) };
+        unsafe { add_stored_rows::<_, WideSweep, GROUP>(row, first_row, dots, partial, ahead) };
+    } else {
+        return false;
+    }
+    true
+}
+
+/// [`add_scaled_rows`] for rows already widened to `f32`, stored back to back in `tile`
+/// (fetching `ahead` as it goes on the AVX2 and AVX-512 paths).
+#[inline(always)]
+pub(crate) fn add_scaled_tile<const FMA: bool, const WIDE: bool>(
     tile: &[f32],
     fan_in: usize,
     dots: &[f32],
     partial: &mut [f32],
     ahead: &mut Ahead,
 ) {
+    const { assert!(FMA || !WIDE, "the AVX-512 path fuses multiply-adds") };
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        let row = |index: usize| &tile[index * fan_in..(index + 1) * fan_in];
+        // SAFETY: `WIDE = true` code runs only after the `Avx512` check.
+        unsafe {
+            add_stored_rows::<_, super::wide::WideSweep, { super::wide::GROUP }>(
+                row, 0, dots, partial, ahead,
+            )
+        };
+        return;
+    }
     let (groups, rest) = dots.as_chunks::<ROW_GROUP>();
     let mut rows = tile.chunks_exact(fan_in);
     for &t in groups {
@@ -850,13 +984,18 @@ pub(crate) fn add_scaled_tile<const FMA: bool>(
 
 /// `partial += t * u` for row `row` of `rows` (math §4 second half of the fused pass).
 #[inline(always)]
-pub(crate) fn add_scaled_row<R: Rows, const FMA: bool>(
+pub(crate) fn add_scaled_row<R: Rows, const FMA: bool, const WIDE: bool>(
     rows: &R,
     row: usize,
     t: f32,
     partial: &mut [f32],
     buffer: &mut [f32; CHUNK],
 ) {
+    const { assert!(FMA || !WIDE, "the AVX-512 path fuses multiply-adds") };
+    #[cfg(target_arch = "x86_64")]
+    if WIDE && add_stored_rows_wide(rows, row, &[t], partial, &mut Ahead::default()) {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if FMA && let Some(bits) = rows.stored_bf16(row) {
         // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.

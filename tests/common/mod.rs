@@ -101,16 +101,20 @@ pub fn bits<T: Element>(values: &[T]) -> Vec<u8> {
 /// reduced run is visible in the test log rather than silently passing.
 pub fn kernel_paths() -> Vec<spectral_step::cpu::KernelPath> {
     use spectral_step::cpu::KernelPath;
-    [KernelPath::Portable, KernelPath::Avx2Fma]
-        .into_iter()
-        .filter(|path| {
-            let supported = path.is_supported();
-            if !supported {
-                eprintln!("NOT RUN: kernel path {path:?} (this CPU does not support it)");
-            }
-            supported
-        })
-        .collect()
+    [
+        KernelPath::Portable,
+        KernelPath::Avx2Fma,
+        KernelPath::Avx512,
+    ]
+    .into_iter()
+    .filter(|path| {
+        let supported = path.is_supported();
+        if !supported {
+            eprintln!("NOT RUN: kernel path {path:?} (this CPU does not support it)");
+        }
+        supported
+    })
+    .collect()
 }
 
 /// Ragged shapes for kernel tests: 1x1, row and column vectors, odd sizes, sizes not
