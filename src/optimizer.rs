@@ -70,13 +70,14 @@ impl SpectralSgd<Cpu> {
         self.backend.is_warm(index)
     }
 
-    /// The compiled form of the CPU loops in use (the fastest this CPU supports, by default).
+    /// The compiled form of the CPU loops in use ([`KernelPath::detect`]'s, by default).
     pub fn kernel_path(&self) -> KernelPath {
         self.backend.kernel_path()
     }
 
-    /// Chooses the compiled form of the CPU loops; errors if this CPU cannot run it. The paths
-    /// differ in the last bits (fused multiply-adds round once), each is deterministic.
+    /// Chooses the compiled form of the CPU loops; errors if this CPU cannot run it. The
+    /// portable path and the fused ones differ in the last bits (a fused multiply-add rounds
+    /// once); `Avx2Fma` and `Avx512` give the same bits; each is deterministic.
     pub fn set_kernel_path(&mut self, path: KernelPath) -> Result<()> {
         self.backend.set_kernel_path(path)
     }

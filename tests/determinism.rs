@@ -8,7 +8,8 @@ use spectral_step::cpu::BatchPowerIteration;
 use spectral_step::cpu::KernelPath;
 use spectral_step::half::{bf16, f16};
 use spectral_step::{
-    BatchLayout, BlockPolicy, Element, MatrixShape, SpectralSgd, SpectralSgdConfig, StepReport,
+    BatchLayout, BlockPolicy, Element, MatrixShape, MomentumKind, SpectralSgd, SpectralSgdConfig,
+    StepReport, UpdateRule,
 };
 
 fn shapes() -> Vec<MatrixShape> {
@@ -170,19 +171,31 @@ fn each_kernel_path_is_identical_across_thread_counts() {
     }
 }
 
-/// The AVX-512 path is the AVX2 path on wider registers: the same bits for every stored
-/// type, momentum rule and matrix shape (row tails of every length below 32 included).
+/// The AVX-512 path is the AVX2 path on wider registers: the same bits for every stored type,
+/// for heavy-ball and EMA momentum with and without Nesterov, and for the orthogonalised rule
+/// (whose loops are the AVX2 ones compiled with AVX-512F enabled). Row tails of every length
+/// are in `tests/power_iteration.rs`.
 #[test]
 fn avx512_path_gives_the_avx2_paths_bits() {
     if !KernelPath::Avx512.is_supported() {
         eprintln!("NOT RUN: the AVX-512 path (this CPU lacks AVX-512F)");
         return;
     }
-    for nesterov in [false, true] {
-        let config = SpectralSgdConfig {
-            nesterov,
-            ..SpectralSgdConfig::default()
-        };
+    let mut configs = Vec::new();
+    for momentum_kind in [MomentumKind::HeavyBall, MomentumKind::Ema] {
+        for nesterov in [false, true] {
+            configs.push(SpectralSgdConfig {
+                momentum_kind,
+                nesterov,
+                ..SpectralSgdConfig::default()
+            });
+        }
+    }
+    configs.push(SpectralSgdConfig {
+        update: UpdateRule::MUON,
+        ..SpectralSgdConfig::default()
+    });
+    for config in configs {
         assert_identical(
             &run_on::<f32>(KernelPath::Avx2Fma, 2, config),
             &run_on::<f32>(KernelPath::Avx512, 2, config),

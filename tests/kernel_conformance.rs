@@ -127,7 +127,7 @@ fn compare_state<T: Element>(
     sim_weights: &[Vec<T>],
     cpu_weights: &[Vec<T>],
 ) {
-    let exact_momentum = cpu.kernel_path() == KernelPath::Avx2Fma;
+    let exact_momentum = cpu.kernel_path().fuses_multiply_add();
     let sim_state = sim.state().unwrap();
     let cpu_state = cpu.state().unwrap();
     assert_eq!(sim_state.warm, cpu_state.warm, "{what}: warm flags");

@@ -145,8 +145,8 @@ impl<R: Rows> Kernel for BlockTile<'_, R> {
             dots.clear();
             #[cfg(target_arch = "x86_64")]
             if FMA {
-                // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch,
-                // which has checked that the CPU has both features.
+                // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` and `Avx512`
+                // branches, both of which have checked that the CPU has AVX2 and FMA.
                 unsafe {
                     tile_avx2_fma(
                         &view,

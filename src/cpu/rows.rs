@@ -9,8 +9,10 @@
 //! thread count.
 //!
 //! Every loop is generic over `FMA`: `true` fuses `a * b + c` into one rounding (compiled
-//! inside `#[target_feature(enable = "avx2,fma,f16c")]` wrappers, see [`KernelPath`]); `false` is
-//! the portable form. The two paths differ in the last bits, each is deterministic. Where
+//! inside `#[target_feature(enable = "avx2,fma,f16c")]` wrappers, or with AVX-512F added, see
+//! [`KernelPath`]); `false` is the portable form. The portable and fused forms differ in the
+//! last bits, each is deterministic. The power passes' loops also take `WIDE`, the AVX-512
+//! form ([`super::wide`]), which gives the AVX2 form's bits. Where
 //! LLVM does not vectorise the AVX2 form on its own, or vectorises it with the lanes spilled to
 //! memory between chunks, it is written with intrinsics that compute exactly what the scalar
 //! form does, lane by lane: whole stored `f32` rows read in place and stored `f16` rows widened
@@ -23,9 +25,12 @@
 
 use crate::config::MomentumRule;
 use crate::element::Element;
-use half::{bf16, f16};
+#[cfg(target_arch = "x86_64")]
+use half::bf16;
+use half::f16;
 
 /// Which compiled form of the hot loops runs.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelPath {
     /// Plain Rust, vectorised for the baseline target (SSE2 on x86-64), `a * b + c` in two
@@ -35,8 +40,7 @@ pub enum KernelPath {
     /// widening of `f16`, which every CPU with AVX2 and FMA has; it is checked all the same).
     Avx2Fma,
     /// x86-64 with AVX-512F besides AVX2, FMA and F16C: the power passes' loops over stored
-    /// rows and kept tiles on 512-bit vectors, sixteen lanes per instruction (but the fused
-    /// pass over stored `bf16` rows, whose AVX2 even-odd loops measured faster); every other
+    /// rows and kept tiles on 512-bit vectors, sixteen lanes per instruction; every other
     /// loop as [`Avx2Fma`](Self::Avx2Fma). The same bits as `Avx2Fma`: the 32 accumulator
     /// lanes of a sum are two 512-bit vectors instead of four 256-bit ones. Not chosen by
     /// [`detect`](Self::detect).
@@ -76,7 +80,7 @@ impl KernelPath {
     }
 
     /// Whether the path fuses `a * b + c` into one rounding (every path but
-    /// [`Portable`](Self::Portable)); paths that do give the same bits.
+    /// [`Portable`](Self::Portable)); those paths give the same bits, NaN payloads aside.
     pub fn fuses_multiply_add(self) -> bool {
         self != Self::Portable
     }
@@ -136,16 +140,16 @@ pub(crate) trait Rows: Sync {
         None
     }
 
-    /// Row `row` as raw bf16 bits when `U` is a stored bf16 matrix (the AVX2 path widens
-    /// those in registers), `None` otherwise. A source answers alike for all its rows.
+    /// Row `row` as raw bf16 bits when `U` is a stored bf16 matrix (the AVX2 and AVX-512
+    /// paths widen those in registers), `None` otherwise. A source answers alike for all its rows.
     #[inline(always)]
     fn stored_bf16(&self, row: usize) -> Option<&[u16]> {
         let _ = row;
         None
     }
 
-    /// `U[row, 0 .. len]` in place when `U` is a stored `f16` matrix (the AVX2 path widens it
-    /// in registers), `None` otherwise. A source answers alike for all its rows.
+    /// `U[row, 0 .. len]` in place when `U` is a stored `f16` matrix (the AVX2 and AVX-512
+    /// paths widen it in registers), `None` otherwise. A source answers alike for all its rows.
     #[inline(always)]
     fn stored_f16(&self, row: usize, len: usize) -> Option<&[f16]> {
         let _ = (row, len);
@@ -269,8 +273,9 @@ impl<T: Element> DirectionRows<'_, T> {
             let (out_lanes, out_tail) = out.as_chunks_mut::<SIMD_WIDTH>();
             let (momentum_lanes, momentum_tail) = momentum.as_chunks::<SIMD_WIDTH>();
             for ((dst, grad), old) in out_lanes.iter_mut().zip(grad_lanes).zip(momentum_lanes) {
-                // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` branch,
-                // compiled for AVX2, FMA and F16C after checking that the CPU has them.
+                // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` and `Avx512`
+                // branches, compiled for (at least) AVX2, FMA and F16C after checking that the
+                // CPU has them.
                 let grad: [f32; SIMD_WIDTH] = bytemuck::cast(unsafe { f16::widen8(grad) });
                 *dst = std::array::from_fn(|lane| {
                     self.rule.apply::<NESTEROV, FMA>(old[lane], grad[lane]).1
@@ -422,9 +427,9 @@ fn accumulate_rows<const FMA: bool>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if FMA {
-        // SAFETY: `FMA = true` code runs only inside `on_path`'s AVX2+FMA branch (the only
-        // place that instantiates it), which has checked that the CPU has both features:
-        // the one requirement of calling `accumulate_avx2_fma`.
+        // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` and `Avx512`
+        // branches (the only places that instantiate it), both of which have checked that
+        // the CPU has AVX2 and FMA: the one requirement of calling `accumulate_avx2_fma`.
         unsafe { accumulate_avx2_fma(dot, sum_sq, u, v) };
         return;
     }
@@ -764,8 +769,8 @@ pub(crate) fn row_sums<R: Rows, const FMA: bool, const WIDE: bool>(
     let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
     #[cfg(target_arch = "x86_64")]
     if FMA && let Some(u) = rows.stored_f32(row, 0, v.len()) {
-        // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` branch, which has
-        // checked that the CPU has AVX2, FMA and F16C.
+        // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` and `Avx512`
+        // branches, both of which have checked that the CPU has AVX2, FMA and F16C.
         return unsafe { stored_sums_avx2_fma(u, v, ahead) };
     }
     #[cfg(target_arch = "x86_64")]
@@ -808,7 +813,7 @@ pub(crate) fn slice_sums<const FMA: bool, const WIDE: bool>(
     }
     #[cfg(target_arch = "x86_64")]
     if FMA {
-        // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.
+        // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` or `Avx512` check.
         return unsafe { stored_sums_avx2_fma(u, v, ahead) };
     }
     let (mut dot, mut sum_sq) = ([0.0f32; LANES], [0.0f32; LANES]);
@@ -876,7 +881,7 @@ pub(crate) fn add_scaled_rows<R: Rows, const FMA: bool, const WIDE: bool>(
                 rows.stored_f32(index, 0, len)
                     .expect("a source that stores one row as f32 stores all of them")
             };
-            // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.
+            // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` or `Avx512` check.
             unsafe { add_stored_rows::<_, Avx2Sweep, 8>(row, first_row, dots, partial, ahead) };
             return;
         }
@@ -971,7 +976,7 @@ pub(crate) fn add_scaled_tile<const FMA: bool, const WIDE: bool>(
         let u = [next(), next(), next(), next()];
         #[cfg(target_arch = "x86_64")]
         if FMA {
-            // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.
+            // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` or `Avx512` check.
             unsafe { add_rows_avx2_fma(u, t, partial, ahead) };
             continue;
         }
@@ -998,7 +1003,7 @@ pub(crate) fn add_scaled_row<R: Rows, const FMA: bool, const WIDE: bool>(
     }
     #[cfg(target_arch = "x86_64")]
     if FMA && let Some(bits) = rows.stored_bf16(row) {
-        // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` check.
+        // SAFETY: as in `row_sums`: `FMA = true` code runs only after the `Avx2Fma` or `Avx512` check.
         unsafe { bf16_add_row_avx2_fma(bits, t, partial) };
         return;
     }

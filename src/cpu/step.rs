@@ -523,8 +523,8 @@ impl<TW: Element, TG: Element> Step<'_, TW, TG> {
         {
             let weights: &mut [f16] = bytemuck::cast_slice_mut(self.weights);
             let grads: &[f16] = bytemuck::cast_slice(self.grads);
-            // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` branch, which
-            // has checked that the CPU has AVX2, FMA and F16C.
+            // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` and `Avx512`
+            // branches, both of which have checked that the CPU has AVX2, FMA and F16C.
             unsafe { update_f16_nearest::<NESTEROV>(arithmetic, weights, grads, self.momentum) };
             return;
         }
@@ -556,8 +556,8 @@ impl<TW: Element, TG: Element> Step<'_, TW, TG> {
             let weights: &mut [f16] = bytemuck::cast_slice_mut(self.weights);
             let grads: &[f16] = bytemuck::cast_slice(self.grads);
             let first_group = self.first_group;
-            // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` branch, which
-            // has checked that the CPU has AVX2, FMA and F16C.
+            // SAFETY: `FMA = true` code runs only inside `on_path`'s `Avx2Fma` and `Avx512`
+            // branches, both of which have checked that the CPU has AVX2, FMA and F16C.
             unsafe {
                 update_f16_stochastic::<NESTEROV>(
                     arithmetic,

@@ -1,7 +1,8 @@
 //! The power passes' loops over stored rows and kept tiles on AVX-512: sixteen `f32` lanes per
 //! instruction, half the instructions of the AVX2 loops of [`super::rows`].
 //!
-//! The arithmetic is theirs, bit for bit (math §4.2):
+//! The arithmetic is theirs, bit for bit, NaN payloads aside (math §4.2; a NaN only ever marks
+//! its matrix non-finite):
 //!
 //! - a row's sums `<u, v>` and `||u||²` keep 32 accumulator lanes, as two 512-bit vectors
 //!   instead of four 256-bit ones: element `k` of the row still lands in lane `k % 32`, the
@@ -11,8 +12,8 @@
 //!   vector width or the number of rows per sweep.
 //!
 //! Every stored type is widened in element order: `f32` as it is, `f16` by `vcvtph2ps`, and
-//! `bf16` by `vpmovzxwd` and a shift (the two-matvec form only: the fused pass over stored
-//! `bf16` rows keeps the AVX2 path's even-odd loops, which measured faster). `vdpbf16ps`,
+//! `bf16` by `vpmovzxwd` and a shift (no reordering of `v` or the partial, unlike the AVX2
+//! path's even-odd loops, which it matched in speed on a Zen 4 EPYC). `vdpbf16ps`,
 //! AVX-512's `bf16` dot product, is not used: it adds each pair of products before
 //! accumulating and flushes subnormals, which would change the bits.
 
