@@ -198,21 +198,18 @@ fn measure(title: &str, shapes: &[MatrixShape], rounds: usize) {
     for variant in variants.iter_mut() {
         (variant.run)();
     }
-    // Each round starts at the next variant, so that no variant always follows the same one
-    // (what ran before, such as the copy's sweep over memory, changes what the caches and
-    // the page tables hold).
-    let count = variants.len();
+    // Each round in its own order, so that no variant always follows the same one (what ran
+    // before, such as the copy's sweep over memory, changes what the caches and the page
+    // tables hold).
     for round in 0..rounds {
-        for position in 0..count {
-            let variant = &mut variants[(round + position) % count];
+        for index in common::round_order(round, variants.len()) {
+            let variant = &mut variants[index];
             let start = Instant::now();
             (variant.run)();
             variant.times.push(start.elapsed());
         }
     }
-    println!(
-        "{rounds} interleaved rounds (each starting at the next variant), warm steps, medians:"
-    );
+    println!("{rounds} interleaved rounds (each in its own shuffled order), warm steps, medians:");
     for variant in &variants {
         let mut seconds: Vec<f64> = variant.times.iter().map(Duration::as_secs_f64).collect();
         println!(

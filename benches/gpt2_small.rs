@@ -15,13 +15,10 @@
 //! Run: `cargo bench --bench gpt2_small` (add `-- --rounds 15` for more rounds, `--power-only`
 //! for the power iterations alone).
 //!
-//! Variants are measured in interleaved rounds (copy, read, fused, two-pass, copy, ...) and
-//! each is summarised by its median, so a slow patch on a shared machine hits all variants
-//! alike; the ratios are the result, the absolute times are only context. Each round runs the
-//! variants in its own seeded order, so that no variant always follows the same one: what
-//! runs before a pass changes its time (two copies of identical code, each always run after
-//! the same other variant, measured up to 1.49x apart; shifting the order by one each round
-//! keeps the neighbours and did not help).
+//! Variants are measured in interleaved rounds, each variant once per round in the round's
+//! own seeded order ([`common::round_order`]), and each is summarised by its median, so a slow
+//! patch on a shared machine hits all variants alike; the ratios are the result, the absolute
+//! times are only context.
 //!
 //! Bytes (`N` parameters, `b` bytes per weight or gradient element, momentum in f32; math
 //! §5.5):
@@ -198,24 +195,6 @@ fn per_round_ratios(numerator: &Variant, denominator: &Variant) -> Vec<f64> {
     common::per_round_ratios(&numerator.times, &denominator.times)
 }
 
-/// The order of the variants in round `round`: a permutation of `0..count` drawn by a
-/// Fisher-Yates shuffle from a splitmix64 stream seeded by the round, the same in every run.
-fn round_order(round: usize, count: usize) -> Vec<usize> {
-    let mut state = 0x5EED_u64 ^ (round as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut order: Vec<usize> = (0..count).collect();
-    for last in (1..count).rev() {
-        order.swap(last, (next() % (last as u64 + 1)) as usize);
-    }
-    order
-}
-
 /// Runs the variants in interleaved rounds and prints median time, GB/s, and each variant's
 /// bandwidth against the faster read-only baseline and the faster copy baseline.
 fn compare(title: &str, rounds: usize, variants: &mut [Variant]) {
@@ -223,7 +202,7 @@ fn compare(title: &str, rounds: usize, variants: &mut [Variant]) {
         (variant.run)(); // warm-up: page faults, caches, thread pool
     }
     for round in 0..rounds {
-        for index in round_order(round, variants.len()) {
+        for index in common::round_order(round, variants.len()) {
             let variant = &mut variants[index];
             let start = Instant::now();
             (variant.run)();

@@ -46,9 +46,10 @@ fn main() -> Result<()> {
 
     let (mut step_times, mut product_times, mut power_times) = (vec![], vec![], vec![]);
     for round in 0..rounds {
-        // Rotate which runs first, so that no side always meets a cold cache.
-        for turn in 0..3 {
-            match (round + turn) % 3 {
+        // Each round in its own order, so that no side always meets a cold cache or always
+        // follows the same other side.
+        for turn in common::round_order(round, 3) {
+            match turn {
                 0 => step_times.push(time(|| {
                     orthogonal.step(&mut orthogonal_weights, &grads).map(drop)
                 })?),

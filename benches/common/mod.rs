@@ -65,6 +65,30 @@ pub fn hashed_batch<T: Element>(shapes: &[MatrixShape], salt: u64) -> Vec<Vec<T>
         .collect()
 }
 
+/// The order of the variants in round `round`: a permutation of `0..count` drawn by a
+/// Fisher-Yates shuffle from a splitmix64 stream seeded by the round, the same in every run.
+///
+/// What runs just before a pass changes its time, so no variant may always follow the same
+/// one: on a Zen 4 EPYC two copies of identical code measured up to 1.33x apart with the
+/// variants in a fixed order and up to 1.49x apart with the order rotated by one each round
+/// (which keeps every variant's predecessor), and 0.97-1.02x in shuffled orders
+/// (`bench/results/2026-12-07-1945-cpu-avx512-fixed-order.md`, `-2022-`, `-2024-`).
+pub fn round_order(round: usize, count: usize) -> Vec<usize> {
+    let mut state = 0x5EED_u64 ^ (round as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut order: Vec<usize> = (0..count).collect();
+    for last in (1..count).rev() {
+        order.swap(last, (next() % (last as u64 + 1)) as usize);
+    }
+    order
+}
+
 /// Per round, the time of `numerator` over that of `denominator` (measured beside it in the
 /// same round, so that slow drifts of the machine's load cancel), sorted: `[len / 2]` is the
 /// median, the ends the range.

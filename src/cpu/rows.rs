@@ -516,7 +516,8 @@ pub(crate) trait InRegister: Element {
     ///
     /// # Safety
     ///
-    /// The CPU has AVX2 and F16C (the caller runs under [`KernelPath::Avx2Fma`]'s check).
+    /// The CPU has AVX2 and F16C (the caller runs under [`KernelPath::Avx2Fma`]'s or
+    /// [`KernelPath::Avx512`]'s check).
     unsafe fn widen8(values: &[Self; SIMD_WIDTH]) -> std::arch::x86_64::__m256;
 }
 

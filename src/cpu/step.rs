@@ -338,7 +338,8 @@ impl<TW: Element, TG: Element> Kernel for Step<'_, TW, TG> {
 ///
 /// # Safety
 ///
-/// The CPU has AVX2, FMA and F16C (the caller runs under [`KernelPath::Avx2Fma`]'s check).
+/// The CPU has AVX2, FMA and F16C (the caller runs under [`KernelPath::Avx2Fma`]'s or
+/// [`KernelPath::Avx512`]'s check).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn f16_new_weights<const NESTEROV: bool>(
