@@ -68,8 +68,8 @@ fn read_sum_portable(bytes: &[u8]) -> u64 {
 
 /// [`read_sum_portable`] in 256-bit vectors where the CPU has AVX2: the fastest read this
 /// machine does, so that "vs read" is against the real limit. (Compiled for AVX-512F, this
-/// loop read the GPT-2-small set at 4-7 GB/s on a Zen 4 EPYC, against 20-23 GB/s for this
-/// form.)
+/// loop read the GPT-2-small set at 4.3-7.5 GB/s on a Zen 4 EPYC, against 20-27 GB/s for this
+/// form: `bench/results/2026-12-07-1943-cpu-avx512-first-form.md`, run 1.)
 fn read_sum(bytes: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {

@@ -185,22 +185,10 @@ mod tests {
             eprintln!("NOT RUN: AVX-512 widening (the CPU lacks AVX-512F)");
             return;
         }
-        let values: Vec<E> = (0..=u16::MAX).map(from_bits).collect();
-        for offset in 0..WIDTH {
-            let (groups, _) = values[offset..].as_chunks::<WIDTH>();
-            for group in groups {
-                // SAFETY: `is_supported` has just confirmed AVX-512F.
-                let lanes: [f32; WIDTH] = bytemuck::cast(unsafe { E::widen16(group) });
-                for (&value, lane) in group.iter().zip(lanes) {
-                    assert_eq!(
-                        lane.to_bits(),
-                        value.to_f32().to_bits(),
-                        "{} value {value:?} (offset {offset})",
-                        E::DTYPE.name()
-                    );
-                }
-            }
-        }
+        // SAFETY: `is_supported` has just confirmed AVX-512F.
+        crate::cpu::rows::tests::widening_matches_to_f32(from_bits, |group| {
+            bytemuck::cast(unsafe { E::widen16(group) })
+        });
     }
 
     #[test]
