@@ -2,7 +2,9 @@
 //! parameters): one warm power iteration (fused and two-matvec) and the full warm step, in
 //! `f32`, `bf16` and `f16`, each beside two baselines of the same byte count: a memory copy,
 //! and a read-only pass (a reduction over the bytes, the real limit of a pass that only
-//! reads). Every row reports its bandwidth "vs read" and "vs copy".
+//! reads). Every row reports its bandwidth "vs read" and "vs copy". The fused power pass also
+//! runs on a one-thread pool, beside the one-thread read: whether one core's arithmetic or
+//! the memory bounds the pass.
 //!
 //! For 16-bit weights the warm step runs twice per round, with stochastic rounding (the
 //! default) and with round-to-nearest, and the cost of stochastic rounding is printed as the
@@ -38,49 +40,12 @@ use spectral_step::cpu::{BatchPowerIteration, KernelPath};
 use spectral_step::half::{bf16, f16};
 use spectral_step::{BatchLayout, BlockPolicy, Element, Rounding, SpectralSgd, SpectralSgdConfig};
 
-use common::{gpt2_small, hashed};
+use common::{gpt2_small, hashed, read_sum};
 
 fn copy_parallel(dst: &mut [u8], src: &[u8]) {
     dst.par_chunks_mut(1 << 20)
         .zip(src.par_chunks(1 << 20))
         .for_each(|(d, s)| d.copy_from_slice(s));
-}
-
-/// The read-only baseline: a wrapping sum of the bytes as 64-bit words in eight independent
-/// lanes (so that LLVM keeps several vector accumulators and the loop waits on memory, not on
-/// its own adds); nothing is written.
-#[inline(always)]
-fn read_sum_portable(bytes: &[u8]) -> u64 {
-    let (head, words, tail) = bytemuck::pod_align_to::<u8, u64>(bytes);
-    let (lanes, rest) = words.as_chunks::<8>();
-    let sums = lanes.iter().fold([0u64; 8], |mut sums, lane| {
-        sums.iter_mut()
-            .zip(lane)
-            .for_each(|(sum, &word)| *sum = sum.wrapping_add(word));
-        sums
-    });
-    let edges = head.iter().chain(tail).map(|&b| u64::from(b));
-    sums.into_iter()
-        .chain(rest.iter().copied())
-        .chain(edges)
-        .fold(0, u64::wrapping_add)
-}
-
-/// [`read_sum_portable`] in 256-bit vectors where the CPU has AVX2: the fastest read this
-/// machine does, so that "vs read" is against the real limit. (Compiled for AVX-512F, this
-/// loop read the GPT-2-small set at 4.3-7.5 GB/s on a Zen 4 EPYC, against 20-27 GB/s for this
-/// form: `bench/results/2026-12-07-1943-cpu-avx512-first-form.md`, run 1.)
-fn read_sum(bytes: &[u8]) -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        fn with_avx2(bytes: &[u8]) -> u64 {
-            read_sum_portable(bytes)
-        }
-        // SAFETY: AVX2 was detected on this CPU just above.
-        return unsafe { with_avx2(bytes) };
-    }
-    read_sum_portable(bytes)
 }
 
 /// The 1 MiB pieces of `buffers` that the read baselines sum, cut once, before timing.
@@ -104,6 +69,8 @@ fn read_parallel(pieces: &[&[u8]]) -> u64 {
         .reduce(|| 0, u64::wrapping_add)
 }
 
+/// Index of the one-thread read among the [`baselines`].
+const READ_SERIAL: usize = 2;
 /// Index of the rayon read among the [`baselines`] (the faster read on a multi-core machine).
 const READ_PARALLEL: usize = 3;
 /// Index of the first measured variant: after the four [`baselines`].
@@ -277,6 +244,14 @@ fn bench_dtype<T: Element>(rounds: usize, power_only: bool) {
             avx512.set_kernel_path(KernelPath::Avx512).unwrap();
         }
         let mut avx512_vectors = avx512.cold_vectors(0).unwrap();
+        // The default pass on one core, beside the one-core read: whether a core alone keeps up
+        // with the memory it can read, or the arithmetic bounds it.
+        let one_core = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let mut single = BatchPowerIteration::new(layout.clone()).unwrap();
+        let mut single_vectors = single.cold_vectors(0).unwrap();
         src.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
         let mut variants = baselines(power_bytes, &src, &mut dst, &mut dst_parallel, &read);
         variants.push(measured(
@@ -289,6 +264,13 @@ fn bench_dtype<T: Element>(rounds: usize, power_only: bool) {
         variants.push(measured("power iteration, two-matvec", power_bytes, || {
             black_box(two_pass.two_pass(&views, &mut two_pass_vectors).unwrap());
         }));
+        variants.push(measured(
+            "power iteration, fused, 1 thread",
+            power_bytes,
+            || {
+                one_core.install(|| black_box(single.fused(&views, &mut single_vectors).unwrap()));
+            },
+        ));
         if compare_avx512 {
             variants.push(measured(
                 "power iteration, fused, AVX-512",
@@ -326,8 +308,16 @@ fn bench_dtype<T: Element>(rounds: usize, power_only: bool) {
             ratios[0],
             ratios[ratios.len() - 1]
         );
+        let one_core_ratios =
+            per_round_ratios(&variants[READ_SERIAL], &variants[FIRST_MEASURED + 2]);
+        println!(
+            "  fused / read on one core (1 thread each): {:.1}% (median of per-round ratios, range {:.1}% to {:.1}%)",
+            100.0 * one_core_ratios[one_core_ratios.len() / 2],
+            100.0 * one_core_ratios[0],
+            100.0 * one_core_ratios[one_core_ratios.len() - 1]
+        );
         if compare_avx512 {
-            let ratios = per_round_ratios(fused, &variants[FIRST_MEASURED + 2]);
+            let ratios = per_round_ratios(fused, &variants[FIRST_MEASURED + 3]);
             println!(
                 "  fused, AVX-512 path over the default path: {:.2}x (median of per-round ratios, range {:.2}x to {:.2}x)",
                 ratios[ratios.len() / 2],

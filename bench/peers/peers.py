@@ -380,14 +380,28 @@ def gpu_step(crate_json, rounds):
         print(f"| {label} | {theirs:.3f} | {ours['median_ms']:.3f} | **{theirs / ours['median_ms']:.2f}x** |")
 
 
+def cpu_description():
+    """The CPU's model name with its family and model numbers and whether it has AVX-512F
+    (virtual machines often report a bare "AMD EPYC" for different generations)."""
+    try:
+        fields = {}
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = fields.get("model name", "unknown CPU")
+    if "cpu family" not in fields or "model" not in fields:
+        return name
+    avx512 = "AVX-512F" if "avx512f" in fields.get("flags", "").split() else "no AVX-512"
+    return f"{name} (family {fields['cpu family']}, model {fields['model']}; {avx512})"
+
+
 def report(out, command):
     crate = load_crate(out)
     peers = [json.loads(l) for l in (out / "peers.json").read_text().splitlines() if l.strip()]
     env = json.loads((out / "environment.json").read_text())
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
+    cpu = cpu_description()
     lines = [
         f"# Peer benchmark, {time.strftime('%Y-%m-%d')}",
         "",

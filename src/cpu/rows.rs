@@ -491,6 +491,7 @@ fn accumulate_chunk<const FMA: bool>(
 /// registers: the same pairs added in the same order, so the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 pub(crate) fn reduce_lanes_avx2(lanes: [std::arch::x86_64::__m256; 4]) -> f32 {
     use std::arch::x86_64::*;
     // Width 32 -> 16: lanes[i] += lanes[i + 16]; 16 -> 8: lanes[i] += lanes[i + 8].
