@@ -40,33 +40,12 @@ use spectral_step::cpu::{BatchPowerIteration, KernelPath};
 use spectral_step::half::{bf16, f16};
 use spectral_step::{BatchLayout, BlockPolicy, Element, Rounding, SpectralSgd, SpectralSgdConfig};
 
-use common::{gpt2_small, hashed, read_sum};
+use common::{gpt2_small, hashed, read_parallel, read_pieces, read_serial};
 
 fn copy_parallel(dst: &mut [u8], src: &[u8]) {
     dst.par_chunks_mut(1 << 20)
         .zip(src.par_chunks(1 << 20))
         .for_each(|(d, s)| d.copy_from_slice(s));
-}
-
-/// The 1 MiB pieces of `buffers` that the read baselines sum, cut once, before timing.
-fn read_pieces<'a>(buffers: &[&'a [u8]]) -> Vec<&'a [u8]> {
-    buffers.iter().flat_map(|b| b.chunks(1 << 20)).collect()
-}
-
-/// [`read_sum`] over every piece, on one thread.
-fn read_serial(pieces: &[&[u8]]) -> u64 {
-    pieces
-        .iter()
-        .map(|b| read_sum(b))
-        .fold(0, u64::wrapping_add)
-}
-
-/// [`read_sum`] over every piece, on the rayon pool.
-fn read_parallel(pieces: &[&[u8]]) -> u64 {
-    pieces
-        .par_iter()
-        .map(|b| read_sum(b))
-        .reduce(|| 0, u64::wrapping_add)
 }
 
 /// Index of the one-thread read among the [`baselines`].
@@ -250,8 +229,8 @@ fn bench_dtype<T: Element>(rounds: usize, power_only: bool) {
             .num_threads(1)
             .build()
             .unwrap();
-        let mut single = BatchPowerIteration::new(layout.clone()).unwrap();
-        let mut single_vectors = single.cold_vectors(0).unwrap();
+        let mut one_thread_pass = BatchPowerIteration::new(layout.clone()).unwrap();
+        let mut one_thread_vectors = one_thread_pass.cold_vectors(0).unwrap();
         src.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
         let mut variants = baselines(power_bytes, &src, &mut dst, &mut dst_parallel, &read);
         variants.push(measured(
@@ -264,13 +243,21 @@ fn bench_dtype<T: Element>(rounds: usize, power_only: bool) {
         variants.push(measured("power iteration, two-matvec", power_bytes, || {
             black_box(two_pass.two_pass(&views, &mut two_pass_vectors).unwrap());
         }));
+        let one_thread_index = variants.len();
         variants.push(measured(
             "power iteration, fused, 1 thread",
             power_bytes,
             || {
-                one_core.install(|| black_box(single.fused(&views, &mut single_vectors).unwrap()));
+                one_core.install(|| {
+                    black_box(
+                        one_thread_pass
+                            .fused(&views, &mut one_thread_vectors)
+                            .unwrap(),
+                    )
+                });
             },
         ));
+        let avx512_index = variants.len();
         if compare_avx512 {
             variants.push(measured(
                 "power iteration, fused, AVX-512",
@@ -308,16 +295,17 @@ fn bench_dtype<T: Element>(rounds: usize, power_only: bool) {
             ratios[0],
             ratios[ratios.len() - 1]
         );
-        let one_core_ratios =
-            per_round_ratios(&variants[READ_SERIAL], &variants[FIRST_MEASURED + 2]);
+        let (read_one, fused_one) = (&variants[READ_SERIAL], &variants[one_thread_index]);
+        let one_core_ratios = per_round_ratios(read_one, fused_one);
         println!(
-            "  fused / read on one core (1 thread each): {:.1}% (median of per-round ratios, range {:.1}% to {:.1}%)",
+            "  fused / read on one core (1 thread each): {:.1}% (median of per-round ratios, range {:.1}% to {:.1}%; fastest rounds {:.1}%)",
             100.0 * one_core_ratios[one_core_ratios.len() / 2],
             100.0 * one_core_ratios[0],
-            100.0 * one_core_ratios[one_core_ratios.len() - 1]
+            100.0 * one_core_ratios[one_core_ratios.len() - 1],
+            100.0 * fastest(read_one) / fastest(fused_one)
         );
         if compare_avx512 {
-            let ratios = per_round_ratios(fused, &variants[FIRST_MEASURED + 3]);
+            let ratios = per_round_ratios(fused, &variants[avx512_index]);
             println!(
                 "  fused, AVX-512 path over the default path: {:.2}x (median of per-round ratios, range {:.2}x to {:.2}x)",
                 ratios[ratios.len() / 2],

@@ -4,10 +4,11 @@
 //!
 //! It separates the two things that can bound the pass (README, "One core against the
 //! memory"): matrices that stay in L2 or L3 show what the core's arithmetic allows (there the
-//! read runs several times faster than the pass); the ones far larger than any L3, how much of
-//! that survives main memory. When one core alone runs well below the one-thread read from
-//! main memory, two threads can reach the two-thread read only if the machine's one-thread
-//! read is a small share of its two-thread read.
+//! read runs several times faster than the pass); the ones far larger than a 32 MiB L3, how
+//! much of that survives main memory. If one core alone runs at a share `f` of the one-thread
+//! read from main memory, `c` cores can reach the `c`-thread read only where that read is at
+//! most `c f` times the one-thread read: on a machine where one core nearly saturates the
+//! memory, `f` must be close to `1 / c`.
 //!
 //! Run: `cargo bench --bench one_core` (`-- --rounds N`, default 7). Each measurement repeats
 //! the pass for at least 50 ms; the table gives the best and the median round.
@@ -21,11 +22,12 @@ use spectral_step::cpu::{BatchPowerIteration, KernelPath};
 use spectral_step::half::{bf16, f16};
 use spectral_step::{BatchLayout, BlockPolicy, Element, MatrixShape};
 
-use common::{hashed, read_sum};
+use common::{hashed, read_pieces, read_serial};
 
 /// `(fan_out, fan_in)`: one that stays in a 1 MiB L2 in every type (768 KiB in `f32`), one
-/// that stays in a 32 MiB L3 (6 MiB), and two far larger than any L3 (192 and 256 MiB), with
-/// the two row lengths of the GPT-2-small set and a longer one.
+/// that stays in a 32 MiB L3 (6 MiB in `f32`), and two far larger than a 32 MiB L3 (192 and
+/// 256 MiB in `f32`, half that in 16 bits): rows of 768, the GPT-2-small set's commonest
+/// length, and of 4096.
 const SHAPES: [(usize, usize); 4] = [(256, 768), (2048, 768), (65536, 768), (16384, 4096)];
 
 /// The least time one measurement repeats its work for.
@@ -41,7 +43,7 @@ struct Variant<'a> {
 }
 
 /// Seconds per call of `run`, repeated for at least [`MEASUREMENT`].
-fn seconds_per_call(run: &mut (dyn FnMut() + Send)) -> f64 {
+fn seconds_per_call(run: &mut dyn FnMut()) -> f64 {
     let start = Instant::now();
     let mut calls = 0u32;
     while start.elapsed() < MEASUREMENT {
@@ -52,29 +54,26 @@ fn seconds_per_call(run: &mut (dyn FnMut() + Send)) -> f64 {
 }
 
 fn bench_type<T: Element>(rounds: usize, one_core: &rayon::ThreadPool) {
-    let paths: Vec<KernelPath> = [KernelPath::Avx2Fma, KernelPath::Avx512]
-        .into_iter()
-        .filter(|path| path.is_supported())
-        .collect();
+    // The default path, and the AVX-512 path beside it where the CPU has it.
+    let default = KernelPath::detect();
+    let mut paths = vec![default];
+    if KernelPath::Avx512.is_supported() && default != KernelPath::Avx512 {
+        paths.push(KernelPath::Avx512);
+    }
     let dtype = T::DTYPE.name();
     for (index, &(fan_out, fan_in)) in SHAPES.iter().enumerate() {
         let shape = MatrixShape::new(fan_out, fan_in);
         let matrix: Vec<T> = hashed(shape.len(), 7 + index as u64);
         let layout = BatchLayout::new(&[shape], BlockPolicy::CPU).unwrap();
         let bytes: &[u8] = bytemuck::cast_slice(&matrix);
-        let pieces: Vec<&[u8]> = bytes.chunks(1 << 20).collect();
+        let pieces = read_pieces(&[bytes]);
         let elements = shape.len();
         let mut variants = vec![Variant {
             name: format!("{dtype} {fan_out}x{fan_in}, read (baseline)"),
             elements,
             bytes: bytes.len(),
             run: Box::new(move || {
-                black_box(
-                    pieces
-                        .iter()
-                        .map(|p| read_sum(p))
-                        .fold(0, u64::wrapping_add),
-                );
+                black_box(read_serial(black_box(&pieces)));
             }),
             times: Vec::new(),
         }];
@@ -100,7 +99,7 @@ fn bench_type<T: Element>(rounds: usize, one_core: &rayon::ThreadPool) {
             for round in 0..rounds {
                 for index in common::round_order(round, variants.len()) {
                     let variant = &mut variants[index];
-                    variant.times.push(seconds_per_call(&mut variant.run));
+                    variant.times.push(seconds_per_call(&mut *variant.run));
                 }
             }
         });

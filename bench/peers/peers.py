@@ -383,11 +383,12 @@ def gpu_step(crate_json, rounds):
 def cpu_description():
     """The CPU's model name with its family and model numbers and whether it has AVX-512F
     (virtual machines often report a bare "AMD EPYC" for different generations)."""
+    fields = {}
     try:
-        fields = {}
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         return platform.processor() or "unknown CPU"
     name = fields.get("model name", "unknown CPU")

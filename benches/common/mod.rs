@@ -1,6 +1,7 @@
 //! What the benchmarks share: the GPT-2-small shape set (defined once, in
 //! `bench/shapes/gpt2_small.txt`, which the Python peers read too), the hashed inputs that
-//! numpy reproduces bit for bit, and medians.
+//! numpy reproduces bit for bit, the read-only baseline, the order of each round's variants,
+//! medians and ratios, and the CPU label every table carries.
 #![allow(dead_code)]
 
 use rayon::prelude::*;
@@ -142,6 +143,27 @@ pub fn read_sum(bytes: &[u8]) -> u64 {
     read_sum_portable(bytes)
 }
 
+/// The 1 MiB pieces of `buffers` that the read baselines sum, cut once, before timing.
+pub fn read_pieces<'a>(buffers: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    buffers.iter().flat_map(|b| b.chunks(1 << 20)).collect()
+}
+
+/// [`read_sum`] over every piece, on one thread.
+pub fn read_serial(pieces: &[&[u8]]) -> u64 {
+    pieces
+        .iter()
+        .map(|b| read_sum(b))
+        .fold(0, u64::wrapping_add)
+}
+
+/// [`read_sum`] over every piece, on the rayon pool.
+pub fn read_parallel(pieces: &[&[u8]]) -> u64 {
+    pieces
+        .par_iter()
+        .map(|b| read_sum(b))
+        .reduce(|| 0, u64::wrapping_add)
+}
+
 /// The median of `values` (sorted in place).
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -173,7 +195,8 @@ pub fn cpu_model() -> String {
             .map(|(_, value)| value.trim().to_owned())
     };
     let name = field("model name").unwrap_or_else(|| "unknown CPU".into());
-    let avx512 = field("flags").is_some_and(|flags| flags.split(' ').any(|f| f == "avx512f"));
+    let avx512 =
+        field("flags").is_some_and(|flags| flags.split_whitespace().any(|f| f == "avx512f"));
     match (field("cpu family"), field("model")) {
         (Some(family), Some(model)) => format!(
             "{name} (family {family}, model {model}; {})",

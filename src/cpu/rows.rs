@@ -52,8 +52,10 @@ impl KernelPath {
     /// else [`Portable`](Self::Portable).
     ///
     /// [`Avx512`](Self::Avx512) is never chosen here: on the one AVX-512 machine it was
-    /// measured on (a Zen 4 EPYC), its power passes ran no faster than the AVX2 loops
-    /// (README, "The AVX-512 path"). Choose it explicitly where it measures faster.
+    /// measured on (a Zen 4 EPYC), its power passes ran no faster than the AVX2 loops with
+    /// two threads (README, "The AVX-512 path"), and on one thread `bf16` from main memory
+    /// ran 1-22% faster, `f32` 2-12% slower and `f16` 0.92-1.01 times as fast (README, "One
+    /// core against the memory"). Choose it explicitly where it measures faster.
     pub fn detect() -> Self {
         if Self::Avx2Fma.is_supported() {
             Self::Avx2Fma
@@ -488,7 +490,8 @@ fn accumulate_chunk<const FMA: bool>(
 }
 
 /// [`reduce_lanes`] of four 256-bit accumulators (lanes 0-7, 8-15, 16-23, 24-31) in
-/// registers: the same pairs added in the same order, so the same bits.
+/// registers: the same pairs added in the same order, so the same bits. Inlined: the row
+/// loops call it twice per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
