@@ -278,15 +278,22 @@ fn bench_dtype<T: Element>(rounds: usize, power_only: bool) {
         let (fused, two_pass) = (&variants[FIRST_MEASURED], &variants[FIRST_MEASURED + 1]);
         let (fused_time, two_pass_time) = (median(&fused.times), median(&two_pass.times));
         let ratios = per_round_ratios(two_pass, fused);
-        let read = &variants[READ_PARALLEL];
-        let read_ratios = per_round_ratios(read, fused);
         let fastest = |v: &Variant| v.times.iter().min().map_or(f64::NAN, |t| t.as_secs_f64());
-        println!(
-            "  fused / read (rayon) bandwidth: {:.1}% (median of per-round ratios, range {:.1}% to {:.1}%; fastest rounds {:.1}%)",
-            100.0 * read_ratios[read_ratios.len() / 2],
-            100.0 * read_ratios[0],
-            100.0 * read_ratios[read_ratios.len() - 1],
-            100.0 * fastest(read) / fastest(fused)
+        // A pass's bandwidth as a share of a read's, both measured in the same rounds.
+        let share_of_read = |label: &str, read: &Variant, pass: &Variant| {
+            let ratios = per_round_ratios(read, pass);
+            println!(
+                "  {label}: {:.1}% (median of per-round ratios, range {:.1}% to {:.1}%; fastest rounds {:.1}%)",
+                100.0 * ratios[ratios.len() / 2],
+                100.0 * ratios[0],
+                100.0 * ratios[ratios.len() - 1],
+                100.0 * fastest(read) / fastest(pass)
+            );
+        };
+        share_of_read(
+            "fused / read (rayon) bandwidth",
+            &variants[READ_PARALLEL],
+            fused,
         );
         println!(
             "  fused speed-up over two-matvec: {:.2}x (ratio of medians), {:.2}x (median of per-round ratios, range {:.2}x to {:.2}x)",
@@ -295,14 +302,10 @@ fn bench_dtype<T: Element>(rounds: usize, power_only: bool) {
             ratios[0],
             ratios[ratios.len() - 1]
         );
-        let (read_one, fused_one) = (&variants[READ_SERIAL], &variants[one_thread_index]);
-        let one_core_ratios = per_round_ratios(read_one, fused_one);
-        println!(
-            "  fused / read on one core (1 thread each): {:.1}% (median of per-round ratios, range {:.1}% to {:.1}%; fastest rounds {:.1}%)",
-            100.0 * one_core_ratios[one_core_ratios.len() / 2],
-            100.0 * one_core_ratios[0],
-            100.0 * one_core_ratios[one_core_ratios.len() - 1],
-            100.0 * fastest(read_one) / fastest(fused_one)
+        share_of_read(
+            "fused / read on one core (1 thread each)",
+            &variants[READ_SERIAL],
+            &variants[one_thread_index],
         );
         if compare_avx512 {
             let ratios = per_round_ratios(fused, &variants[avx512_index]);

@@ -490,11 +490,9 @@ fn accumulate_chunk<const FMA: bool>(
 }
 
 /// [`reduce_lanes`] of four 256-bit accumulators (lanes 0-7, 8-15, 16-23, 24-31) in
-/// registers: the same pairs added in the same order, so the same bits. Inlined: the row
-/// loops call it twice per row.
+/// registers: the same pairs added in the same order, so the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[inline]
 pub(crate) fn reduce_lanes_avx2(lanes: [std::arch::x86_64::__m256; 4]) -> f32 {
     use std::arch::x86_64::*;
     // Width 32 -> 16: lanes[i] += lanes[i + 16]; 16 -> 8: lanes[i] += lanes[i + 8].
